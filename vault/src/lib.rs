@@ -1,1 +1,8 @@
-//! placeholder
+//! recvault vault: the only process that holds the master key.
+//!
+//! It stores credentials sealed with A256CBC-HS512 (RFC 7518 §5.2), hands
+//! plaintext only to the uploader identity as a short lease over mTLS, and
+//! writes every access to a hash-chained, fail-closed audit log.
+
+pub mod crypto;
+pub mod keyring;

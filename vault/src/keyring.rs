@@ -1,0 +1,1 @@
+//! Versioned master keys: the root key file, HKDF-derived per-version keys.
