@@ -1,7 +1,11 @@
 //! What both recvault services share and nothing else: mTLS configuration
 //! (TLS 1.3 only, client certificates required, files reloaded on change),
-//! peer identity from certificates, dev certificates, process hardening and
-//! locked, zeroizing memory for secrets. No key handling lives here.
+//! peer identity from certificates, dev certificates, logging, process
+//! hardening and locked, zeroizing memory for secrets. No key handling lives here.
 
+pub mod devcerts;
 pub mod hardening;
+pub mod identity;
+pub mod logging;
 pub mod secret;
+pub mod tls;

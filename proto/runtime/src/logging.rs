@@ -1,0 +1,40 @@
+//! Structured logs for both services: text by default, JSON on request,
+//! filtered by `RUST_LOG`. Secrets never reach here: secret types have
+//! redacted `Debug` and no `Display`.
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber (once; later calls are ignored). Logs go to stderr.
+pub fn init(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// The `x-request-id` metadata key carried from the uploader into the vault's audit events.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The request id of a call, or a new one (uuid v4) when the caller sent none
+/// or sent something unusable (over 128 bytes or not visible ASCII).
+pub fn request_id<T>(request: &tonic::Request<T>) -> String {
+    request
+        .metadata()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
