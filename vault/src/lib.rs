@@ -4,5 +4,6 @@
 //! plaintext only to the uploader identity as a short lease over mTLS, and
 //! writes every access to a hash-chained, fail-closed audit log.
 
+pub mod audit;
 pub mod crypto;
 pub mod keyring;

@@ -1,0 +1,112 @@
+//! What can go wrong in the audit log, and what the operator should do about it.
+
+use std::path::PathBuf;
+
+/// An audit log failure.
+///
+/// Messages name paths, sequence numbers and SQLite's own error text, never
+/// record contents or key material. A service maps *any* error from
+/// [`AuditLog::append`](super::AuditLog::append) to gRPC `UNAVAILABLE` and
+/// withholds the response: the vault fails closed when it cannot audit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The audit key does not have the required length.
+    #[error(
+        "audit key must be 32 bytes, got {len}; derive it with the keyring's audit-key derivation"
+    )]
+    InvalidKey {
+        /// Length of the rejected key.
+        len: usize,
+    },
+
+    /// The database file cannot be opened, created or initialised.
+    #[error("audit database {path} cannot be opened: {source}; check the path and permissions")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// The database was written by a newer schema than this build understands.
+    #[error(
+        "audit database {path} has schema version {found}, this build knows {supported}; run a newer vaultd"
+    )]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// `PRAGMA user_version` found in the file.
+        found: i64,
+        /// The newest version this build supports.
+        supported: i64,
+    },
+
+    /// The stored chain is broken; the log refuses to extend it.
+    #[error(
+        "audit log is broken at sequence {sequence}: {reason}; run `verify` on the database and restore it from a backup"
+    )]
+    Tampered {
+        /// The first sequence number that fails verification.
+        sequence: u64,
+        /// Why it fails.
+        reason: String,
+    },
+
+    /// The event could not be made durable; the caller must fail its RPC with
+    /// `UNAVAILABLE`. Nothing of the failed batch was stored.
+    #[error("audit log unavailable: {reason}; the request was not performed, retry later")]
+    Unavailable {
+        /// What failed (SQLite's error text or the fault injected by a test).
+        reason: String,
+    },
+
+    /// The writer thread has stopped (the log is shutting down, or it crashed).
+    #[error("audit log is closed; the request was not performed, restart the vault")]
+    Closed,
+
+    /// A record cannot be stored as given.
+    #[error("audit record rejected: {reason}")]
+    InvalidRecord {
+        /// Which constraint the record breaks (never its contents).
+        reason: &'static str,
+    },
+
+    /// Reading the database failed.
+    #[error("audit database cannot be read: {source}; check the file and retry")]
+    Read {
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// A stored row cannot be decoded into an event (edited outside the vault).
+    #[error("audit event {sequence} cannot be decoded: {reason}; run `verify` on the database")]
+    Corrupt {
+        /// The row's sequence number.
+        sequence: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Writing an export failed.
+    #[error("audit export cannot be written: {source}; check the destination")]
+    Export {
+        /// The I/O error of the destination.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AuditError {
+    pub(crate) fn read(source: rusqlite::Error) -> Self {
+        Self::Read { source }
+    }
+
+    pub(crate) fn unavailable(source: &rusqlite::Error) -> Self {
+        Self::Unavailable {
+            reason: source.to_string(),
+        }
+    }
+}

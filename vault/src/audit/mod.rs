@@ -1,0 +1,655 @@
+//! The tamper-evident, fail-closed audit log: one HMAC-chained event per RPC,
+//! durable (fsynced SQLite commit, grouped) before the RPC may answer.
+//! It never records secrets, not even hashed, and never hands out its key.
+//!
+//! Fail closed: a service that gets *any* error from [`AuditLog::append`] must
+//! answer its RPC with gRPC `UNAVAILABLE` and must not release plaintext.
+
+mod chain;
+mod error;
+mod filter;
+mod store;
+mod writer;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering, mpsc},
+    thread,
+    time::Duration,
+};
+
+use recvault_runtime::secret::SecretBytes;
+use rusqlite::Connection;
+use serde::{Serialize, Serializer};
+use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
+use tokio::sync::{broadcast, oneshot};
+
+pub use chain::GENESIS_HASH;
+pub use error::AuditError;
+pub use filter::AuditFilter;
+
+use chain::{ChainVerifier, HashInput};
+use store::StoredRow;
+use writer::{Pending, Shared, Writer};
+
+/// Longest string field stored, in bytes; longer ones are cut at a character
+/// boundary. An over-long purpose must not make an access go unaudited.
+pub const MAX_FIELD_BYTES: usize = 4096;
+
+/// Most events one [`AuditLog::query`] returns.
+pub const MAX_QUERY_LIMIT: u32 = 10_000;
+
+/// Events buffered per [`AuditLog::subscribe`] receiver before it lags.
+const TAIL_CAPACITY: usize = 4096;
+
+/// Read-only connections kept for queries.
+const READ_POOL_SIZE: usize = 4;
+
+/// The 256-bit HMAC key of the chain, derived from the master key by the keyring.
+pub struct AuditKey(SecretBytes);
+
+impl AuditKey {
+    /// Key length in bytes.
+    pub const LEN: usize = 32;
+
+    /// Takes a derived key; it must be exactly [`Self::LEN`] bytes.
+    pub fn new(key: SecretBytes) -> Result<Self, AuditError> {
+        if key.len() != Self::LEN {
+            return Err(AuditError::InvalidKey { len: key.len() });
+        }
+        Ok(Self(key))
+    }
+
+    fn expose(&self) -> &[u8] {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditKey([REDACTED])")
+    }
+}
+
+/// Result of an audited RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Authorized and served.
+    Allowed,
+    /// Refused by authorization (`PERMISSION_DENIED`, `UNAUTHENTICATED`).
+    Denied,
+    /// Authorized but failed.
+    Error,
+}
+
+impl Outcome {
+    /// The wire and storage name: `allowed`, `denied` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The string is not `allowed`, `denied` or `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("outcome must be \"allowed\", \"denied\" or \"error\"")]
+pub struct ParseOutcomeError;
+
+impl FromStr for Outcome {
+    type Err = ParseOutcomeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allowed" => Ok(Self::Allowed),
+            "denied" => Ok(Self::Denied),
+            "error" => Ok(Self::Error),
+            _ => Err(ParseOutcomeError),
+        }
+    }
+}
+
+impl Serialize for Outcome {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// What a service records about one RPC. Never put a secret in any field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When the RPC was handled; stored as UTC unix nanoseconds.
+    pub time: OffsetDateTime,
+    /// Peer identity (URI or DNS SAN), or `"unauthenticated"`.
+    pub identity: String,
+    /// Hex SHA-256 of the peer's leaf certificate (DER), or empty.
+    pub cert_fingerprint: String,
+    /// Full gRPC method, e.g. `recvault.vault.v1.Leases/AcquireLease`.
+    pub operation: String,
+    /// Tenant the call concerned, or empty.
+    pub tenant_id: String,
+    /// Credential the call concerned, or empty.
+    pub credential_id: String,
+    /// Lease acquired or released, or empty.
+    pub lease_id: String,
+    /// Allowed, denied, or failed after authorization.
+    pub outcome: Outcome,
+    /// gRPC status code name, e.g. `OK`, `PERMISSION_DENIED`.
+    pub code: String,
+    /// `x-request-id` of the call.
+    pub request_id: String,
+    /// Free text such as a lease purpose; never a secret.
+    pub detail: String,
+}
+
+impl AuditRecord {
+    /// A record stamped now, with every id field empty; fill the rest with
+    /// struct update syntax.
+    pub fn now(operation: impl Into<String>, outcome: Outcome, code: impl Into<String>) -> Self {
+        Self {
+            time: OffsetDateTime::now_utc(),
+            identity: String::new(),
+            cert_fingerprint: String::new(),
+            operation: operation.into(),
+            tenant_id: String::new(),
+            credential_id: String::new(),
+            lease_id: String::new(),
+            outcome,
+            code: code.into(),
+            request_id: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    fn hash_input(&self, time_unix_nanos: i64) -> HashInput<'_> {
+        HashInput {
+            time_unix_nanos,
+            fields: [
+                &self.identity,
+                &self.cert_fingerprint,
+                &self.operation,
+                &self.tenant_id,
+                &self.credential_id,
+                &self.lease_id,
+                self.outcome.as_str(),
+                &self.code,
+                &self.request_id,
+                &self.detail,
+            ],
+        }
+    }
+
+    /// UTC time, over-long fields cut; the unix nanoseconds that get stored.
+    fn normalize(mut self) -> Result<(Self, i64), AuditError> {
+        self.time = self.time.to_offset(UtcOffset::UTC);
+        let nanos = i64::try_from(self.time.unix_timestamp_nanos()).map_err(|_| {
+            AuditError::InvalidRecord {
+                reason: "time must be between the years 1678 and 2261",
+            }
+        })?;
+        for field in [
+            &mut self.identity,
+            &mut self.cert_fingerprint,
+            &mut self.operation,
+            &mut self.tenant_id,
+            &mut self.credential_id,
+            &mut self.lease_id,
+            &mut self.code,
+            &mut self.request_id,
+            &mut self.detail,
+        ] {
+            if field.len() > MAX_FIELD_BYTES {
+                let cut = (0..=MAX_FIELD_BYTES)
+                    .rev()
+                    .find(|&i| field.is_char_boundary(i))
+                    .unwrap_or(0);
+                field.truncate(cut);
+            }
+        }
+        Ok((self, nanos))
+    }
+}
+
+/// A stored, chained event: `hash = HMAC(key, domain ‖ prev_hash ‖ sequence ‖ record)`.
+/// Serializes as the proto `AuditEvent` (RFC 3339 time, hex hashes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// 1-based and gapless, in commit order.
+    pub sequence: u64,
+    /// What happened.
+    pub record: AuditRecord,
+    /// Hash of event `sequence - 1`; [`GENESIS_HASH`] for the first.
+    pub prev_hash: [u8; 32],
+    /// This event's chain hash.
+    pub hash: [u8; 32],
+}
+
+impl Serialize for AuditEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        /// Field names and order of proto `recvault.vault.v1.AuditEvent`.
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            sequence: u64,
+            time: String,
+            identity: &'a str,
+            operation: &'a str,
+            tenant_id: &'a str,
+            credential_id: &'a str,
+            lease_id: &'a str,
+            outcome: Outcome,
+            code: &'a str,
+            request_id: &'a str,
+            prev_hash: String,
+            hash: String,
+            cert_fingerprint: &'a str,
+            detail: &'a str,
+        }
+        let r = &self.record;
+        let time = r
+            .time
+            .to_offset(UtcOffset::UTC)
+            .format(&Rfc3339)
+            .map_err(serde::ser::Error::custom)?;
+        Wire {
+            sequence: self.sequence,
+            time,
+            identity: &r.identity,
+            operation: &r.operation,
+            tenant_id: &r.tenant_id,
+            credential_id: &r.credential_id,
+            lease_id: &r.lease_id,
+            outcome: r.outcome,
+            code: &r.code,
+            request_id: &r.request_id,
+            prev_hash: hex::encode(self.prev_hash),
+            hash: hex::encode(self.hash),
+            cert_fingerprint: &r.cert_fingerprint,
+            detail: &r.detail,
+        }
+        .serialize(s)
+    }
+}
+
+/// Group commit tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommitOptions {
+    /// Most events per transaction (and per fsync).
+    pub max_batch: usize,
+    /// How long the writer waits for more events after the first one of a
+    /// batch. Zero commits whatever is queued at once; appends that arrive
+    /// during a commit form the next batch, so batching needs no delay.
+    pub max_delay: Duration,
+}
+
+impl Default for GroupCommitOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 512,
+            max_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Counters since [`AuditLog::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditStats {
+    /// Events committed.
+    pub events: u64,
+    /// Successful commits (fsyncs); `events / commits` is the mean batch size.
+    pub commits: u64,
+}
+
+/// Result of checking the whole chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// The whole chain verified.
+    pub ok: bool,
+    /// Events whose hash and link checked out before the first break.
+    pub events_checked: u64,
+    /// The first expected sequence that is missing, edited, forged or
+    /// unlinked; 0 when `ok`.
+    pub first_broken_sequence: u64,
+    /// Why, for the operator; empty when `ok`.
+    pub reason: String,
+}
+
+/// The audit log of one vault. Share it as `Arc<AuditLog>`; dropping it
+/// finishes the queued appends and stops the writer thread.
+pub struct AuditLog {
+    path: PathBuf,
+    key: Arc<AuditKey>,
+    shared: Arc<Shared>,
+    queue: Option<mpsc::Sender<Pending>>,
+    writer: Option<thread::JoinHandle<()>>,
+    events_tx: broadcast::Sender<AuditEvent>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("head", &self.head().0)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens or creates the log at `path` and starts its writer thread.
+    ///
+    /// Refuses to start ([`AuditError::Tampered`]) when the last stored event
+    /// does not verify under `key`. Blocking: call it before serving, or from
+    /// `spawn_blocking`.
+    pub fn open(
+        path: &Path,
+        key: AuditKey,
+        options: GroupCommitOptions,
+    ) -> Result<Self, AuditError> {
+        let conn = store::open_writer(path)?;
+        let head = store::load_head(&conn, &key)?;
+        let key = Arc::new(key);
+        let shared = Arc::new(Shared {
+            head: Mutex::new(head),
+            ..Shared::default()
+        });
+        let (events_tx, _) = broadcast::channel(TAIL_CAPACITY);
+        let (queue, rx) = mpsc::channel();
+        let writer = Writer {
+            conn,
+            key: Arc::clone(&key),
+            options,
+            shared: Arc::clone(&shared),
+            events_tx: events_tx.clone(),
+            head: Some(head),
+        };
+        let writer = thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| AuditError::Unavailable {
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            key,
+            shared,
+            queue: Some(queue),
+            writer: Some(writer),
+            events_tx,
+            readers: Arc::default(),
+        })
+    }
+
+    /// Appends one event and returns it once it is durable (committed and
+    /// fsynced). Any error means nothing was stored: fail the RPC `UNAVAILABLE`.
+    pub async fn append(&self, record: AuditRecord) -> Result<AuditEvent, AuditError> {
+        let (record, time_unix_nanos) = record.normalize()?;
+        let (reply, done) = oneshot::channel();
+        self.queue
+            .as_ref()
+            .ok_or(AuditError::Closed)?
+            .send(Pending {
+                record,
+                time_unix_nanos,
+                reply,
+            })
+            .map_err(|_| AuditError::Closed)?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Events after `after_sequence` that match `filter`, in sequence order, at
+    /// most `limit` (capped at [`MAX_QUERY_LIMIT`]; 0 returns none). Page by
+    /// passing the last returned sequence as the next `after_sequence`.
+    pub async fn query(
+        &self,
+        filter: &AuditFilter,
+        after_sequence: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, AuditError> {
+        let (sql, params) = filter.to_sql(after_sequence, Some(limit.min(MAX_QUERY_LIMIT)));
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).map_err(AuditError::read)?;
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(params))
+                .map_err(AuditError::read)?;
+            let mut events = Vec::new();
+            while let Some(row) = rows.next().map_err(AuditError::read)? {
+                events.push(
+                    StoredRow::from_row(row)
+                        .map_err(AuditError::read)?
+                        .into_event()?,
+                );
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    /// Committed events from now on, for tailing. Subscribe *before* querying
+    /// history and skip sequences already seen. A receiver that falls more than
+    /// 4096 events behind gets `Lagged` and should resume with [`Self::query`].
+    pub fn subscribe(&self) -> broadcast::Receiver<AuditEvent> {
+        self.events_tx.subscribe()
+    }
+
+    /// Sequence and hash of the last committed event (`(0, GENESIS_HASH)` if none).
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        self.shared.head()
+    }
+
+    /// Commit counters; `commits` much smaller than `events` shows group commit.
+    pub fn stats(&self) -> AuditStats {
+        AuditStats {
+            events: self.shared.events.load(Ordering::Relaxed),
+            commits: self.shared.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks the whole chain, streaming, and also that the file still holds
+    /// the head this process committed (catches truncation and rollback to an
+    /// older copy, which an offline check cannot).
+    pub async fn verify(&self) -> VerifyReport {
+        let key = Arc::clone(&self.key);
+        let head = self.head();
+        let report = self
+            .with_reader(move |conn| verify_conn(conn, &key, Some(head)))
+            .await;
+        report.unwrap_or_else(|err| VerifyReport {
+            ok: false,
+            events_checked: 0,
+            first_broken_sequence: 0,
+            reason: err.to_string(),
+        })
+    }
+
+    /// Test hook: while on, every batch fails instead of committing, through the
+    /// same rollback and error path as a real write failure.
+    #[doc(hidden)]
+    pub fn fail_writes(&self, on: bool) {
+        self.shared.fail_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Runs `f` on a pooled read-only connection, off the async runtime.
+    async fn with_reader<T, F>(&self, f: F) -> Result<T, AuditError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, AuditError> + Send + 'static,
+    {
+        let path = self.path.clone();
+        let pool = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let pooled = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => store::open_reader(&path)?,
+            };
+            let result = f(&conn);
+            let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
+            if pool.len() < READ_POOL_SIZE {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| AuditError::Unavailable {
+            reason: format!("audit reader task failed: {e}"),
+        })?
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is queued, then exit.
+        self.queue.take();
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("audit writer thread panicked");
+        }
+    }
+}
+
+/// Verifies the log at `path` offline (read-only), e.g. from a CLI.
+///
+/// It cannot see events removed from the end of the log; the running vault's
+/// [`AuditLog::verify`] can, against the head it committed.
+pub fn verify_path(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
+    verify_conn(&store::open_reader(path)?, key, None)
+}
+
+fn verify_conn(
+    conn: &Connection,
+    key: &AuditKey,
+    expected_head: Option<(u64, [u8; 32])>,
+) -> Result<VerifyReport, AuditError> {
+    let mut verifier = ChainVerifier::new(key, expected_head);
+    let sql = format!(
+        "SELECT {} FROM audit_events ORDER BY sequence",
+        store::COLUMNS
+    );
+    let mut stmt = conn.prepare(&sql).map_err(AuditError::read)?;
+    let mut rows = stmt.query([]).map_err(AuditError::read)?;
+    let mut result = Ok(());
+    while let Some(row) = rows.next().map_err(AuditError::read)? {
+        result = match StoredRow::from_row(row) {
+            Ok(stored) => verifier.check(&stored),
+            Err(e) => {
+                Err(verifier.undecodable(row.get(0).map_err(AuditError::read)?, &e.to_string()))
+            }
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+    let result = result.and_then(|()| verifier.finish());
+    Ok(match result {
+        Ok(()) => VerifyReport {
+            ok: true,
+            events_checked: verifier.checked(),
+            first_broken_sequence: 0,
+            reason: String::new(),
+        },
+        Err(broken) => VerifyReport {
+            ok: false,
+            events_checked: verifier.checked(),
+            first_broken_sequence: broken.sequence,
+            reason: broken.reason,
+        },
+    })
+}
+
+/// Writes every event matching `filter` as one JSON object per line, streaming.
+/// Returns how many were written. Does not verify; run [`verify_path`] too.
+pub fn export_jsonl(
+    path: &Path,
+    filter: &AuditFilter,
+    out: &mut impl std::io::Write,
+) -> Result<u64, AuditError> {
+    let conn = store::open_reader(path)?;
+    let (sql, params) = filter.to_sql(0, None);
+    let mut stmt = conn.prepare(&sql).map_err(AuditError::read)?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(params))
+        .map_err(AuditError::read)?;
+    let mut written = 0;
+    while let Some(row) = rows.next().map_err(AuditError::read)? {
+        let event = StoredRow::from_row(row)
+            .map_err(AuditError::read)?
+            .into_event()?;
+        serde_json::to_writer(&mut *out, &event)
+            .map_err(|e| AuditError::Export { source: e.into() })?;
+        out.write_all(b"\n")
+            .map_err(|source| AuditError::Export { source })?;
+        written += 1;
+    }
+    out.flush()
+        .map_err(|source| AuditError::Export { source })?;
+    Ok(written)
+}
+
+/// The chain hash of `record` at `sequence` after `prev_hash`, as the writer
+/// computes it. For tools that check exported events; `record.time` is taken
+/// in unix nanoseconds, as stored.
+pub fn chain_hash(
+    key: &AuditKey,
+    prev_hash: &[u8; 32],
+    sequence: u64,
+    record: &AuditRecord,
+) -> Result<[u8; 32], AuditError> {
+    let (record, nanos) = record.clone().normalize()?;
+    Ok(chain::event_hash(
+        key,
+        prev_hash,
+        sequence,
+        &record.hash_input(nanos),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn outcome_round_trips() {
+        for outcome in [Outcome::Allowed, Outcome::Denied, Outcome::Error] {
+            assert_eq!(outcome.as_str().parse::<Outcome>(), Ok(outcome));
+        }
+        assert!("ALLOWED".parse::<Outcome>().is_err());
+    }
+
+    #[test]
+    fn normalize_cuts_long_fields_at_char_boundaries_and_uses_utc() {
+        let mut record = AuditRecord::now("op", Outcome::Allowed, "OK");
+        record.detail = "é".repeat(MAX_FIELD_BYTES); // 2 bytes each
+        record.lease_id = "x".repeat(MAX_FIELD_BYTES + 1);
+        record.time = record.time.to_offset(UtcOffset::from_hms(2, 0, 0).unwrap());
+        let instant = record.time;
+        let (record, nanos) = record.normalize().unwrap();
+        assert_eq!(record.detail.len(), MAX_FIELD_BYTES);
+        assert_eq!(record.lease_id.len(), MAX_FIELD_BYTES);
+        assert_eq!(record.time, instant);
+        assert_eq!(record.time.offset(), UtcOffset::UTC);
+        assert_eq!(i128::from(nanos), instant.unix_timestamp_nanos());
+    }
+
+    #[test]
+    fn time_outside_i64_nanos_is_rejected() {
+        let mut record = AuditRecord::now("op", Outcome::Allowed, "OK");
+        record.time = OffsetDateTime::from_unix_timestamp(i64::MAX / 1_000_000_000 + 1).unwrap();
+        assert!(matches!(
+            record.normalize(),
+            Err(AuditError::InvalidRecord { .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! The writer thread: owns the only write connection, assigns sequence numbers
+//! and hashes in commit order, and commits queued appends in groups.
+
+use std::sync::{
+    Arc, Mutex, PoisonError,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+    mpsc,
+};
+use std::time::Instant;
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{broadcast, oneshot};
+
+use super::{AuditError, AuditEvent, AuditKey, AuditRecord, GroupCommitOptions, chain, store};
+
+/// One queued append.
+pub(crate) struct Pending {
+    pub record: AuditRecord,
+    pub time_unix_nanos: i64,
+    pub reply: oneshot::Sender<Result<AuditEvent, AuditError>>,
+}
+
+/// What the writer and the [`AuditLog`](super::AuditLog) handle share.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub head: Mutex<(u64, [u8; 32])>,
+    pub fail_writes: AtomicBool,
+    pub events: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+impl Shared {
+    pub fn head(&self) -> (u64, [u8; 32]) {
+        *self.head.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+pub(crate) struct Writer {
+    pub conn: Connection,
+    pub key: Arc<AuditKey>,
+    pub options: GroupCommitOptions,
+    pub shared: Arc<Shared>,
+    pub events_tx: broadcast::Sender<AuditEvent>,
+    /// `None` after a failed commit: reloaded from the database before the
+    /// next batch, because only the database knows what was committed.
+    pub head: Option<(u64, [u8; 32])>,
+}
+
+impl Writer {
+    /// Runs until every sender is gone, i.e. the log was dropped.
+    pub fn run(mut self, rx: &mpsc::Receiver<Pending>) {
+        let max_batch = self.options.max_batch.max(1);
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let deadline = Instant::now() + self.options.max_delay;
+            while batch.len() < max_batch {
+                let next = match rx.try_recv() {
+                    Ok(p) => Ok(p),
+                    Err(mpsc::TryRecvError::Empty) if !self.options.max_delay.is_zero() => {
+                        match deadline.checked_duration_since(Instant::now()) {
+                            Some(left) => rx.recv_timeout(left).map_err(|_| ()),
+                            None => Err(()),
+                        }
+                    }
+                    Err(_) => Err(()),
+                };
+                match next {
+                    Ok(p) => batch.push(p),
+                    Err(()) => break,
+                }
+            }
+            self.commit(batch);
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Pending>) {
+        let count = batch.len();
+        match self.write(&batch) {
+            Ok(events) => {
+                if let Some(last) = events.last() {
+                    self.head = Some((last.sequence, last.hash));
+                    *self
+                        .shared
+                        .head
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = (last.sequence, last.hash);
+                }
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .events
+                    .fetch_add(count as u64, Ordering::Relaxed);
+                for (pending, event) in batch.into_iter().zip(events) {
+                    // Tail subscribers see only durable events; none listening is fine.
+                    let _ = self.events_tx.send(event.clone());
+                    let _ = pending.reply.send(Ok(event));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, events = count, "audit commit failed; failing the batch closed");
+                self.head = None;
+                for pending in batch {
+                    let _ = pending.reply.send(Err(AuditError::Unavailable {
+                        reason: match &err {
+                            AuditError::Unavailable { reason } => reason.clone(),
+                            other => other.to_string(),
+                        },
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Chains and stores the batch in one transaction. The in-memory head is
+    /// untouched here; the caller advances it only after COMMIT returned.
+    fn write(&mut self, batch: &[Pending]) -> Result<Vec<AuditEvent>, AuditError> {
+        let (mut sequence, mut prev_hash) = match self.head {
+            Some(head) => head,
+            None => {
+                let head = store::load_head(&self.conn, &self.key)?;
+                *self
+                    .shared
+                    .head
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = head;
+                self.head = Some(head);
+                head
+            }
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| AuditError::unavailable(&e))?;
+        let mut events = Vec::with_capacity(batch.len());
+        for pending in batch {
+            sequence += 1;
+            let hash = chain::event_hash(
+                &self.key,
+                &prev_hash,
+                sequence,
+                &pending.record.hash_input(pending.time_unix_nanos),
+            );
+            let event = AuditEvent {
+                sequence,
+                record: pending.record.clone(),
+                prev_hash,
+                hash,
+            };
+            store::insert(&tx, &event, pending.time_unix_nanos)
+                .map_err(|e| AuditError::unavailable(&e))?;
+            prev_hash = hash;
+            events.push(event);
+        }
+        if self.shared.fail_writes.load(Ordering::SeqCst) {
+            // Dropping `tx` rolls back, exactly as after a failed COMMIT.
+            return Err(AuditError::Unavailable {
+                reason: "write failure injected by fail_writes".into(),
+            });
+        }
+        tx.commit().map_err(|e| AuditError::unavailable(&e))?;
+        Ok(events)
+    }
+}
