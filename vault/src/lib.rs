@@ -5,5 +5,15 @@
 //! writes every access to a hash-chained, fail-closed audit log.
 
 pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod core;
 pub mod crypto;
+pub mod error;
+pub mod ids;
 pub mod keyring;
+pub mod leases;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod store;

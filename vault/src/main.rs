@@ -1,1 +1,11 @@
-fn main() {}
+//! `vaultd`: turn off core dumps before any key is touched, then hand over to the library.
+
+fn main() -> std::process::ExitCode {
+    if let Err(error) = recvault_runtime::hardening::disable_core_dumps() {
+        eprintln!(
+            "vaultd: cannot disable core dumps ({error}); refusing to start with the master key"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    recvault_vault::cli::main()
+}

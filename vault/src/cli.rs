@@ -1,0 +1,236 @@
+//! The `vaultd` command line: `serve`, `init`, `audit verify|export`, `dev-certs`.
+//! `main.rs` only hardens the process and calls [`main`].
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+use recvault_runtime::{devcerts, hardening, logging, tls};
+
+use crate::{
+    audit::{self, AuditFilter},
+    config::VaultConfig,
+    keyring::MasterKey,
+    policy::Policy,
+    server,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vaultd",
+    version,
+    about = "recvault vault: holds the master key, leases credentials over mTLS, audits every access"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the vault API over mTLS.
+    Serve {
+        /// TOML config file (see deploy/config/vault.example.toml).
+        #[arg(long, env = "RECVAULT_VAULT_CONFIG")]
+        config: PathBuf,
+        /// Log format (overrides the config file).
+        #[arg(long, value_enum)]
+        log_format: Option<logging::LogFormat>,
+    },
+    /// Create a master key (mode 0600), a policy and a config in DIR. Refuses to
+    /// overwrite an existing key.
+    Init {
+        /// Data directory for master.key, vault.toml, policy.toml and the databases.
+        #[arg(long, default_value = ".dev/vault")]
+        dir: PathBuf,
+        /// Directory of TLS files (ca.crt, vault.crt, vault.key); dev certificates
+        /// are generated there if it has none.
+        #[arg(long, default_value = ".dev/certs")]
+        certs: PathBuf,
+        /// Address the generated config listens on.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: SocketAddr,
+    },
+    /// Audit log tools (offline; need the master key file).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Create a dev CA and certificates for every recvault identity (not for production).
+    DevCerts {
+        #[arg(long, default_value = ".dev/certs")]
+        dir: PathBuf,
+        /// Replace existing certificates.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; exit status 1 and the first broken sequence if it is not intact.
+    Verify {
+        #[arg(long, env = "RECVAULT_VAULT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Write events as JSON lines (for SIEMs) to stdout.
+    Export {
+        #[arg(long, env = "RECVAULT_VAULT_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long)]
+        credential: Option<String>,
+    },
+}
+
+/// Parses arguments and runs. Errors are printed as one line each.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("vaultd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Serve { config, log_format } => {
+            let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
+            logging::init(log_format.unwrap_or(config.log_format));
+            tls::install_crypto_provider();
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            runtime
+                .block_on(server::run(config, shutdown_signal()))
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { dir, certs, listen } => {
+            let path = init(&dir, &certs, listen)?;
+            println!("wrote {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DevCerts { dir, force } => {
+            tls::install_crypto_provider();
+            if force {
+                devcerts::generate(&dir, &devcerts::IDENTITIES).map_err(|e| e.to_string())?;
+            } else {
+                devcerts::ensure(&dir).map_err(|e| e.to_string())?;
+            }
+            println!("dev certificates in {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => {
+            let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
+            let master = MasterKey::load(&config.master_key_file).map_err(|e| e.to_string())?;
+            let key = server::audit_key(&master).map_err(|e| e.to_string())?;
+            let report =
+                audit::verify_path(&config.audit_database, &key).map_err(|e| e.to_string())?;
+            if report.ok {
+                println!(
+                    "audit chain intact: {} events checked",
+                    report.events_checked
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "audit chain BROKEN at sequence {} ({} events checked): {}",
+                    report.first_broken_sequence, report.events_checked, report.reason
+                );
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    config,
+                    tenant,
+                    identity,
+                    credential,
+                },
+        } => {
+            let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
+            let filter = AuditFilter {
+                tenant_id: tenant,
+                identity,
+                credential_id: credential,
+                ..AuditFilter::default()
+            };
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            audit::export_jsonl(&config.audit_database, &filter, &mut out)
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Creates the master key, policy and config under `dir` (reusing what exists)
+/// and dev certificates under `certs` if there are none. Returns the config path.
+pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, String> {
+    tls::install_crypto_provider();
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    devcerts::ensure(certs).map_err(|e| e.to_string())?;
+    let config = VaultConfig::for_data_dir(dir, certs, listen);
+    if !config.master_key_file.exists() {
+        MasterKey::generate(&config.master_key_file).map_err(|e| e.to_string())?;
+    }
+    if !config.policy_file.exists() {
+        std::fs::write(&config.policy_file, Policy::dev_default_toml())
+            .map_err(|e| format!("cannot write {}: {e}", config.policy_file.display()))?;
+    }
+    let path = dir.join("vault.toml");
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let text = format!(
+        "# Generated by `vaultd init`; every field is documented in deploy/config/vault.example.toml.\n\
+         listen = \"{listen}\"\n\
+         master_key_file = \"{}\"\n\
+         database = \"{}\"\n\
+         audit_database = \"{}\"\n\
+         policy_file = \"{}\"\n\n\
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+        abs(&config.master_key_file).display(),
+        abs(&config.database).display(),
+        abs(&config.audit_database).display(),
+        abs(&config.policy_file).display(),
+        abs(&config.tls.cert).display(),
+        abs(&config.tls.key).display(),
+        abs(&config.tls.ca).display(),
+    );
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let _ = hardening::core_dumps_disabled();
+    Ok(path)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

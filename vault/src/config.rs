@@ -1,0 +1,220 @@
+//! vaultd configuration: a TOML file (every field documented in
+//! `deploy/config/vault.example.toml`) plus environment overrides for ports
+//! and paths. The config names key and certificate *files*, never values.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
+use serde::Deserialize;
+
+/// The whole vaultd configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// gRPC API address (mTLS). Env: `RECVAULT_VAULT_LISTEN`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Server certificate, key and the CA that client certificates must chain to.
+    pub tls: TlsFiles,
+    /// The root master key file (64 hex chars, mode 0600). Env: `RECVAULT_VAULT_MASTER_KEY_FILE`.
+    pub master_key_file: PathBuf,
+    /// Credential database (SQLite). Env: `RECVAULT_VAULT_DATABASE`.
+    pub database: PathBuf,
+    /// Audit log database (SQLite, hash-chained). Env: `RECVAULT_VAULT_AUDIT_DATABASE`.
+    pub audit_database: PathBuf,
+    /// Identity → role grants. Env: `RECVAULT_VAULT_POLICY_FILE`.
+    pub policy_file: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub leases: LeaseSettings,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// How often certificate, key, CA and policy files are checked for changes.
+    #[serde(default = "default_reload_secs")]
+    pub reload_interval_secs: u64,
+}
+
+/// Size limits on requests and secrets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Default maximum characters per credential secret (per-tenant override: `SetTenantLimit`).
+    pub max_secret_chars: u32,
+    /// Largest tenant override `SetTenantLimit` accepts.
+    pub max_tenant_secret_chars: u32,
+    /// Largest gRPC request message, in bytes.
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_secret_chars: 5000,
+            max_tenant_secret_chars: 1_000_000,
+            max_request_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Lease lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSettings {
+    /// TTL used when a request asks for 0.
+    pub default_ttl_secs: u32,
+    /// Cap on any requested TTL.
+    pub max_ttl_secs: u32,
+    /// Most leases alive at once; beyond it AcquireLease answers RESOURCE_EXHAUSTED.
+    pub max_active: usize,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 60,
+            max_ttl_secs: 300,
+            max_active: 100_000,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
+fn default_reload_secs() -> u64 {
+    2
+}
+
+/// Config loading errors: they name the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or a field is wrong.
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// An environment override could not be parsed.
+    #[error("environment variable {name} is invalid: {message}")]
+    Env { name: &'static str, message: String },
+}
+
+impl VaultConfig {
+    /// Reads `path`, resolves relative paths against the file's directory, then
+    /// applies environment overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative(base);
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate().map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        for p in [
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.ca,
+            &mut self.master_key_file,
+            &mut self.database,
+            &mut self.audit_database,
+            &mut self.policy_file,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Applies `RECVAULT_VAULT_*` overrides (ports and paths).
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&'static str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = get("RECVAULT_VAULT_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "RECVAULT_VAULT_LISTEN",
+                message: format!("{e}; expected host:port such as 127.0.0.1:7443"),
+            })?;
+        }
+        let paths: [(&'static str, &mut PathBuf); 5] = [
+            ("RECVAULT_VAULT_MASTER_KEY_FILE", &mut self.master_key_file),
+            ("RECVAULT_VAULT_DATABASE", &mut self.database),
+            ("RECVAULT_VAULT_AUDIT_DATABASE", &mut self.audit_database),
+            ("RECVAULT_VAULT_POLICY_FILE", &mut self.policy_file),
+            ("RECVAULT_VAULT_TLS_CERT", &mut self.tls.cert),
+        ];
+        for (name, slot) in paths {
+            if let Some(v) = get(name) {
+                *slot = PathBuf::from(v);
+            }
+        }
+        if let Some(v) = get("RECVAULT_VAULT_TLS_KEY") {
+            self.tls.key = PathBuf::from(v);
+        }
+        if let Some(v) = get("RECVAULT_VAULT_TLS_CA") {
+            self.tls.ca = PathBuf::from(v);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let l = &self.leases;
+        if l.max_ttl_secs == 0 || l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
+            return Err(format!(
+                "leases.default_ttl_secs ({}) must be between 1 and leases.max_ttl_secs ({})",
+                l.default_ttl_secs, l.max_ttl_secs
+            ));
+        }
+        if self.limits.max_secret_chars == 0 {
+            return Err("limits.max_secret_chars must be at least 1".into());
+        }
+        if self.limits.max_request_bytes < 1024 {
+            return Err("limits.max_request_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// How often watched files are checked.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_secs(self.reload_interval_secs.max(1))
+    }
+
+    /// A config for a data directory laid out by `vaultd init` (used by `init`,
+    /// the dev runner and tests).
+    pub fn for_data_dir(data_dir: &Path, certs_dir: &Path, listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            tls: recvault_runtime::devcerts::files(certs_dir, "vault"),
+            master_key_file: data_dir.join("master.key"),
+            database: data_dir.join("vault.db"),
+            audit_database: data_dir.join("audit.db"),
+            policy_file: data_dir.join("policy.toml"),
+            limits: Limits::default(),
+            leases: LeaseSettings::default(),
+            log_format: LogFormat::Text,
+            reload_interval_secs: default_reload_secs(),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The vault's shared state and the two things every RPC does: decide whether
+//! the peer may call it, and write the audit event for it (fail closed).
+//! Services in `service/` hold the per-RPC logic.
+
+use std::sync::{Arc, RwLock};
+
+use recvault_runtime::{identity, logging};
+use tonic::{Request, Status};
+
+use crate::{
+    audit::{AuditLog, AuditRecord, Outcome},
+    config::VaultConfig,
+    error::{VaultError, code_name},
+    ids::TenantId,
+    keyring::{self, Keyring, MasterKey},
+    leases::Leases,
+    policy::{Need, PolicyFile, Role},
+    store::Store,
+};
+
+/// Settings key of the minimum key version that may still decrypt.
+pub const MIN_DECRYPT_VERSION: &str = "min_decrypt_version";
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct VaultCore {
+    pub config: VaultConfig,
+    pub master: MasterKey,
+    pub keyring: RwLock<Keyring>,
+    pub store: Arc<Store>,
+    pub audit: AuditLog,
+    pub policy: Arc<PolicyFile>,
+    pub leases: Arc<Leases>,
+}
+
+/// Who is calling and which RPC: taken once at the start of every handler.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub operation: &'static str,
+    pub identity: Option<String>,
+    pub cert_fingerprint: String,
+    pub request_id: String,
+}
+
+/// Audit fields a handler learns while it works (ids, lease purpose).
+#[derive(Debug, Default, Clone)]
+pub struct Subject {
+    pub tenant_id: String,
+    pub credential_id: String,
+    pub lease_id: String,
+    pub detail: String,
+}
+
+impl VaultCore {
+    /// Loads every wrapped key version (creating version 1 on first start).
+    pub fn load_keyring(master: &MasterKey, store: &Store) -> Result<Keyring, String> {
+        let mut versions = store.key_versions().map_err(|e| e.to_string())?;
+        if versions.is_empty() {
+            let (_, wrapped) = keyring::new_wrapped_version(master, 1)
+                .map_err(|_| "cannot create key version 1".to_owned())?;
+            store
+                .insert_key_version(1, &wrapped)
+                .map_err(|e| e.to_string())?;
+            versions = store.key_versions().map_err(|e| e.to_string())?;
+        }
+        let min = store
+            .setting(MIN_DECRYPT_VERSION)
+            .map_err(|e| e.to_string())?
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(1);
+        let mut ring = Keyring::new(min);
+        for (version, wrapped, _) in versions {
+            let key = keyring::unwrap_version(master, version, &wrapped).map_err(|_| {
+                format!(
+                    "key version {version} in the credential database does not unwrap with this master key; \
+                     is master_key_file the key this database was created with?"
+                )
+            })?;
+            ring.insert(version, key).map_err(|e| e.to_string())?;
+        }
+        Ok(ring)
+    }
+
+    /// Reads who is calling. Never fails: an anonymous peer is still audited.
+    pub fn call<T>(&self, request: &Request<T>, operation: &'static str) -> Call {
+        let peer = identity::peer_identity(request);
+        Call {
+            operation,
+            cert_fingerprint: peer
+                .as_ref()
+                .map(|p| p.cert_sha256.clone())
+                .or_else(|| identity::peer_fingerprint(request))
+                .unwrap_or_default(),
+            identity: peer.map(|p| p.id),
+            request_id: logging::request_id(request),
+        }
+    }
+
+    /// Checks the policy. The denial itself is audited by [`VaultCore::finish`].
+    pub fn authorize(
+        &self,
+        call: &Call,
+        role: Role,
+        tenant: Option<&TenantId>,
+    ) -> Result<(), VaultError> {
+        let identity = call
+            .identity
+            .as_deref()
+            .ok_or(VaultError::Unauthenticated)?;
+        let need = Need {
+            role,
+            tenant: tenant.map(TenantId::as_str),
+        };
+        if self.policy.current().allows(identity, need) {
+            return Ok(());
+        }
+        Err(VaultError::PermissionDenied {
+            identity: identity.to_owned(),
+            operation: call.operation.to_owned(),
+            role: role.to_string(),
+            scope: tenant
+                .map(|t| format!(" for tenant {t}"))
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Checks that the peer holds `role` for at least one tenant. Used before a
+    /// lookup by id, so that callers without the role cannot probe which ids
+    /// exist; the tenant-scoped check follows once the record is loaded.
+    pub fn authorize_role_anywhere(&self, call: &Call, role: Role) -> Result<(), VaultError> {
+        let identity = call
+            .identity
+            .as_deref()
+            .ok_or(VaultError::Unauthenticated)?;
+        if self.policy.current().roles_of(identity).contains(&role) {
+            return Ok(());
+        }
+        self.authorize(call, role, None)
+    }
+
+    /// Writes the audit event for a finished RPC and returns its result. If the
+    /// event cannot be made durable, the RPC fails UNAVAILABLE instead: nothing
+    /// is returned that is not on the record.
+    pub async fn finish<T>(
+        &self,
+        call: &Call,
+        subject: Subject,
+        result: Result<T, VaultError>,
+    ) -> Result<T, Status> {
+        let result = result.map_err(Status::from);
+        let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        let outcome = match code {
+            tonic::Code::Ok => Outcome::Allowed,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        let record = AuditRecord {
+            identity: call
+                .identity
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into()),
+            cert_fingerprint: call.cert_fingerprint.clone(),
+            tenant_id: subject.tenant_id,
+            credential_id: subject.credential_id,
+            lease_id: subject.lease_id,
+            request_id: call.request_id.clone(),
+            detail: subject.detail,
+            ..AuditRecord::now(call.operation, outcome, code_name(code))
+        };
+        if let Err(error) = self.audit.append(record).await {
+            tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
+                "audit write failed; failing the call closed");
+            return Err(VaultError::AuditUnavailable(error.to_string()).into());
+        }
+        if let Err(status) = &result {
+            tracing::info!(operation = call.operation, request_id = %call.request_id,
+                identity = call.identity.as_deref().unwrap_or("unauthenticated"),
+                code = code_name(code), message = status.message(), "call refused");
+        }
+        result
+    }
+
+    /// The secret size limit in force for `tenant`.
+    pub fn secret_limit(&self, tenant: &TenantId) -> Result<u32, VaultError> {
+        Ok(self
+            .store
+            .tenant_limit(tenant)?
+            .unwrap_or(self.config.limits.max_secret_chars))
+    }
+
+    pub fn keyring(&self) -> std::sync::RwLockReadGuard<'_, Keyring> {
+        self.keyring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn keyring_mut(&self) -> std::sync::RwLockWriteGuard<'_, Keyring> {
+        self.keyring.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs blocking store/crypto work off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VaultError> + Send + 'static,
+) -> Result<T, VaultError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VaultError::Unavailable(format!("worker task failed: {e}")))?
+}

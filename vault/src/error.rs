@@ -1,0 +1,95 @@
+//! The vault's errors and their one mapping to gRPC status codes. Messages
+//! say what went wrong and what to do; none ever contains a secret.
+
+use tonic::{Code, Status};
+
+/// Every way a vault RPC can fail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// A request field is missing or malformed; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named thing does not exist (or was deleted).
+    #[error("{0}")]
+    NotFound(String),
+    /// The peer has no grant for this RPC (or tenant).
+    #[error(
+        "identity {identity} may not call {operation}: it needs the {role} role{scope}; ask an admin to add a grant to the vault policy"
+    )]
+    PermissionDenied {
+        identity: String,
+        operation: String,
+        role: String,
+        scope: String,
+    },
+    /// The client certificate carries no identity (no URI or DNS SAN).
+    #[error(
+        "the client certificate has no URI or DNS subject alternative name, so it names no identity"
+    )]
+    Unauthenticated,
+    /// The request is valid but the state does not allow it (released lease, retired key...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A limit was hit (too many leases).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The audit log could not record the access: fail closed.
+    #[error("the audit log is unavailable ({0}); nothing was done or returned; retry later")]
+    AuditUnavailable(String),
+    /// Storage failed.
+    #[error("storage error: {0}; retry later")]
+    Unavailable(String),
+    /// A stored secret failed authentication: tampering, a moved row or a retired key.
+    #[error(
+        "credential {0} cannot be decrypted: its ciphertext failed authentication or its key version is retired; store it again"
+    )]
+    Undecryptable(String),
+}
+
+impl From<VaultError> for Status {
+    fn from(error: VaultError) -> Self {
+        let code = match &error {
+            VaultError::InvalidArgument(_) => Code::InvalidArgument,
+            VaultError::NotFound(_) => Code::NotFound,
+            VaultError::PermissionDenied { .. } => Code::PermissionDenied,
+            VaultError::Unauthenticated => Code::Unauthenticated,
+            VaultError::FailedPrecondition(_) | VaultError::Undecryptable(_) => {
+                Code::FailedPrecondition
+            }
+            VaultError::ResourceExhausted(_) => Code::ResourceExhausted,
+            VaultError::AuditUnavailable(_) | VaultError::Unavailable(_) => Code::Unavailable,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for VaultError {
+    fn from(error: crate::store::StoreError) -> Self {
+        tracing::error!(%error, "credential store failed");
+        VaultError::Unavailable(error.to_string())
+    }
+}
+
+/// The canonical upper-case name of a code, as written into audit events.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

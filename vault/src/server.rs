@@ -1,0 +1,179 @@
+//! Assembles and runs the vault: loads the key, keyring, stores, policy and
+//! TLS, then serves the four APIs plus health and reflection over mTLS until
+//! shutdown. Nothing here decides policy or touches plaintext.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use recvault_proto::vault::v1::{
+    audit_server::AuditServer, credentials_server::CredentialsServer, keys_server::KeysServer,
+    leases_server::LeasesServer,
+};
+use recvault_runtime::tls::{self, ReloadingServerTls};
+use tokio::net::TcpListener;
+
+use crate::{
+    audit::{AuditKey, AuditLog, GroupCommitOptions},
+    config::VaultConfig,
+    core::VaultCore,
+    keyring::MasterKey,
+    leases::Leases,
+    policy::PolicyFile,
+    service::{
+        audit::AuditService, credentials::CredentialsService, keys::KeysService,
+        leases::LeasesService,
+    },
+    store::Store,
+};
+
+/// HKDF info for the audit chain key; changing it breaks every existing chain.
+pub const AUDIT_KEY_INFO: &[u8] = b"recvault audit chain hmac-sha256 v1";
+
+/// Start-up failures, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("{0}")]
+    MasterKey(#[from] crate::keyring::MasterKeyError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("keyring: {0}")]
+    Keyring(String),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Policy(String),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}; is another process using the port?")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// The audit key for a master key (also used by the offline `audit verify`).
+pub fn audit_key(master: &MasterKey) -> Result<AuditKey, crate::audit::AuditError> {
+    AuditKey::new(master.derive(AUDIT_KEY_INFO, 32))
+}
+
+/// Opens everything the vault needs. Separate from serving so tests and the
+/// benchmark can reach the core.
+pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
+    let master = MasterKey::load(&config.master_key_file)?;
+    let store = Arc::new(Store::open(&config.database)?);
+    let keyring = VaultCore::load_keyring(&master, &store).map_err(StartError::Keyring)?;
+    let audit = AuditLog::open(
+        &config.audit_database,
+        audit_key(&master)?,
+        GroupCommitOptions::default(),
+    )?;
+    let policy = PolicyFile::load(&config.policy_file).map_err(StartError::Policy)?;
+    Ok(Arc::new(VaultCore {
+        config,
+        master,
+        keyring: std::sync::RwLock::new(keyring),
+        store,
+        audit,
+        policy,
+        leases: Arc::new(Leases::default()),
+    }))
+}
+
+/// A bound, not yet serving vault: tests read `local_addr` before serving.
+#[derive(Debug)]
+pub struct Bound {
+    pub core: Arc<VaultCore>,
+    pub tls: Arc<ReloadingServerTls>,
+    pub listener: TcpListener,
+    pub local_addr: SocketAddr,
+}
+
+/// Opens the vault and binds its port.
+pub async fn bind(config: VaultConfig) -> Result<Bound, StartError> {
+    let tls = ReloadingServerTls::load(config.tls.clone())?;
+    let addr = config.listen;
+    let core = open(config)?;
+    let (listener, local_addr) = tls::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok(Bound {
+        core,
+        tls,
+        listener,
+        local_addr,
+    })
+}
+
+impl Bound {
+    /// Serves until `shutdown` completes, then drains in-flight calls.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let Bound {
+            core,
+            tls,
+            listener,
+            local_addr,
+        } = self;
+        let interval = core.config.reload_interval();
+        let _tls_reloader = tls.spawn_reloader(interval);
+        let _policy_reloader = core.policy.spawn_reloader(interval);
+        let _lease_sweeper = core.leases.spawn_sweeper(Duration::from_secs(5));
+        let max = core.config.limits.max_request_bytes;
+
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        for name in [
+            "recvault.vault.v1.Credentials",
+            "recvault.vault.v1.Leases",
+            "recvault.vault.v1.Keys",
+            "recvault.vault.v1.Audit",
+            "",
+        ] {
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(recvault_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Policy(format!("reflection: {e}")))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(recvault_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartError::Policy(format!("reflection: {e}")))?;
+
+        tracing::info!(%local_addr, "vault serving (mTLS, TLS 1.3)");
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                CredentialsServer::new(CredentialsService::new(core.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                LeasesServer::new(LeasesService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                KeysServer::new(KeysService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                AuditServer::new(AuditService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+            .await?;
+        tracing::info!("vault stopped");
+        Ok(())
+    }
+}
+
+/// Binds and serves: what `vaultd serve` runs.
+pub async fn run(
+    config: VaultConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    bind(config).await?.serve(shutdown).await
+}

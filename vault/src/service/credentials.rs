@@ -1,0 +1,318 @@
+//! `Credentials`: write-only for people. The manager role stores, lists,
+//! inspects and deletes credentials, and never gets plaintext or ciphertext back.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use recvault_proto::vault::v1::{
+    Credential, CredentialKind, DeleteCredentialRequest, DeleteCredentialResponse,
+    GetCredentialRequest, ListCredentialsRequest, ListCredentialsResponse, PutCredentialRequest,
+    PutCredentialResponse, credentials_server,
+};
+use recvault_runtime::secret::SecretBytes;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::{Subject, VaultCore, blocking},
+    error::VaultError,
+    ids::{CredentialId, TenantId},
+    policy::Role,
+    store::{CredentialRow, NewCredential},
+};
+
+/// Most labels per credential and their sizes: metadata, not a data store.
+const MAX_LABELS: usize = 32;
+const MAX_LABEL_BYTES: usize = 256;
+const MAX_NAME_BYTES: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct CredentialsService {
+    core: Arc<VaultCore>,
+}
+
+impl CredentialsService {
+    pub fn new(core: Arc<VaultCore>) -> Self {
+        Self { core }
+    }
+}
+
+pub(crate) fn to_proto(row: CredentialRow) -> Credential {
+    Credential {
+        credential_id: row.credential_id.to_string(),
+        tenant_id: row.tenant_id.to_string(),
+        name: row.name,
+        kind: row.kind,
+        version: row.version,
+        labels: row.labels.into_iter().collect(),
+        created_at: Some(super::timestamp(row.created_at)),
+        updated_at: Some(super::timestamp(row.updated_at)),
+        deleted: row.deleted,
+        key_version: row.key_version,
+        secret_chars: row.secret_chars,
+    }
+}
+
+fn invalid(message: String) -> VaultError {
+    VaultError::InvalidArgument(message)
+}
+
+fn check_name(name: &str) -> Result<(), VaultError> {
+    if name.trim().is_empty() {
+        return Err(invalid(
+            "name is required: a human-readable name for the credential, unique per tenant".into(),
+        ));
+    }
+    if name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "name must be at most {MAX_NAME_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, VaultError> {
+    if labels.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "labels has {} entries; the limit is {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES {
+            return Err(invalid(format!(
+                "labels: keys must be 1..={MAX_LABEL_BYTES} bytes and values at most {MAX_LABEL_BYTES} bytes (key {k:?})"
+            )));
+        }
+    }
+    Ok(labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// Counts characters (UTF-8 scalar values; bytes for non-UTF-8 secrets) and
+/// checks the kind's JSON shape. Errors never quote the secret.
+fn check_secret(kind: CredentialKind, secret: &SecretBytes, limit: u32) -> Result<u32, VaultError> {
+    let bytes = secret.expose_secret();
+    if bytes.is_empty() {
+        return Err(invalid("secret is required and must not be empty".into()));
+    }
+    let chars = std::str::from_utf8(bytes).map_or(bytes.len(), |s| s.chars().count());
+    let chars = u32::try_from(chars).unwrap_or(u32::MAX);
+    if chars > limit {
+        return Err(invalid(format!(
+            "secret is {chars} characters; this tenant's limit is {limit} (admins can raise it with Keys/SetTenantLimit)"
+        )));
+    }
+    let required: &[&str] = match kind {
+        CredentialKind::S3 => &["access_key_id", "secret_access_key"],
+        CredentialKind::Gcs => &["private_key", "client_email"],
+        CredentialKind::Azure => &["account_name"],
+        CredentialKind::Generic => &[],
+        CredentialKind::Unspecified => {
+            return Err(invalid(
+                "kind is required: one of CREDENTIAL_KIND_S3, CREDENTIAL_KIND_GCS, CREDENTIAL_KIND_AZURE, CREDENTIAL_KIND_GENERIC".into(),
+            ));
+        }
+    };
+    if !required.is_empty() {
+        let kind_name = kind.as_str_name();
+        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|_| {
+                invalid(format!(
+                    "secret for {kind_name} must be a JSON object (its content is not shown)"
+                ))
+            })?;
+        for field in required {
+            if !parsed
+                .get(*field)
+                .is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty()))
+            {
+                return Err(invalid(format!(
+                    "secret for {kind_name} must be JSON with a non-empty string field {field:?}"
+                )));
+            }
+        }
+        // `parsed` holds copies of secret strings: wipe them before dropping.
+        for (_, mut value) in parsed {
+            if let serde_json::Value::String(s) = &mut value {
+                zeroize::Zeroize::zeroize(s);
+            }
+        }
+    }
+    Ok(chars)
+}
+
+impl CredentialsService {
+    async fn put(
+        &self,
+        subject: &mut Subject,
+        call: &crate::core::Call,
+        mut req: PutCredentialRequest,
+    ) -> Result<PutCredentialResponse, VaultError> {
+        // Move the secret out of the request into locked memory first, so every
+        // exit path below zeroizes it.
+        let secret = SecretBytes::new(std::mem::take(&mut req.secret));
+        let tenant = TenantId::parse(&req.tenant_id).map_err(invalid)?;
+        subject.tenant_id = tenant.to_string();
+        self.core.authorize(call, Role::Manager, Some(&tenant))?;
+        check_name(&req.name)?;
+        let kind = CredentialKind::try_from(req.kind)
+            .map_err(|_| invalid(format!("kind {} is not a known CredentialKind", req.kind)))?;
+        let labels = check_labels(&req.labels)?;
+        let core = self.core.clone();
+        let name = req.name;
+        let (id, version) = blocking(move || {
+            let limit = core.secret_limit(&tenant)?;
+            let secret_chars = check_secret(kind, &secret, limit)?;
+            let new = NewCredential {
+                tenant_id: &tenant,
+                name: &name,
+                kind: kind as i32,
+                labels: &labels,
+                secret_chars,
+            };
+            let keyring = core.keyring();
+            core.store.put(&new, |id, version| {
+                let key_version = keyring.current_version().ok_or_else(|| {
+                    VaultError::Unavailable("the keyring has no key version".into())
+                })?;
+                let sealed = keyring
+                    .seal(
+                        tenant.as_str(),
+                        id.as_str(),
+                        version,
+                        secret.expose_secret(),
+                    )
+                    .map_err(|_| VaultError::Unavailable("sealing the secret failed".into()))?;
+                Ok((sealed, key_version))
+            })?
+        })
+        .await?;
+        subject.credential_id = id.to_string();
+        subject.detail = format!("version {version}");
+        Ok(PutCredentialResponse {
+            credential_id: id.to_string(),
+            version,
+        })
+    }
+
+    /// Loads a credential for a manager call: checks the id, the grant for its
+    /// tenant, and that it exists.
+    async fn load(
+        &self,
+        subject: &mut Subject,
+        call: &crate::core::Call,
+        id: &str,
+    ) -> Result<CredentialRow, VaultError> {
+        let id = CredentialId::parse(id).map_err(invalid)?;
+        subject.credential_id = id.to_string();
+        // Authorize the role before revealing whether the id exists.
+        self.core.authorize_role_anywhere(call, Role::Manager)?;
+        let store = self.core.store.clone();
+        let lookup = id.clone();
+        let row = blocking(move || Ok(store.get(&lookup)?)).await?;
+        let row =
+            row.ok_or_else(|| VaultError::NotFound(format!("credential {id} does not exist")))?;
+        subject.tenant_id = row.tenant_id.to_string();
+        self.core
+            .authorize(call, Role::Manager, Some(&row.tenant_id))?;
+        Ok(row)
+    }
+}
+
+#[tonic::async_trait]
+impl credentials_server::Credentials for CredentialsService {
+    async fn put_credential(
+        &self,
+        request: Request<PutCredentialRequest>,
+    ) -> Result<Response<PutCredentialResponse>, Status> {
+        let call = self.core.call(
+            &request,
+            concat!("recvault.vault.v1.Credentials/", "PutCredential"),
+        );
+        let mut subject = Subject::default();
+        let result = self.put(&mut subject, &call, request.into_inner()).await;
+        self.core
+            .finish(&call, subject, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_credential(
+        &self,
+        request: Request<GetCredentialRequest>,
+    ) -> Result<Response<Credential>, Status> {
+        let call = self.core.call(
+            &request,
+            concat!("recvault.vault.v1.Credentials/", "GetCredential"),
+        );
+        let mut subject = Subject::default();
+        let result = self
+            .load(&mut subject, &call, &request.get_ref().credential_id)
+            .await
+            .map(to_proto);
+        self.core
+            .finish(&call, subject, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_credentials(
+        &self,
+        request: Request<ListCredentialsRequest>,
+    ) -> Result<Response<ListCredentialsResponse>, Status> {
+        let call = self.core.call(
+            &request,
+            concat!("recvault.vault.v1.Credentials/", "ListCredentials"),
+        );
+        let mut subject = Subject::default();
+        let req = request.into_inner();
+        let result = async {
+            let tenant = TenantId::parse(&req.tenant_id).map_err(invalid)?;
+            subject.tenant_id = tenant.to_string();
+            self.core.authorize(&call, Role::Manager, Some(&tenant))?;
+            let store = self.core.store.clone();
+            let rows = blocking(move || Ok(store.list(&tenant, req.include_deleted)?)).await?;
+            Ok(ListCredentialsResponse {
+                credentials: rows.into_iter().map(to_proto).collect(),
+            })
+        }
+        .await;
+        self.core
+            .finish(&call, subject, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_credential(
+        &self,
+        request: Request<DeleteCredentialRequest>,
+    ) -> Result<Response<DeleteCredentialResponse>, Status> {
+        let call = self.core.call(
+            &request,
+            concat!("recvault.vault.v1.Credentials/", "DeleteCredential"),
+        );
+        let mut subject = Subject::default();
+        let result = async {
+            let row = self
+                .load(&mut subject, &call, &request.get_ref().credential_id)
+                .await?;
+            if row.deleted {
+                return Err(VaultError::NotFound(format!(
+                    "credential {} is already deleted",
+                    row.credential_id
+                )));
+            }
+            let store = self.core.store.clone();
+            let id = row.credential_id.clone();
+            blocking(move || Ok(store.delete(&id)?)).await?;
+            Ok(DeleteCredentialResponse {
+                credential_id: row.credential_id.to_string(),
+            })
+        }
+        .await;
+        self.core
+            .finish(&call, subject, result)
+            .await
+            .map(Response::new)
+    }
+}

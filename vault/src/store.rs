@@ -1,0 +1,339 @@
+//! The credential store on SQLite: metadata, sealed secrets (never plaintext),
+//! wrapped master-key versions and per-tenant limits. It stores what it is
+//! given; sealing and authorization happen in the layers above.
+//!
+//! Deleting a credential removes its ciphertext (crypto-shred) and, with
+//! `secure_delete`, SQLite overwrites the freed pages.
+
+use std::{collections::BTreeMap, path::Path, sync::Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::ids::{CredentialId, TenantId};
+
+/// Errors of the store. Messages never hold secrets (the store has none in clear).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite failed (disk full, I/O, corruption).
+    #[error("credential database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row does not parse (manual edits, corruption).
+    #[error("credential database row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One credential's metadata, plus its sealed secret when not deleted.
+#[derive(Debug, Clone)]
+pub struct CredentialRow {
+    pub credential_id: CredentialId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub kind: i32,
+    pub version: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub deleted: bool,
+    pub key_version: u32,
+    pub secret_chars: u32,
+    /// The A256CBC-HS512 envelope; `None` once deleted.
+    pub sealed: Option<Vec<u8>>,
+}
+
+/// What `put` is asked to store. `seal` is called inside the transaction with
+/// the id and version the new row gets (they are bound into the AAD).
+#[derive(Debug)]
+pub struct NewCredential<'a> {
+    pub tenant_id: &'a TenantId,
+    pub name: &'a str,
+    pub kind: i32,
+    pub labels: &'a BTreeMap<String, String>,
+    pub secret_chars: u32,
+}
+
+/// The SQLite-backed store. One connection behind a mutex: writes are rare and
+/// short; callers run it on blocking threads.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS credentials (
+    credential_id TEXT PRIMARY KEY,
+    tenant_id     TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    kind          INTEGER NOT NULL,
+    version       INTEGER NOT NULL,
+    labels        TEXT NOT NULL,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    deleted       INTEGER NOT NULL DEFAULT 0,
+    key_version   INTEGER NOT NULL,
+    secret_chars  INTEGER NOT NULL,
+    sealed        BLOB
+);
+CREATE UNIQUE INDEX IF NOT EXISTS credentials_live_name
+    ON credentials(tenant_id, name) WHERE deleted = 0;
+CREATE INDEX IF NOT EXISTS credentials_key_version ON credentials(key_version) WHERE deleted = 0;
+CREATE TABLE IF NOT EXISTS key_versions (
+    version    INTEGER PRIMARY KEY,
+    wrapped    BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenant_limits (
+    tenant_id        TEXT PRIMARY KEY,
+    max_secret_chars INTEGER NOT NULL
+);
+";
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn row_to_credential(row: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
+    let labels: String = row.get("labels")?;
+    Ok(CredentialRow {
+        credential_id: CredentialId::from_trusted(row.get("credential_id")?),
+        tenant_id: TenantId::from_trusted(row.get("tenant_id")?),
+        name: row.get("name")?,
+        kind: row.get("kind")?,
+        version: row.get("version")?,
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        created_at: row.get("created_at")?,
+        updated_at: row.get("updated_at")?,
+        deleted: row.get::<_, i64>("deleted")? != 0,
+        key_version: row.get("key_version")?,
+        secret_chars: row.get("secret_chars")?,
+        sealed: row.get("sealed")?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Corrupt(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;
+             PRAGMA busy_timeout = 5000;",
+        )?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores a new credential, or a new version of the live one with the same
+    /// (tenant, name). Returns (id, version).
+    pub fn put<E>(
+        &self,
+        new: &NewCredential<'_>,
+        seal: impl FnOnce(&CredentialId, u32) -> Result<(Vec<u8>, u32), E>,
+    ) -> Result<Result<(CredentialId, u32), E>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing: Option<(String, u32)> = tx
+            .query_row(
+                "SELECT credential_id, version FROM credentials WHERE tenant_id = ?1 AND name = ?2 AND deleted = 0",
+                params![new.tenant_id.as_str(), new.name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (id, version) = match existing {
+            Some((id, v)) => (CredentialId::from_trusted(id), v + 1),
+            None => (CredentialId::generate(), 1),
+        };
+        let (sealed, key_version) = match seal(&id, version) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let labels =
+            serde_json::to_string(new.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let t = now();
+        tx.execute(
+            "INSERT INTO credentials (credential_id, tenant_id, name, kind, version, labels, created_at,
+                 updated_at, deleted, key_version, secret_chars, sealed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 0, ?8, ?9, ?10)
+             ON CONFLICT(credential_id) DO UPDATE SET kind = ?4, version = ?5, labels = ?6,
+                 updated_at = ?7, key_version = ?8, secret_chars = ?9, sealed = ?10",
+            params![
+                id.as_str(),
+                new.tenant_id.as_str(),
+                new.name,
+                new.kind,
+                version,
+                labels,
+                t,
+                key_version,
+                new.secret_chars,
+                sealed
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Ok((id, version)))
+    }
+
+    /// One credential by id (deleted ones too, as tombstones).
+    pub fn get(&self, id: &CredentialId) -> Result<Option<CredentialRow>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT * FROM credentials WHERE credential_id = ?1")?
+            .query_row(params![id.as_str()], row_to_credential)
+            .optional()?)
+    }
+
+    /// A tenant's credentials, by name.
+    pub fn list(
+        &self,
+        tenant: &TenantId,
+        include_deleted: bool,
+    ) -> Result<Vec<CredentialRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM credentials WHERE tenant_id = ?1 AND (?2 OR deleted = 0) ORDER BY name, created_at",
+        )?;
+        let rows = stmt.query_map(params![tenant.as_str(), include_deleted], row_to_credential)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Crypto-shred: drops the ciphertext, keeps a tombstone. Returns false if
+    /// the credential is unknown or already deleted.
+    pub fn delete(&self, id: &CredentialId) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE credentials SET deleted = 1, sealed = NULL, key_version = 0, updated_at = ?2
+             WHERE credential_id = ?1 AND deleted = 0",
+            params![id.as_str(), now()],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Live credentials sealed under a key version older than `current`
+    /// (optionally of one tenant): (id, tenant, version, sealed).
+    pub fn stale_sealed(
+        &self,
+        current: u32,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<CredentialRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM credentials WHERE deleted = 0 AND key_version < ?1 AND (?2 IS NULL OR tenant_id = ?2)",
+        )?;
+        let rows = stmt.query_map(
+            params![current, tenant.map(|t| t.as_str())],
+            row_to_credential,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces a sealed secret if the row is still at `version` (a concurrent
+    /// PutCredential wins). Returns whether it was replaced.
+    pub fn replace_sealed(
+        &self,
+        id: &CredentialId,
+        version: u32,
+        sealed: &[u8],
+        key_version: u32,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE credentials SET sealed = ?3, key_version = ?4
+             WHERE credential_id = ?1 AND version = ?2 AND deleted = 0",
+            params![id.as_str(), version, sealed, key_version],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Live credentials per key version.
+    pub fn count_by_key_version(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT key_version, COUNT(*) FROM credentials WHERE deleted = 0 GROUP BY key_version",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?.unsigned_abs()))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Wrapped master-key versions: (version, wrapped, created_at), ascending.
+    pub fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT version, wrapped, created_at FROM key_versions ORDER BY version",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Adds a wrapped key version; fails if the version exists.
+    pub fn insert_key_version(&self, version: u32, wrapped: &[u8]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO key_versions (version, wrapped, created_at) VALUES (?1, ?2, ?3)",
+            params![version, wrapped, now()],
+        )?;
+        Ok(())
+    }
+
+    /// An integer setting (e.g. `min_decrypt_version`).
+    pub fn setting(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM settings WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn set_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+
+    /// A tenant's secret size override, if any.
+    pub fn tenant_limit(&self, tenant: &TenantId) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT max_secret_chars FROM tenant_limits WHERE tenant_id = ?1")?
+            .query_row(params![tenant.as_str()], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets (Some) or clears (None) a tenant's override.
+    pub fn set_tenant_limit(
+        &self,
+        tenant: &TenantId,
+        limit: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match limit {
+            Some(l) => conn.execute(
+                "INSERT INTO tenant_limits (tenant_id, max_secret_chars) VALUES (?1, ?2)
+                 ON CONFLICT(tenant_id) DO UPDATE SET max_secret_chars = ?2",
+                params![tenant.as_str(), l],
+            )?,
+            None => conn.execute(
+                "DELETE FROM tenant_limits WHERE tenant_id = ?1",
+                params![tenant.as_str()],
+            )?,
+        };
+        Ok(())
+    }
+}
