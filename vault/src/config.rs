@@ -218,3 +218,62 @@ impl VaultConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config")
+            .join(name)
+    }
+
+    #[test]
+    fn documented_example_config_parses_with_defaults_spelled_out() {
+        let config = VaultConfig::load(&example("vault.example.toml")).expect("example parses");
+        assert_eq!(
+            config.limits.max_secret_chars,
+            Limits::default().max_secret_chars
+        );
+        assert_eq!(config.leases.max_ttl_secs, 300);
+        assert_eq!(config.limits.max_request_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn example_policy_parses() {
+        let text = std::fs::read_to_string(example("vault-policy.example.toml")).expect("read");
+        let policy = crate::policy::Policy::parse(&text).expect("policy parses");
+        assert_eq!(policy.grants.len(), 4);
+    }
+
+    #[test]
+    fn env_overrides_ports_and_paths_and_names_bad_values() {
+        let mut config =
+            VaultConfig::for_data_dir(Path::new("/d"), Path::new("/c"), default_listen());
+        config
+            .apply_env(|n| match n {
+                "RECVAULT_VAULT_LISTEN" => Some("127.0.0.1:9999".into()),
+                "RECVAULT_VAULT_DATABASE" => Some("/x/vault.db".into()),
+                _ => None,
+            })
+            .expect("valid overrides");
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.database, PathBuf::from("/x/vault.db"));
+        let err = config
+            .apply_env(|n| (n == "RECVAULT_VAULT_LISTEN").then(|| "nope".into()))
+            .expect_err("invalid listen");
+        assert!(err.to_string().contains("RECVAULT_VAULT_LISTEN"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.toml");
+        std::fs::write(&path, "master_key_fil = \"x\"\n").expect("write");
+        let err = VaultConfig::load(&path)
+            .expect_err("typo refused")
+            .to_string();
+        assert!(err.contains("master_key_fil"), "{err}");
+    }
+}
