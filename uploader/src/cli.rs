@@ -1,0 +1,129 @@
+//! The `uploaderd` command line: `serve` and `verify`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use recvault_runtime::{logging, tls};
+
+use crate::{config::UploaderConfig, server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "uploaderd",
+    version,
+    about = "recvault uploader: verified delivery of recordings"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the uploader API over mTLS and deliver recordings.
+    Serve {
+        /// TOML config file (see deploy/config/uploader.example.toml).
+        #[arg(long, env = "RECVAULT_UPLOADER_CONFIG")]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        log_format: Option<logging::LogFormat>,
+    },
+    /// Check a downloaded recording against its SHA-256 (hex, or the `<file>.sha256` sidecar).
+    Verify {
+        file: PathBuf,
+        /// Expected SHA-256 as 64 hex characters; default: read FILE.sha256.
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+}
+
+/// Parses arguments and runs.
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("uploaderd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Serve { config, log_format } => {
+            let config = UploaderConfig::load(&config).map_err(|e| e.to_string())?;
+            logging::init(log_format.unwrap_or(config.log_format));
+            tls::install_crypto_provider();
+            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+            runtime
+                .block_on(server::run(config, shutdown_signal()))
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { file, sha256 } => verify(&file, sha256.as_deref()),
+    }
+}
+
+/// `uploaderd verify`: exit 0 and "OK" when the file matches, 1 otherwise.
+pub fn verify(file: &std::path::Path, sha256: Option<&str>) -> Result<ExitCode, String> {
+    let expected = match sha256 {
+        Some(hex) => hex.trim().to_ascii_lowercase(),
+        None => {
+            let mut sidecar = file.as_os_str().to_owned();
+            sidecar.push(".sha256");
+            let text = std::fs::read_to_string(&sidecar).map_err(|e| {
+                format!(
+                    "cannot read {}: {e}; pass --sha256 HEX instead",
+                    PathBuf::from(&sidecar).display()
+                )
+            })?;
+            text.split_whitespace()
+                .next()
+                .ok_or_else(|| "the sidecar is empty".to_owned())?
+                .to_ascii_lowercase()
+        }
+    };
+    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("expected SHA-256 must be 64 hex characters".into());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (actual, _, size) = runtime
+        .block_on(async {
+            let f = tokio::fs::File::open(file).await?;
+            drop(f);
+            crate::worker::hash_file(file).await
+        })
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let actual = hex::encode(actual);
+    if actual == expected {
+        println!("{}: OK (sha256 {actual}, {size} bytes)", file.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "{}: FAILED (sha256 {actual}, expected {expected})",
+            file.display()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,84 @@
+//! `Recordings/Upload`: the ingest stream. Answers only once the recording is
+//! durable in the backup store and its job is committed.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use recvault_proto::uploader::v1::{
+    UploadRequest, UploadResponse, recordings_server, upload_request::Part,
+};
+use recvault_runtime::logging;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Role, Shared};
+use crate::ingest;
+
+#[derive(Debug, Clone)]
+pub struct RecordingsService {
+    shared: Arc<Shared>,
+}
+
+impl RecordingsService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl recordings_server::Recordings for RecordingsService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadRequest>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        self.shared.authorize(&request, Role::Recorder)?;
+        let request_id = logging::request_id(&request);
+        let mut stream = request.into_inner();
+        // Check the destination before taking any bytes, so a wrong id fails fast.
+        let first = stream.next().await.ok_or_else(|| {
+            Status::invalid_argument("empty stream: send an UploadHeader first")
+        })??;
+        if let Some(Part::Header(header)) = &first.part {
+            let destination = self
+                .shared
+                .destinations
+                .get(&header.destination_id)
+                .map_err(|e| Status::unavailable(format!("reading destinations: {e}")))?;
+            if !destination.is_some_and(|d| d.tenant_id == header.tenant_id)
+                && !header.destination_id.is_empty()
+            {
+                return Err(Status::failed_precondition(format!(
+                    "destination_id {:?} is not a destination of tenant {:?}; create it with Destinations/PutDestination",
+                    header.destination_id, header.tenant_id
+                )));
+            }
+        }
+        let rest = futures_util::stream::iter([Ok(first)]).chain(stream);
+        let received = ingest::receive(
+            Box::pin(rest),
+            &self.shared.backups,
+            &self.shared.ingest_limits,
+        )
+        .await?;
+        let new_job = received.new_job(Some(request_id.clone()));
+        let (job, created) = match self.shared.jobs.create_or_get(new_job).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.shared.backups.delete(&received.backup.path).await;
+                return Err(e.into());
+            }
+        };
+        if created {
+            self.shared.wake.notify_one();
+            tracing::info!(job_id = %job.job_id, recording_id = %job.recording_id, size = job.size, %request_id, "recording stored");
+        } else {
+            // Same recording, same bytes: keep the first copy, drop this one.
+            let _ = self.shared.backups.delete(&received.backup.path).await;
+        }
+        Ok(Response::new(UploadResponse {
+            job_id: job.job_id.to_string(),
+            sha256: job.sha256.as_bytes().to_vec(),
+            size: job.size,
+            duplicate: !created,
+        }))
+    }
+}
