@@ -1,0 +1,1013 @@
+//! S3 and S3-compatible delivery with aws-sdk-s3 low-level calls: single PUT or
+//! multipart, streamed from disk, with our own CRC-32 sent as plain headers,
+//! then verified (provider checksum, else read-back). It never logs or formats
+//! a request, a response dump or the credential, and never buffers a whole file.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest as _, Sha256};
+use tokio::task::JoinSet;
+
+use super::{
+    Delivery, DeliveryError, DeliveryHooks, DestinationConfig, ObjectInfo, ProbeError, VerifiedBy,
+    classify_provider, connect_hint, describe_connect_error, sidecar_contents, sidecar_name,
+};
+use crate::credential::S3Credential;
+
+/// Smallest part S3 accepts (except the last one).
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// Most parts S3 accepts in one upload.
+const MAX_PARTS: u64 = 10_000;
+/// Read buffer for computing a part's CRC-32.
+const CRC_BUFFER: usize = 256 * 1024;
+/// Read buffer for the SDK's file body.
+const BODY_BUFFER: usize = 256 * 1024;
+/// The `x-amz-meta-*` key that carries the SHA-256 (hex).
+const SHA256_METADATA: &str = "sha256";
+
+/// Transfer settings. Memory use is about `part_size × concurrency`
+/// (plus small buffers), whatever the file size.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Files of at least this size go multipart. Default 16 MiB.
+    pub multipart_threshold: u64,
+    /// Part size; raised automatically to stay within 10 000 parts and to at
+    /// least 5 MiB. Default 8 MiB.
+    pub part_size: u64,
+    /// Parts in flight at once. Default 4.
+    pub concurrency: usize,
+    /// TCP (and TLS) connect timeout. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Time from sending a request until its response starts, body upload
+    /// included, so it must allow for a whole part. Default 5 min.
+    pub read_timeout: Duration,
+    /// Attempts per request inside the SDK (its standard retry mode) before
+    /// the error is returned to the job. Default 3.
+    pub max_attempts: u32,
+    /// Test only: send a deliberately wrong CRC-32 for the recording (PUT,
+    /// parts and complete) so a test can prove the provider rejects it.
+    #[doc(hidden)]
+    pub corrupt_checksum_for_test: bool,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        Self {
+            multipart_threshold: 16 * 1024 * 1024,
+            part_size: 8 * 1024 * 1024,
+            concurrency: 4,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(300),
+            max_attempts: 3,
+            corrupt_checksum_for_test: false,
+        }
+    }
+}
+
+/// An S3 bucket (and prefix) with a client holding one leased credential.
+pub struct S3Destination {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    /// For messages: the endpoint, or the AWS region.
+    endpoint: String,
+    options: S3Options,
+}
+
+impl fmt::Debug for S3Destination {
+    // The client is left out: its configuration holds the credential.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Destination")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `s3://bucket (endpoint)` for messages about a destination.
+pub(crate) fn describe(config: &DestinationConfig) -> String {
+    format!("s3://{} ({})", config.bucket, endpoint_label(config))
+}
+
+fn endpoint_label(config: &DestinationConfig) -> String {
+    if config.endpoint.is_empty() {
+        format!("AWS region {}", region_or_default(&config.region))
+    } else {
+        format!("endpoint {}", config.endpoint)
+    }
+}
+
+fn region_or_default(region: &str) -> &str {
+    if region.is_empty() {
+        "us-east-1"
+    } else {
+        region
+    }
+}
+
+/// CRC-32 in the form S3 expects: base64 of the 4 big-endian bytes
+/// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutObject.html#AmazonS3-PutObject-request-header-ChecksumCRC32>).
+fn crc32_header(crc: u32) -> String {
+    BASE64.encode(crc.to_be_bytes())
+}
+
+impl S3Destination {
+    /// Builds the client. Nothing is sent until the first operation.
+    pub fn new(
+        config: &DestinationConfig,
+        credential: &S3Credential,
+        options: S3Options,
+    ) -> Result<Self, DeliveryError> {
+        let destination = describe(config);
+        let config_error = |message: String| DeliveryError::Config {
+            destination: destination.clone(),
+            message,
+        };
+        if config.bucket.is_empty() {
+            return Err(config_error(
+                "the bucket is empty; set the destination's bucket".into(),
+            ));
+        }
+        let endpoint_ok = config.endpoint.is_empty()
+            || config.endpoint.starts_with("http://")
+            || config.endpoint.starts_with("https://");
+        if !endpoint_ok {
+            return Err(config_error(
+                "the endpoint must be a URL starting with http:// or https://".into(),
+            ));
+        }
+        super::object_key(&config.prefix, "x").map_err(|e| config_error(e.to_string()))?;
+
+        // The SDK copies the strings into its own zeroizing storage.
+        let credentials = Credentials::new(
+            credential.access_key_id(),
+            credential.expose_secret_access_key(),
+            credential.expose_session_token().map(str::to_owned),
+            None,
+            "recvault-lease",
+        );
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(region_or_default(&config.region).to_owned()))
+            .credentials_provider(credentials)
+            .force_path_style(config.path_style)
+            // We send our own checksums as plain headers: many S3-compatibles
+            // reject the SDK's default trailing (aws-chunked) checksums. With
+            // WhenRequired the SDK adds none unless an operation demands one.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(options.connect_timeout)
+                    .read_timeout(options.read_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(options.max_attempts.max(1)));
+        if !config.endpoint.is_empty() {
+            builder = builder.endpoint_url(config.endpoint.trim_end_matches('/'));
+        }
+        Ok(Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.clone(),
+            endpoint: endpoint_label(config),
+            options,
+        })
+    }
+
+    /// The key for a recording called `name`.
+    pub fn object_key(&self, name: &str) -> Result<String, DeliveryError> {
+        super::object_key(&self.prefix, name).map_err(|e| DeliveryError::Config {
+            destination: self.describe(),
+            message: format!("cannot name an object {name:?}: {e}"),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("s3://{} ({})", self.bucket, self.endpoint)
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    fn location_with_endpoint(&self, key: &str) -> String {
+        format!("s3://{}/{key} ({})", self.bucket, self.endpoint)
+    }
+
+    /// Uploads, writes the sidecar, verifies. See [`super::Destination::deliver`].
+    pub async fn deliver(
+        &self,
+        source: &Path,
+        object: &ObjectInfo,
+        hooks: &DeliveryHooks<'_>,
+    ) -> Result<Delivery, DeliveryError> {
+        let key = self.object_key(&object.name)?;
+        let metadata = tokio::fs::metadata(source)
+            .await
+            .map_err(|e| DeliveryError::Source {
+                path: source.to_owned(),
+                source: e,
+            })?;
+        if metadata.len() != object.size {
+            return Err(DeliveryError::SourceMismatch {
+                path: source.to_owned(),
+                what: "size",
+            });
+        }
+        self.check_bucket().await?;
+
+        let multipart = object.size >= self.options.multipart_threshold;
+        if multipart {
+            self.put_multipart(source, object, &key, hooks).await?;
+        } else {
+            self.put_single(source, object, &key).await?;
+            (hooks.progress)(object.size);
+        }
+        let verified_by = self
+            .verify(&key, object.size, &object.sha256, object.crc32, multipart)
+            .await?;
+
+        let sidecar_key = self.object_key(&sidecar_name(&object.name))?;
+        let sidecar = sidecar_contents(&object.sha256, &object.name).into_bytes();
+        let sidecar_sha: [u8; 32] = Sha256::digest(&sidecar).into();
+        let sidecar_crc = crc32fast::hash(&sidecar);
+        let sidecar_len = sidecar.len() as u64;
+        self.put_bytes(
+            &sidecar_key,
+            sidecar,
+            "text/plain; charset=utf-8",
+            sidecar_crc,
+        )
+        .await?;
+        self.verify(&sidecar_key, sidecar_len, &sidecar_sha, sidecar_crc, false)
+            .await?;
+
+        tracing::info!(
+            location = %self.location(&key),
+            size = object.size,
+            multipart,
+            verified_by = verified_by.as_str(),
+            "recording delivered"
+        );
+        Ok(Delivery {
+            location: self.location(&key),
+            key,
+            sidecar_location: self.location(&sidecar_key),
+            verified_by,
+        })
+    }
+
+    /// HeadBucket before writing. A missing bucket must be reported as such
+    /// (some S3-compatibles, s3s-fs among them, would create it on PUT). A 403
+    /// is not conclusive, since write-only credentials may not list the
+    /// bucket; the PUT itself will tell.
+    async fn check_bucket(&self) -> Result<(), DeliveryError> {
+        let location = format!("s3://{} ({})", self.bucket, self.endpoint);
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_response().map(|r| r.status().as_u16()) {
+                Some(403) => Ok(()),
+                // HEAD responses carry no error body: name the cause ourselves.
+                Some(404) => {
+                    let (permanent, step, hint) =
+                        classify_provider(Some(404), Some("NoSuchBucket"));
+                    Err(DeliveryError::Provider {
+                        location,
+                        operation: "HeadBucket",
+                        status: Some(404),
+                        code: Some("NoSuchBucket".to_owned()),
+                        message: None,
+                        permanent,
+                        step,
+                        hint,
+                    })
+                }
+                _ => Err(sdk_error(e, "HeadBucket", location)),
+            },
+        }
+    }
+
+    fn recording_crc(&self, crc: u32) -> u32 {
+        if self.options.corrupt_checksum_for_test {
+            !crc
+        } else {
+            crc
+        }
+    }
+
+    /// One PutObject streamed from the file, with `x-amz-checksum-crc32` as a
+    /// plain header: S3 checks it against the bytes received and answers 400
+    /// BadDigest on mismatch
+    /// (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html>).
+    async fn put_single(
+        &self,
+        source: &Path,
+        object: &ObjectInfo,
+        key: &str,
+    ) -> Result<(), DeliveryError> {
+        let body = ByteStream::read_from()
+            .path(source)
+            .buffer_size(BODY_BUFFER)
+            .length(Length::Exact(object.size))
+            .build()
+            .await
+            .map_err(|e| DeliveryError::Source {
+                path: source.to_owned(),
+                source: std::io::Error::other(e),
+            })?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(body)
+            .content_length(len_i64(object.size))
+            .content_type(object.content_type_or_default())
+            .checksum_crc32(crc32_header(self.recording_crc(object.crc32)))
+            .metadata(SHA256_METADATA, hex::encode(object.sha256))
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "PutObject", key))?;
+        Ok(())
+    }
+
+    async fn put_bytes(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+        crc: u32,
+    ) -> Result<(), DeliveryError> {
+        let len = bytes.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(bytes))
+            .content_length(len_i64(len))
+            .content_type(content_type)
+            .checksum_crc32(crc32_header(crc))
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "PutObject", key))?;
+        Ok(())
+    }
+
+    /// Multipart upload: CreateMultipartUpload declaring a FULL_OBJECT CRC-32,
+    /// parts streamed from disk each with its own `x-amz-checksum-crc32`, and
+    /// CompleteMultipartUpload with the whole object's CRC-32
+    /// (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html#full-object-checksums>).
+    async fn put_multipart(
+        &self,
+        source: &Path,
+        object: &ObjectInfo,
+        key: &str,
+        hooks: &DeliveryHooks<'_>,
+    ) -> Result<(), DeliveryError> {
+        let part_size = effective_part_size(object.size, self.options.part_size);
+        let mut existing = Vec::new();
+        let mut upload_id = None;
+        if let Some(id) = hooks.resume_upload_id {
+            match self.list_parts(key, id).await {
+                Ok(parts) if !parts.is_empty() => {
+                    existing = parts;
+                    upload_id = Some(id.to_owned());
+                }
+                // Nothing to keep. Starting afresh also covers providers that
+                // list an unknown upload as empty instead of answering 404
+                // NoSuchUpload (s3s-fs does, then refuses its parts with 403).
+                Ok(_) => self.abort_quietly(key, id).await,
+                Err(e) if e.http_status() == Some(404) => {
+                    tracing::info!(location = %self.location(key), "earlier multipart upload is gone; starting a new one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let upload_id = match upload_id {
+            Some(id) => id,
+            None => {
+                let id = self.create_multipart(object, key).await?;
+                if let Err(e) = (hooks.on_multipart_started)(&id) {
+                    self.abort_quietly(key, &id).await;
+                    return Err(DeliveryError::Hook {
+                        location: self.location(key),
+                        message: e.to_string(),
+                    });
+                }
+                id
+            }
+        };
+
+        let result = self
+            .upload_and_complete(source, object, key, &upload_id, part_size, existing, hooks)
+            .await;
+        if let Err(e) = &result
+            && e.is_permanent()
+        {
+            // Nobody will resume it: do not leave parts behind (they are billed).
+            self.abort_quietly(key, &upload_id).await;
+        }
+        result
+    }
+
+    async fn create_multipart(
+        &self,
+        object: &ObjectInfo,
+        key: &str,
+    ) -> Result<String, DeliveryError> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(object.content_type_or_default())
+            .metadata(SHA256_METADATA, hex::encode(object.sha256))
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .checksum_type(ChecksumType::FullObject)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "CreateMultipartUpload", key))?;
+        out.upload_id.ok_or_else(|| DeliveryError::Provider {
+            location: self.location_with_endpoint(key),
+            operation: "CreateMultipartUpload",
+            status: None,
+            code: None,
+            message: Some("the response carried no upload id".into()),
+            permanent: false,
+            step: super::ProbeStep::Other,
+            hint: "the provider answered incompletely; it will be retried",
+        })
+    }
+
+    /// Parts already uploaded under `upload_id` (all pages).
+    async fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<ExistingPart>, DeliveryError> {
+        let mut parts = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .set_part_number_marker(marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.sdk_error(e, "ListParts", key))?;
+            for p in out.parts() {
+                if let (Some(number), Some(size)) = (p.part_number(), p.size()) {
+                    parts.push(ExistingPart {
+                        number,
+                        size: u64::try_from(size).unwrap_or(u64::MAX),
+                        e_tag: p.e_tag().map(str::to_owned),
+                        crc32: p.checksum_crc32().map(str::to_owned),
+                    });
+                }
+            }
+            match (out.is_truncated(), out.next_part_number_marker()) {
+                (Some(true), Some(next)) if Some(next) != marker.as_deref() => {
+                    marker = Some(next.to_owned())
+                }
+                _ => break,
+            }
+        }
+        Ok(parts)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_and_complete(
+        &self,
+        source: &Path,
+        object: &ObjectInfo,
+        key: &str,
+        upload_id: &str,
+        part_size: u64,
+        existing: Vec<ExistingPart>,
+        hooks: &DeliveryHooks<'_>,
+    ) -> Result<(), DeliveryError> {
+        let part_count = object.size.div_ceil(part_size).max(1);
+        let shared = Arc::new(PartShared {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: key.to_owned(),
+            upload_id: upload_id.to_owned(),
+            path: source.to_owned(),
+            location: self.location_with_endpoint(key),
+            corrupt: self.options.corrupt_checksum_for_test,
+        });
+        let mut existing: std::collections::HashMap<i32, ExistingPart> =
+            existing.into_iter().map(|p| (p.number, p)).collect();
+
+        let mut done: Vec<Option<PartDone>> = (0..part_count).map(|_| None).collect();
+        let mut tasks = JoinSet::new();
+        let mut next: u64 = 0;
+        let mut uploaded: u64 = 0;
+        let concurrency = self.options.concurrency.max(1);
+        while next < part_count || !tasks.is_empty() {
+            while next < part_count && tasks.len() < concurrency {
+                let offset = next * part_size;
+                let len = part_size.min(object.size - offset);
+                let number = i32::try_from(next + 1).unwrap_or(i32::MAX);
+                let previous = existing.remove(&number);
+                tasks.spawn(upload_part(
+                    Arc::clone(&shared),
+                    number,
+                    offset,
+                    len,
+                    previous,
+                ));
+                next += 1;
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            let part = match joined {
+                Ok(result) => result?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {
+                    return Err(DeliveryError::Connection {
+                        location: self.location_with_endpoint(key),
+                        operation: "UploadPart",
+                        step: super::ProbeStep::Other,
+                        message: "the part upload was cancelled".into(),
+                        hint: "the uploader is shutting down; it will be retried",
+                    });
+                }
+            };
+            uploaded += part.len;
+            (hooks.progress)(uploaded);
+            let index = usize::try_from(part.number - 1).unwrap_or(usize::MAX);
+            if let Some(slot) = done.get_mut(index) {
+                *slot = Some(part);
+            }
+        }
+        let parts: Vec<PartDone> = done.into_iter().flatten().collect();
+
+        // The parts' CRCs, combined, must equal the CRC recorded at intake:
+        // otherwise the file changed on disk and must not be completed.
+        let mut whole = crc32fast::Hasher::new();
+        for p in &parts {
+            whole.combine(&crc32fast::Hasher::new_with_initial_len(p.crc32, p.len));
+        }
+        if whole.finalize() != object.crc32 {
+            return Err(DeliveryError::SourceMismatch {
+                path: source.to_owned(),
+                what: "CRC-32",
+            });
+        }
+
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|p| {
+                        CompletedPart::builder()
+                            .part_number(p.number)
+                            .e_tag(&p.e_tag)
+                            .checksum_crc32(crc32_header(p.sent_crc32))
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(completed)
+            .checksum_type(ChecksumType::FullObject)
+            .checksum_crc32(crc32_header(self.recording_crc(object.crc32)))
+            .mpu_object_size(len_i64(object.size))
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "CompleteMultipartUpload", key))?;
+        Ok(())
+    }
+
+    /// HEAD with `x-amz-checksum-mode: ENABLED`
+    /// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_HeadObject.html#AmazonS3-HeadObject-request-header-ChecksumMode>):
+    /// compare size and, when the provider returns a whole-object CRC-32,
+    /// that; otherwise read the object back and compare its SHA-256.
+    async fn verify(
+        &self,
+        key: &str,
+        size: u64,
+        sha256: &[u8; 32],
+        crc32: u32,
+        multipart: bool,
+    ) -> Result<VerifiedBy, DeliveryError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "HeadObject", key))?;
+        let mismatch = |detail: String| DeliveryError::Verification {
+            location: self.location_with_endpoint(key),
+            detail,
+        };
+        let stored_len = head.content_length().and_then(|l| u64::try_from(l).ok());
+        if stored_len != Some(size) {
+            return Err(mismatch(format!(
+                "the provider reports {} bytes, {size} were sent",
+                stored_len.map_or_else(|| "an unknown number of".to_owned(), |l| l.to_string())
+            )));
+        }
+        if let Some(stored) = head.metadata().and_then(|m| m.get(SHA256_METADATA))
+            && !stored.eq_ignore_ascii_case(&hex::encode(sha256))
+        {
+            return Err(mismatch(
+                "the object's sha256 metadata differs from the recording's".into(),
+            ));
+        }
+        // A composite multipart checksum ("…-N") is a checksum of part
+        // checksums and not comparable with the file's CRC-32. For multipart,
+        // only an explicit FULL_OBJECT checksum counts (s3s-fs, for one, keeps
+        // a stale checksum of an earlier object under the same key).
+        let full_object = match (head.checksum_crc32(), head.checksum_type()) {
+            (Some(v), Some(ChecksumType::FullObject)) if !v.contains('-') => Some(v),
+            (Some(v), None) if !multipart && !v.contains('-') => Some(v),
+            _ => None,
+        };
+        if let Some(stored) = full_object {
+            if stored == crc32_header(crc32) {
+                return Ok(VerifiedBy::ProviderChecksum);
+            }
+            return Err(mismatch(format!(
+                "the provider's CRC-32 is {stored}, the recording's is {}",
+                crc32_header(crc32)
+            )));
+        }
+        self.read_back(key, size, sha256).await?;
+        Ok(VerifiedBy::ReadBack)
+    }
+
+    /// GetObject, streamed through SHA-256 (memory: one network chunk).
+    async fn read_back(
+        &self,
+        key: &str,
+        size: u64,
+        sha256: &[u8; 32],
+    ) -> Result<(), DeliveryError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "GetObject", key))?;
+        let mut body = out.body;
+        let mut hasher = Sha256::new();
+        let mut read: u64 = 0;
+        loop {
+            match body.try_next().await {
+                Ok(Some(chunk)) => {
+                    hasher.update(&chunk);
+                    read += chunk.len() as u64;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let (step, message) = describe_connect_error(&e);
+                    return Err(DeliveryError::Connection {
+                        location: self.location_with_endpoint(key),
+                        operation: "GetObject",
+                        step,
+                        message: format!("reading the object back failed: {message}"),
+                        hint: connect_hint(step),
+                    });
+                }
+            }
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        if read != size || &digest != sha256 {
+            return Err(DeliveryError::Verification {
+                location: self.location_with_endpoint(key),
+                detail: format!(
+                    "read back {read} bytes with SHA-256 {}, expected {size} bytes with SHA-256 {}",
+                    hex::encode(digest),
+                    hex::encode(sha256)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes and deletes a small probe object under the prefix.
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        let key = self.object_key(&format!(".recvault-probe-{}", uuid::Uuid::new_v4()))?;
+        self.check_bucket().await?;
+        let body = b"recvault destination probe\n".to_vec();
+        let crc = crc32fast::hash(&body);
+        self.put_bytes(&key, body, "text/plain; charset=utf-8", crc)
+            .await?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(e, "DeleteObject", &key))?;
+        Ok(())
+    }
+
+    /// Aborts a multipart upload; one that no longer exists counts as aborted.
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), DeliveryError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(()),
+            Err(e) => Err(self.sdk_error(e, "AbortMultipartUpload", key)),
+        }
+    }
+
+    async fn abort_quietly(&self, key: &str, upload_id: &str) {
+        if let Err(e) = self.abort_multipart(key, upload_id).await {
+            tracing::warn!(error = %e, "could not abort a multipart upload; it must be aborted later");
+        }
+    }
+
+    fn sdk_error<E>(
+        &self,
+        err: SdkError<E, HttpResponse>,
+        operation: &'static str,
+        key: &str,
+    ) -> DeliveryError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        sdk_error(err, operation, self.location_with_endpoint(key))
+    }
+}
+
+/// Maps an SDK error to a classified, secret-free error. Only the error code,
+/// message and status are used: never the raw request or response, which
+/// carry the Authorization header.
+fn sdk_error<E>(
+    err: SdkError<E, HttpResponse>,
+    operation: &'static str,
+    location: String,
+) -> DeliveryError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(_) | SdkError::ResponseError(_) => {
+            let status = err.raw_response().map(|r| r.status().as_u16());
+            let code = err.code().map(str::to_owned);
+            let message = err.message().map(trim_message);
+            let (permanent, step, hint) = classify_provider(status, code.as_deref());
+            DeliveryError::Provider {
+                location,
+                operation,
+                status,
+                code,
+                message,
+                permanent,
+                step,
+                hint,
+            }
+        }
+        SdkError::TimeoutError(_) => DeliveryError::Connection {
+            location,
+            operation,
+            step: super::ProbeStep::Connect,
+            message: "timed out".into(),
+            hint: "the provider did not answer in time; it will be retried",
+        },
+        SdkError::ConstructionFailure(_) => {
+            let (_, message) = describe_connect_error(&err);
+            DeliveryError::Config {
+                destination: location,
+                message: format!("{operation}: cannot build the request: {message}"),
+            }
+        }
+        _ => {
+            let (step, message) = describe_connect_error(&err);
+            DeliveryError::Connection {
+                location,
+                operation,
+                step,
+                message,
+                hint: connect_hint(step),
+            }
+        }
+    }
+}
+
+/// Provider messages are for people; keep them to one short line.
+fn trim_message(m: &str) -> String {
+    let line = m.lines().next().unwrap_or_default().trim();
+    if line.chars().count() > 300 {
+        let mut s: String = line.chars().take(300).collect();
+        s.push('…');
+        s
+    } else {
+        line.to_owned()
+    }
+}
+
+fn len_i64(len: u64) -> i64 {
+    i64::try_from(len).unwrap_or(i64::MAX)
+}
+
+/// The part size actually used: at least 5 MiB, and large enough that the
+/// file fits in 10 000 parts (rounded up to whole MiB).
+fn effective_part_size(size: u64, configured: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    configured.max(MIN_PART_SIZE).max(needed)
+}
+
+/// A part listed by ListParts for an upload being resumed.
+#[derive(Debug)]
+struct ExistingPart {
+    number: i32,
+    size: u64,
+    e_tag: Option<String>,
+    crc32: Option<String>,
+}
+
+/// What every part task of one upload shares.
+struct PartShared {
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    path: PathBuf,
+    location: String,
+    corrupt: bool,
+}
+
+#[derive(Debug)]
+struct PartDone {
+    number: i32,
+    len: u64,
+    e_tag: String,
+    /// The part's true CRC-32.
+    crc32: u32,
+    /// The CRC-32 sent for the part (differs only in corruption tests).
+    sent_crc32: u32,
+}
+
+/// Computes the part's CRC-32 from disk, then streams it with that CRC as the
+/// `x-amz-checksum-crc32` header (the value must be known before the body is
+/// sent, since no trailers are used). A part already uploaded by an earlier
+/// attempt with the same size (and CRC-32, when listed) is kept.
+async fn upload_part(
+    shared: Arc<PartShared>,
+    number: i32,
+    offset: u64,
+    len: u64,
+    previous: Option<ExistingPart>,
+) -> Result<PartDone, DeliveryError> {
+    let path = shared.path.clone();
+    let crc32 = tokio::task::spawn_blocking(move || crc32_of_range(&path, offset, len))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|e| DeliveryError::Source {
+            path: shared.path.clone(),
+            source: e,
+        })?;
+    let sent_crc32 = if shared.corrupt { !crc32 } else { crc32 };
+
+    if let Some(previous) = previous
+        && previous.size == len
+        && previous
+            .crc32
+            .as_deref()
+            .is_none_or(|c| c == crc32_header(crc32))
+        && let Some(e_tag) = previous.e_tag
+    {
+        return Ok(PartDone {
+            number,
+            len,
+            e_tag,
+            crc32,
+            sent_crc32,
+        });
+    }
+
+    let body = ByteStream::read_from()
+        .path(&shared.path)
+        .buffer_size(BODY_BUFFER)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .build()
+        .await
+        .map_err(|e| DeliveryError::Source {
+            path: shared.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+    let out = shared
+        .client
+        .upload_part()
+        .bucket(&shared.bucket)
+        .key(&shared.key)
+        .upload_id(&shared.upload_id)
+        .part_number(number)
+        .content_length(len_i64(len))
+        .checksum_crc32(crc32_header(sent_crc32))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| sdk_error(e, "UploadPart", shared.location.clone()))?;
+    let e_tag = out.e_tag.ok_or_else(|| DeliveryError::Provider {
+        location: shared.location.clone(),
+        operation: "UploadPart",
+        status: None,
+        code: None,
+        message: Some(format!("part {number}: the response carried no ETag")),
+        permanent: false,
+        step: super::ProbeStep::Other,
+        hint: "the provider answered incompletely; it will be retried",
+    })?;
+    Ok(PartDone {
+        number,
+        len,
+        e_tag,
+        crc32,
+        sent_crc32,
+    })
+}
+
+fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = file.take(len);
+    let mut buf = vec![0u8; CRC_BUFFER];
+    let mut hasher = crc32fast::Hasher::new();
+    let mut read: u64 = 0;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    if read != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the file is shorter than recorded",
+        ));
+    }
+    Ok(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_header_is_base64_big_endian() {
+        // CRC-32 of "123456789" is 0xCBF43926 (the standard check value).
+        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32_header(0xCBF4_3926), "y/Q5Jg==");
+    }
+
+    #[test]
+    fn part_size_stays_within_limits() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(effective_part_size(40 * MIB, 8 * MIB), 8 * MIB);
+        assert_eq!(effective_part_size(40 * MIB, MIB), 5 * MIB);
+        let huge = 200 * 1024 * MIB; // 200 GiB
+        let p = effective_part_size(huge, 8 * MIB);
+        assert!(huge.div_ceil(p) <= MAX_PARTS);
+    }
+}

@@ -1,0 +1,989 @@
+//! Destinations against a real S3 server (s3s-fs, in-process over HTTP) and
+//! the local-directory destination: delivery, checksums on the wire,
+//! verification, error classification, probes, and that no secret leaks.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/s3.rs"]
+mod s3_server;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use recvault_uploader::credential::{CredentialError, S3Credential};
+use recvault_uploader::destination::{
+    DeliveryError, DeliveryHooks, Destination, DestinationConfig, ObjectInfo, ProbeStep, Provider,
+    S3Options, VerifiedBy,
+};
+use s3_server::{S3Server, S3ServerOptions};
+use sha2::{Digest as _, Sha256};
+
+const MIB: u64 = 1024 * 1024;
+
+fn s3_config(server: &S3Server, bucket: &str, prefix: &str) -> DestinationConfig {
+    DestinationConfig {
+        provider: Provider::S3,
+        endpoint: server.endpoint.clone(),
+        region: "us-east-1".into(),
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        path_style: true,
+    }
+}
+
+fn s3_destination(server: &S3Server, bucket: &str, options: S3Options) -> Destination {
+    Destination::with_options(
+        &s3_config(server, bucket, "recordings/2024"),
+        Some(server.credential_json().as_bytes()),
+        options,
+    )
+    .unwrap()
+}
+
+/// Writes `size` pseudo-random bytes (in 1 MiB chunks, never whole in memory)
+/// and returns the file and its ObjectInfo.
+fn recording(dir: &Path, name: &str, size: u64, seed: u64) -> (PathBuf, ObjectInfo) {
+    let path = dir.join(format!("backup-{name}"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut sha = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut left = size;
+    let mut chunk = vec![0u8; MIB as usize];
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        for b in chunk[..n].iter_mut() {
+            // xorshift64: cheap, deterministic, incompressible enough.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = (state >> 24) as u8;
+        }
+        sha.update(&chunk[..n]);
+        crc.update(&chunk[..n]);
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.flush().unwrap();
+    let info = ObjectInfo {
+        name: name.into(),
+        size,
+        sha256: sha.finalize().into(),
+        crc32: crc.finalize(),
+        content_type: "video/mp4".into(),
+    };
+    (path, info)
+}
+
+fn sha256_file(path: &Path) -> [u8; 32] {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; MIB as usize];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    sha.finalize().into()
+}
+
+fn b64_crc(crc: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+/// The secret must not appear in the error's Display, alternate Display or Debug.
+fn assert_no_secret(err: &dyn std::fmt::Debug, shown: &str, secret: &str) {
+    let debug = format!("{err:?}");
+    assert!(!shown.contains(secret), "secret in message: {shown}");
+    assert!(!debug.contains(secret), "secret in Debug: {debug}");
+}
+
+fn assert_error_has_no_secret(err: &DeliveryError, secret: &str) {
+    assert_no_secret(err, &err.to_string(), secret);
+    assert_no_secret(err, &format!("{err:#}"), secret);
+}
+
+/// Downloads `bucket/key` with the test's own client, streaming to `dest`.
+async fn download(server: &S3Server, bucket: &str, key: &str, dest: &Path) {
+    let out = server
+        .client()
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let mut body = out.body;
+    let mut file = std::fs::File::create(dest).unwrap();
+    while let Some(chunk) = body.try_next().await.unwrap() {
+        file.write_all(&chunk).unwrap();
+    }
+}
+
+/// Runs the real `sha256sum -c SIDECAR` in `dir`; true when it reports OK.
+fn sha256sum_check(dir: &Path, sidecar: &str) -> bool {
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg(sidecar)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+/// No request carried an aws-chunked body or a trailing checksum.
+fn assert_plain_checksum_headers(requests: &[s3_server::RecordedRequest]) {
+    for r in requests {
+        let content_sha = r.header("x-amz-content-sha256").unwrap_or_default();
+        assert!(
+            !content_sha.starts_with("STREAMING-"),
+            "{} used a streaming signature: {content_sha}",
+            r.operation
+        );
+        assert!(
+            r.header("x-amz-trailer").is_none(),
+            "{} used a trailer",
+            r.operation
+        );
+        assert!(
+            !r.header("content-encoding")
+                .unwrap_or_default()
+                .contains("aws-chunked"),
+            "{} was aws-chunked",
+            r.operation
+        );
+        assert!(
+            r.header("x-amz-decoded-content-length").is_none(),
+            "{}",
+            r.operation
+        );
+    }
+}
+
+#[tokio::test]
+async fn small_file_single_put_is_verified_by_provider_checksum() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "call-1.mp4", 3 * MIB + 17, 1);
+    let destination = s3_destination(&server, "media", S3Options::default());
+
+    let seen = Mutex::new(Vec::new());
+    let progress = |n: u64| seen.lock().unwrap().push(n);
+    let hooks = DeliveryHooks {
+        progress: &progress,
+        ..DeliveryHooks::default()
+    };
+    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+
+    assert_eq!(delivery.verified_by, VerifiedBy::ProviderChecksum);
+    assert_eq!(delivery.key, "recordings/2024/call-1.mp4");
+    assert_eq!(delivery.location, "s3://media/recordings/2024/call-1.mp4");
+    assert_eq!(
+        delivery.sidecar_location,
+        "s3://media/recordings/2024/call-1.mp4.sha256"
+    );
+    assert_eq!(seen.lock().unwrap().last(), Some(&info.size));
+    // Byte-identical on the server's disk.
+    assert_eq!(
+        sha256_file(&server.object_path("media", &delivery.key)),
+        info.sha256
+    );
+
+    // The stored checksum and metadata, as an independent client sees them.
+    let head = server
+        .client()
+        .head_object()
+        .bucket("media")
+        .key(&delivery.key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.checksum_crc32(), Some(b64_crc(info.crc32).as_str()));
+    assert_eq!(head.content_length(), Some(info.size as i64));
+    assert_eq!(head.content_type(), Some("video/mp4"));
+    assert_eq!(
+        head.metadata().unwrap().get("sha256").map(String::as_str),
+        Some(hex::encode(info.sha256).as_str())
+    );
+
+    // On the wire: the CRC-32 went as a plain header, the body was not aws-chunked.
+    let puts = server.requests_of("PutObject");
+    assert_eq!(puts.len(), 2, "recording and sidecar");
+    let put = puts
+        .iter()
+        .find(|r| r.path.ends_with("/call-1.mp4"))
+        .unwrap();
+    assert_eq!(
+        put.header("x-amz-checksum-crc32"),
+        Some(b64_crc(info.crc32).as_str())
+    );
+    assert_eq!(
+        put.header("x-amz-meta-sha256"),
+        Some(hex::encode(info.sha256).as_str())
+    );
+    assert_eq!(
+        put.header("content-length"),
+        Some(info.size.to_string().as_str())
+    );
+    assert_plain_checksum_headers(&server.requests());
+
+    // The customer's check: download both, run the real sha256sum -c.
+    let download_dir = tempfile::tempdir().unwrap();
+    download(
+        &server,
+        "media",
+        &delivery.key,
+        &download_dir.path().join("call-1.mp4"),
+    )
+    .await;
+    download(
+        &server,
+        "media",
+        "recordings/2024/call-1.mp4.sha256",
+        &download_dir.path().join("call-1.mp4.sha256"),
+    )
+    .await;
+    let sidecar = std::fs::read_to_string(download_dir.path().join("call-1.mp4.sha256")).unwrap();
+    assert_eq!(
+        sidecar,
+        format!("{}  call-1.mp4\n", hex::encode(info.sha256))
+    );
+    assert!(sha256sum_check(download_dir.path(), "call-1.mp4.sha256"));
+    // ...and the check is meaningful: one flipped byte fails it.
+    let mut bytes = std::fs::OpenOptions::new()
+        .write(true)
+        .open(download_dir.path().join("call-1.mp4"))
+        .unwrap();
+    bytes.write_all(b"X").unwrap();
+    drop(bytes);
+    assert!(!sha256sum_check(download_dir.path(), "call-1.mp4.sha256"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_file_goes_multipart_and_is_verified_by_read_back() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "long-call.mp4", 40 * MIB, 2);
+    let options = S3Options {
+        part_size: 8 * MIB,
+        ..S3Options::default()
+    };
+    let destination = s3_destination(&server, "media", options);
+
+    let started = Mutex::new(Vec::new());
+    let on_started = |id: &str| {
+        started.lock().unwrap().push(id.to_owned());
+        Ok(())
+    };
+    let seen = Mutex::new(Vec::new());
+    let progress = |n: u64| seen.lock().unwrap().push(n);
+    let hooks = DeliveryHooks {
+        progress: &progress,
+        on_multipart_started: &on_started,
+        resume_upload_id: None,
+    };
+    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+
+    // s3s-fs keeps no whole-object checksum for multipart: read-back it is.
+    assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
+    assert_eq!(
+        sha256_file(&server.object_path("media", &delivery.key)),
+        info.sha256
+    );
+    assert_eq!(started.lock().unwrap().len(), 1);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen.last(), Some(&info.size));
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+
+    // On the wire: five 8 MiB parts, each with its own CRC-32 as a plain
+    // header; the complete carries the FULL_OBJECT CRC-32 of the whole file.
+    let parts = server.requests_of("UploadPart");
+    assert_eq!(parts.len(), 5);
+    // Test-side only: the expected CRC-32 of each 8 MiB part.
+    let data = std::fs::read(&source).unwrap();
+    let expected: Vec<String> = data
+        .chunks(8 * MIB as usize)
+        .map(|c| b64_crc(crc32fast::hash(c)))
+        .collect();
+    drop(data);
+    let mut numbers = Vec::new();
+    for part in &parts {
+        let number: usize = part.query_param("partNumber").unwrap().parse().unwrap();
+        assert_eq!(
+            part.header("x-amz-checksum-crc32"),
+            Some(expected[number - 1].as_str()),
+            "part {number}"
+        );
+        assert_eq!(
+            part.header("content-length"),
+            Some((8 * MIB).to_string().as_str())
+        );
+        numbers.push(number);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3, 4, 5]);
+    let create = server.requests_of("CreateMultipartUpload");
+    assert_eq!(create[0].header("x-amz-checksum-algorithm"), Some("CRC32"));
+    assert_eq!(create[0].header("x-amz-checksum-type"), Some("FULL_OBJECT"));
+    let complete = server.requests_of("CompleteMultipartUpload");
+    assert_eq!(complete.len(), 1);
+    assert_eq!(
+        complete[0].header("x-amz-checksum-crc32"),
+        Some(b64_crc(info.crc32).as_str())
+    );
+    assert_eq!(
+        complete[0].header("x-amz-checksum-type"),
+        Some("FULL_OBJECT")
+    );
+    assert_eq!(
+        complete[0].header("x-amz-mp-object-size"),
+        Some(info.size.to_string().as_str())
+    );
+    assert_plain_checksum_headers(&server.requests());
+    // The read-back happened, and nothing of the upload is left behind.
+    assert_eq!(server.requests_of("GetObject").len(), 1);
+    let leftovers: Vec<_> = std::fs::read_dir(server.root())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let download_dir = tempfile::tempdir().unwrap();
+    download(
+        &server,
+        "media",
+        "recordings/2024/long-call.mp4.sha256",
+        &download_dir.path().join("long-call.mp4.sha256"),
+    )
+    .await;
+    std::fs::copy(
+        server.object_path("media", &delivery.key),
+        download_dir.path().join("long-call.mp4"),
+    )
+    .unwrap();
+    assert!(sha256sum_check(download_dir.path(), "long-call.mp4.sha256"));
+}
+
+/// s3s-fs keeps the checksum of an earlier single-PUT object when a
+/// multipart upload replaces it; verification must not trust that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_replacing_a_single_put_object_is_still_verified() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let small = tempfile::tempdir().unwrap();
+    let (first, first_info) = recording(small.path(), "same.mp4", 1000, 12);
+    let (second, second_info) = recording(work.path(), "same.mp4", 17 * MIB, 13);
+    let destination = s3_destination(&server, "media", S3Options::default());
+    let hooks = DeliveryHooks::default();
+    let d1 = destination
+        .deliver(&first, &first_info, &hooks)
+        .await
+        .unwrap();
+    assert_eq!(d1.verified_by, VerifiedBy::ProviderChecksum);
+    let d2 = destination
+        .deliver(&second, &second_info, &hooks)
+        .await
+        .unwrap();
+    assert_eq!(d2.verified_by, VerifiedBy::ReadBack);
+    // The quirk itself: HEAD still reports the first object's CRC-32.
+    let head = server
+        .client()
+        .head_object()
+        .bucket("media")
+        .key(&d2.key)
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        head.checksum_crc32(),
+        Some(b64_crc(first_info.crc32).as_str())
+    );
+    assert_eq!(
+        sha256_file(&server.object_path("media", &d2.key)),
+        second_info.sha256
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_resumes_an_upload_started_earlier() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "resumed.mp4", 20 * MIB, 3);
+    let key = "recordings/2024/resumed.mp4";
+    // An earlier attempt created the upload and sent part 1, then "crashed".
+    let client = server.client();
+    let upload_id = client
+        .create_multipart_upload()
+        .bucket("media")
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap();
+    let first = std::fs::read(&source).unwrap()[..8 * MIB as usize].to_vec();
+    client
+        .upload_part()
+        .bucket("media")
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .body(first.into())
+        .send()
+        .await
+        .unwrap();
+    server.clear_requests();
+
+    let destination = s3_destination(
+        &server,
+        "media",
+        S3Options {
+            part_size: 8 * MIB,
+            ..S3Options::default()
+        },
+    );
+    let on_started = |_: &str| -> Result<(), recvault_uploader::destination::HookError> {
+        panic!("must resume, not start a new upload")
+    };
+    let hooks = DeliveryHooks {
+        on_multipart_started: &on_started,
+        resume_upload_id: Some(&upload_id),
+        ..DeliveryHooks::default()
+    };
+    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
+    assert_eq!(sha256_file(&server.object_path("media", key)), info.sha256);
+    assert!(server.requests_of("CreateMultipartUpload").is_empty());
+    assert_eq!(server.requests_of("ListParts").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_upload_id_hook_aborts_the_upload() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "hook.mp4", 17 * MIB, 4);
+    let destination = s3_destination(&server, "media", S3Options::default());
+    let on_started = |_: &str| -> Result<(), recvault_uploader::destination::HookError> {
+        Err("job store is read-only".into())
+    };
+    let hooks = DeliveryHooks {
+        on_multipart_started: &on_started,
+        ..DeliveryHooks::default()
+    };
+    let err = destination
+        .deliver(&source, &info, &hooks)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DeliveryError::Hook { .. }), "{err:?}");
+    assert!(!err.is_permanent());
+    assert!(err.to_string().contains("job store is read-only"), "{err}");
+    assert_eq!(server.requests_of("AbortMultipartUpload").len(), 1);
+    assert!(server.requests_of("UploadPart").is_empty());
+}
+
+#[tokio::test]
+async fn abort_multipart_removes_an_orphaned_upload() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let key = "recordings/2024/orphan.mp4";
+    let client = server.client();
+    let upload_id = client
+        .create_multipart_upload()
+        .bucket("media")
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap();
+    client
+        .upload_part()
+        .bucket("media")
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(1)
+        .body(vec![7u8; 1024].into())
+        .send()
+        .await
+        .unwrap();
+    let destination = s3_destination(&server, "media", S3Options::default());
+    assert_eq!(destination.object_key("orphan.mp4").unwrap(), key);
+    destination.abort_multipart(key, &upload_id).await.unwrap();
+    let leftovers = std::fs::read_dir(server.root())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
+        .count();
+    assert_eq!(leftovers, 0);
+}
+
+#[tokio::test]
+async fn wrong_crc32_is_rejected_by_the_server_and_retryable() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "bad-crc.mp4", MIB, 5);
+    let options = S3Options {
+        corrupt_checksum_for_test: true,
+        ..S3Options::default()
+    };
+    let destination = s3_destination(&server, "media", options);
+
+    let err = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.provider_code(), Some("BadDigest"), "{err:?}");
+    assert_eq!(err.http_status(), Some(400));
+    assert!(
+        !err.is_permanent(),
+        "a checksum mismatch in transit is retried: {err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("s3://media/recordings/2024/bad-crc.mp4"),
+        "{err}"
+    );
+    // The wrong value really went out, and nothing was stored.
+    let put = &server.requests_of("PutObject")[0];
+    assert_eq!(
+        put.header("x-amz-checksum-crc32"),
+        Some(b64_crc(!info.crc32).as_str())
+    );
+    // s3s-fs 0.14.1 renames the body into place before comparing checksums,
+    // so the bytes are on its disk anyway; it must not have kept the wrong CRC.
+    let head = server
+        .client()
+        .head_object()
+        .bucket("media")
+        .key("recordings/2024/bad-crc.mp4")
+        .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+        .send()
+        .await;
+    if let Ok(head) = head {
+        assert_ne!(head.checksum_crc32(), Some(b64_crc(!info.crc32).as_str()));
+    }
+    // A retry with the right checksum then delivers.
+    let retry = s3_destination(&server, "media", S3Options::default());
+    let delivery = retry
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap();
+    assert_eq!(delivery.verified_by, VerifiedBy::ProviderChecksum);
+    assert_error_has_no_secret(&err, &server.secret_key);
+}
+
+#[tokio::test]
+async fn wrong_secret_is_a_permanent_auth_error_without_the_secret() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "auth.mp4", 1000, 6);
+    let wrong_secret = "WRONGsecretKEY/with+chars0123456789abcd";
+    let json = format!(
+        r#"{{"access_key_id":"{}","secret_access_key":"{wrong_secret}"}}"#,
+        server.access_key
+    );
+    let destination =
+        Destination::new(&s3_config(&server, "media", ""), Some(json.as_bytes())).unwrap();
+
+    let err = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.provider_code(),
+        Some("SignatureDoesNotMatch"),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+    assert_eq!(err.probe_step(), ProbeStep::Auth);
+    assert!(err.to_string().contains("secret access key"), "{err}");
+    assert_error_has_no_secret(&err, wrong_secret);
+    assert_error_has_no_secret(&err, &server.secret_key);
+    let shown = format!("{destination:?}");
+    assert!(!shown.contains(wrong_secret), "{shown}");
+
+    let probe = destination.probe().await.unwrap_err();
+    assert_eq!(probe.step, ProbeStep::Auth, "{probe}");
+    assert!(!probe.message.contains(wrong_secret));
+    assert!(!format!("{probe:?}").contains(wrong_secret));
+}
+
+#[tokio::test]
+async fn unknown_access_key_is_a_permanent_auth_error() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let json = format!(
+        r#"{{"access_key_id":"AKIAUNKNOWN000000000","secret_access_key":"{}"}}"#,
+        server.secret_key
+    );
+    let destination =
+        Destination::new(&s3_config(&server, "media", ""), Some(json.as_bytes())).unwrap();
+    let probe = destination.probe().await.unwrap_err();
+    assert_eq!(probe.step, ProbeStep::Auth, "{probe}");
+    assert!(!probe.message.contains(&server.secret_key));
+
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "who.mp4", 10, 7);
+    let err = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert_error_has_no_secret(&err, &server.secret_key);
+}
+
+#[tokio::test]
+async fn missing_bucket_is_permanent_and_not_created() {
+    let server = S3Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "nobucket.mp4", 1000, 8);
+    let destination = s3_destination(&server, "no-such-bucket", S3Options::default());
+
+    let err = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert_eq!(err.probe_step(), ProbeStep::Bucket);
+    assert_eq!(err.provider_code(), Some("NoSuchBucket"));
+    assert!(err.to_string().contains("no-such-bucket"), "{err}");
+    // s3s-fs would create the bucket on PUT; the HeadBucket check prevents that.
+    assert!(!server.root().join("no-such-bucket").exists());
+    assert!(server.requests_of("PutObject").is_empty());
+    assert_error_has_no_secret(&err, &server.secret_key);
+}
+
+#[tokio::test]
+async fn access_denied_is_permanent_permission_error() {
+    let mut deny = std::collections::HashSet::new();
+    deny.insert("PutObject");
+    let server = S3Server::start_with(S3ServerOptions { deny }).await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "denied.mp4", 1000, 9);
+    let destination = s3_destination(&server, "media", S3Options::default());
+    let err = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.provider_code(), Some("AccessDenied"));
+    assert!(err.is_permanent());
+    assert_eq!(err.probe_step(), ProbeStep::Permission);
+}
+
+#[tokio::test]
+async fn probe_passes_and_names_the_failing_step() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let good = s3_destination(&server, "media", S3Options::default());
+    good.probe().await.unwrap();
+    // The probe object was written (with a CRC-32) and deleted again.
+    let put = &server.requests_of("PutObject")[0];
+    assert!(put.header("x-amz-checksum-crc32").is_some());
+    assert_eq!(server.requests_of("DeleteObject").len(), 1);
+    let left: Vec<_> = walk(&server.root().join("media"));
+    assert!(left.is_empty(), "{left:?}");
+
+    // No bucket.
+    let err = s3_destination(&server, "absent", S3Options::default())
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.step, ProbeStep::Bucket, "{err}");
+
+    let fast = S3Options {
+        max_attempts: 1,
+        connect_timeout: std::time::Duration::from_secs(3),
+        ..S3Options::default()
+    };
+    let with_endpoint = |endpoint: String| {
+        let config = DestinationConfig {
+            endpoint,
+            ..s3_config(&server, "media", "")
+        };
+        Destination::with_options(
+            &config,
+            Some(server.credential_json().as_bytes()),
+            fast.clone(),
+        )
+        .unwrap()
+    };
+
+    // Nothing listening on the port.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = with_endpoint(format!("http://127.0.0.1:{port}"))
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.step, ProbeStep::Connect, "{err}");
+
+    // A name that cannot resolve (RFC 6761 reserves .invalid).
+    let err = with_endpoint("http://recvault-probe.invalid:9000".into())
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.step, ProbeStep::Dns, "{err}");
+
+    // https:// to a plain-HTTP server: the TLS handshake fails.
+    let err = with_endpoint(format!("https://127.0.0.1:{}", server.port))
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.step, ProbeStep::Tls, "{err}");
+
+    // Can write but not delete.
+    let mut deny = std::collections::HashSet::new();
+    deny.insert("DeleteObject");
+    let strict = S3Server::start_with(S3ServerOptions { deny }).await;
+    strict.create_bucket("media");
+    let err = s3_destination(&strict, "media", S3Options::default())
+        .probe()
+        .await
+        .unwrap_err();
+    assert_eq!(err.step, ProbeStep::Permission, "{err}");
+    assert!(err.message.contains("DeleteObject"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn fs_config(dir: &Path, prefix: &str) -> DestinationConfig {
+    DestinationConfig {
+        provider: Provider::Fs,
+        endpoint: String::new(),
+        region: String::new(),
+        bucket: dir.display().to_string(),
+        prefix: prefix.into(),
+        path_style: false,
+    }
+}
+
+#[tokio::test]
+async fn fs_destination_delivers_and_verifies_by_read_back() {
+    let work = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "local call.mp4", 5 * MIB + 3, 10);
+    let destination = Destination::new(&fs_config(out.path(), "/tenant-a//2024/"), None).unwrap();
+    destination.probe().await.unwrap();
+
+    let seen = Mutex::new(0u64);
+    let progress = |n: u64| *seen.lock().unwrap() = n;
+    let hooks = DeliveryHooks {
+        progress: &progress,
+        ..DeliveryHooks::default()
+    };
+    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
+    assert_eq!(delivery.key, "tenant-a/2024/local call.mp4");
+    assert_eq!(*seen.lock().unwrap(), info.size);
+    let dir = out.path().join("tenant-a/2024");
+    assert_eq!(sha256_file(&dir.join("local call.mp4")), info.sha256);
+    assert!(sha256sum_check(&dir, "local call.mp4.sha256"));
+    // Only the recording and its sidecar: no temporary or probe files left.
+    let mut names: Vec<_> = walk(out.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["local call.mp4", "local call.mp4.sha256"]);
+
+    // Delivering again (a retry) replaces the files and still verifies.
+    destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn fs_destination_refuses_escapes_and_corrupt_sources() {
+    let work = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "x.mp4", 1000, 11);
+
+    let err = Destination::new(&fs_config(out.path(), "../outside"), None).unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    let dest = Destination::new(&fs_config(out.path(), ""), None).unwrap();
+    let bad_name = ObjectInfo {
+        name: "../x.mp4".into(),
+        ..info.clone()
+    };
+    let err = dest
+        .deliver(&source, &bad_name, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+
+    // A prefix that is a symlink out of the directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), out.path().join("link")).unwrap();
+    let dest = Destination::new(&fs_config(out.path(), "link"), None).unwrap();
+    let err = dest
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+    // The backup no longer matches its recorded SHA-256: nothing lands.
+    let dest = Destination::new(&fs_config(out.path(), "ok"), None).unwrap();
+    let wrong = ObjectInfo {
+        sha256: [0; 32],
+        ..info.clone()
+    };
+    let err = dest
+        .deliver(&source, &wrong, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DeliveryError::SourceMismatch {
+                what: "SHA-256",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+    assert!(walk(&out.path().join("ok")).is_empty());
+
+    // The directory itself is missing.
+    let gone = Destination::new(&fs_config(&out.path().join("missing"), ""), None).unwrap();
+    let err = gone
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent());
+    assert_eq!(err.probe_step(), ProbeStep::Bucket);
+    assert_eq!(gone.probe().await.unwrap_err().step, ProbeStep::Bucket);
+}
+
+#[test]
+fn credential_errors_name_the_field_and_never_the_value() {
+    let secret = "verySECRETvalue/123";
+    let cases: [(String, &str); 5] = [
+        (
+            r#"{"access_key_id":"AKIAABCDEFGHIJKL1234"}"#.to_owned(),
+            "secret_access_key",
+        ),
+        (
+            format!(r#"{{"secret_access_key":"{secret}"}}"#),
+            "access_key_id",
+        ),
+        (
+            format!(
+                r#"{{"access_key_id":"AKIAABCDEFGHIJKL1234","secret_access_key":"{secret}\n"}}"#
+            ),
+            "secret_access_key",
+        ),
+        (
+            format!(
+                r#"{{"access_key_id":"AKIAABCDEFGHIJKL1234","secret_access_key":"{secret}","session_token":42}}"#
+            ),
+            "session_token",
+        ),
+        (
+            format!(
+                r#"{{"access_key_id":"AKIAABCDEFGHIJKL1234","secret_access_key":"{secret}","access_key_id":"x"}}"#
+            ),
+            "access_key_id",
+        ),
+    ];
+    for (json, field) in cases {
+        let err = S3Credential::from_json(json.as_bytes()).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.contains(field), "{shown}");
+        assert!(
+            !shown.contains(secret) && !format!("{err:?}").contains(secret),
+            "{shown}"
+        );
+    }
+    // Syntax errors give a position, not the text around it.
+    let err = S3Credential::from_json(format!(r#"{{"secret_access_key":"{secret}" "#).as_bytes())
+        .unwrap_err();
+    assert!(matches!(err, CredentialError::Malformed { .. }), "{err:?}");
+    assert!(!err.to_string().contains(secret));
+    let err = S3Credential::from_json(b"[1,2]").unwrap_err();
+    assert_eq!(err, CredentialError::NotAnObject);
+
+    // Debug shows a masked key id and nothing secret.
+    let ok = S3Credential::from_json(
+        format!(r#"{{"access_key_id":"AKIAABCDEFGHIJKL1234","secret_access_key":"{secret}","session_token":"TOKENtoken"}}"#).as_bytes(),
+    )
+    .unwrap();
+    let shown = format!("{ok:?}");
+    assert!(shown.contains("AKIA…1234"), "{shown}");
+    assert!(
+        !shown.contains(secret) && !shown.contains("TOKENtoken") && !shown.contains("ABCDEFGHIJKL"),
+        "{shown}"
+    );
+
+    // Through the destination constructor: a permanent credential error.
+    let config = DestinationConfig {
+        provider: Provider::S3,
+        endpoint: "http://127.0.0.1:9".into(),
+        region: String::new(),
+        bucket: "media".into(),
+        prefix: String::new(),
+        path_style: true,
+    };
+    let err = Destination::new(
+        &config,
+        Some(format!(r#"{{"secret_access_key":"{secret}"}}"#).as_bytes()),
+    )
+    .unwrap_err();
+    assert!(err.is_permanent());
+    assert_eq!(err.probe_step(), ProbeStep::Auth);
+    assert!(err.to_string().contains("access_key_id"), "{err}");
+    assert_error_has_no_secret(&err, secret);
+    let err = Destination::new(&config, None).unwrap_err();
+    assert!(err.is_permanent());
+}
+
+#[test]
+fn delivery_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let destination = Destination::new(&fs_config(Path::new("/nonexistent"), ""), None).unwrap();
+    let info = ObjectInfo {
+        name: "a".into(),
+        size: 0,
+        sha256: [0; 32],
+        crc32: 0,
+        content_type: String::new(),
+    };
+    let hooks = DeliveryHooks::default();
+    assert_send(&destination.deliver(Path::new("/nonexistent"), &info, &hooks));
+    assert_send(&destination.probe());
+    assert_send(&destination.abort_multipart("k", "u"));
+}
