@@ -293,7 +293,7 @@ impl Worker {
             content_type: job.content_type.as_str().to_owned(),
         };
         let delivered = destination.deliver(&job.backup_path, &object, &hooks).await;
-        drop(hooks);
+        // Dropping the hook closes the channel, which ends the persisting task.
         drop(on_started);
         let _ = persist.await;
         drop(destination);

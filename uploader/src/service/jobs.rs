@@ -143,7 +143,7 @@ impl pb::jobs_server::Jobs for JobsService {
                     .destinations
                     .get(d)
                     .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
-                if !record.is_some_and(|rec| rec.tenant_id == job.tenant_id.as_str()) {
+                if record.is_none_or(|rec| rec.tenant_id != job.tenant_id.as_str()) {
                     return Err(Status::failed_precondition(format!(
                         "destination_id {d:?} is not a destination of tenant {}",
                         job.tenant_id

@@ -43,7 +43,7 @@ impl recordings_server::Recordings for RecordingsService {
                 .destinations
                 .get(&header.destination_id)
                 .map_err(|e| Status::unavailable(format!("reading destinations: {e}")))?;
-            if !destination.is_some_and(|d| d.tenant_id == header.tenant_id)
+            if destination.is_none_or(|d| d.tenant_id != header.tenant_id)
                 && !header.destination_id.is_empty()
             {
                 return Err(Status::failed_precondition(format!(
