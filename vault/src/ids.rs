@@ -96,15 +96,18 @@ mod tests {
     #[test]
     fn rejects_empty_long_and_odd_characters() {
         assert!(TenantId::parse("demo").is_ok());
-        assert_eq!(TenantId::parse("").unwrap_err(), "tenant_id is required");
+        assert_eq!(
+            TenantId::parse("").expect_err("must be refused"),
+            "tenant_id is required"
+        );
         assert!(
             TenantId::parse(&"a".repeat(129))
-                .unwrap_err()
+                .expect_err("must be refused")
                 .contains("limit is 128")
         );
         assert!(
             CredentialId::parse("a/b")
-                .unwrap_err()
+                .expect_err("must be refused")
                 .contains("credential_id contains '/'")
         );
     }

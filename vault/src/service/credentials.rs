@@ -122,10 +122,11 @@ fn check_secret(kind: CredentialKind, secret: &SecretBytes, limit: u32) -> Resul
                 ))
             })?;
         for field in required {
-            if !parsed
+            let present = parsed
                 .get(*field)
-                .is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty()))
-            {
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|s| !s.is_empty());
+            if !present {
                 return Err(invalid(format!(
                     "secret for {kind_name} must be JSON with a non-empty string field {field:?}"
                 )));

@@ -86,15 +86,15 @@ impl KeysService {
                         sealed,
                     )
                     .map_err(|_| VaultError::Undecryptable(row.credential_id.to_string()))?;
-                if let Some(fresh) = fresh {
-                    if core.store.replace_sealed(
+                if let Some(fresh) = fresh
+                    && core.store.replace_sealed(
                         &row.credential_id,
                         row.version,
                         &fresh,
                         current,
-                    )? {
-                        rewrapped += 1;
-                    }
+                    )?
+                {
+                    rewrapped += 1;
                 }
             }
             Ok((rewrapped, current))

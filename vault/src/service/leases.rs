@@ -155,10 +155,11 @@ impl leases_server::Leases for LeasesService {
         // Fail closed: if the lease event is not durable, the plaintext is dropped
         // (never sent) and the lease is revoked.
         let finished = self.core.finish(&call, subject, result).await;
-        if finished.is_err() && !lease_id.is_empty() {
-            if let Ok(id) = LeaseId::parse(&lease_id) {
-                self.core.leases.revoke(&id);
-            }
+        if finished.is_err()
+            && !lease_id.is_empty()
+            && let Ok(id) = LeaseId::parse(&lease_id)
+        {
+            self.core.leases.revoke(&id);
         }
         finished.map(Response::new)
     }
