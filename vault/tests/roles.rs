@@ -1,0 +1,438 @@
+//! Authorization over real mTLS: every identity × every RPC is allowed or
+//! PERMISSION_DENIED exactly as the policy says, and every denial is audited.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use recvault_proto::vault::v1::{
+    AuditFilter, CredentialKind, DeleteCredentialRequest, GetCredentialRequest, KeyStatusRequest,
+    ListCredentialsRequest, QueryEventsRequest, ReleaseLeaseRequest, RetireKeysRequest,
+    RewrapRequest, RotateKeyRequest, SetTenantLimitRequest, TailEventsRequest, VerifyChainRequest,
+};
+use recvault_vault::testing::{TEST_IDENTITIES, TestVault};
+use tonic::{Code, Status};
+
+const TENANT: &str = "acme";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rpc {
+    Put,
+    Get,
+    List,
+    Delete,
+    Acquire,
+    Release,
+    Rotate,
+    Rewrap,
+    KeyStatus,
+    SetLimit,
+    Retire,
+    Query,
+    Tail,
+    Verify,
+}
+
+const RPCS: [Rpc; 14] = [
+    Rpc::Put,
+    Rpc::Get,
+    Rpc::List,
+    Rpc::Delete,
+    Rpc::Acquire,
+    Rpc::Release,
+    Rpc::Rotate,
+    Rpc::Rewrap,
+    Rpc::KeyStatus,
+    Rpc::SetLimit,
+    Rpc::Retire,
+    Rpc::Query,
+    Rpc::Tail,
+    Rpc::Verify,
+];
+
+impl Rpc {
+    /// The role the policy requires (DESIGN.md "Identity and authorization").
+    fn role(self) -> &'static str {
+        match self {
+            Rpc::Put | Rpc::Get | Rpc::List | Rpc::Delete => "manager",
+            Rpc::Acquire | Rpc::Release => "uploader",
+            Rpc::Rotate | Rpc::Rewrap | Rpc::KeyStatus | Rpc::SetLimit | Rpc::Retire => "admin",
+            Rpc::Query | Rpc::Tail | Rpc::Verify => "auditor",
+        }
+    }
+
+    fn operation(self) -> &'static str {
+        match self {
+            Rpc::Put => op::PUT,
+            Rpc::Get => op::GET,
+            Rpc::List => op::LIST,
+            Rpc::Delete => op::DELETE,
+            Rpc::Acquire => op::ACQUIRE,
+            Rpc::Release => op::RELEASE,
+            Rpc::Rotate => op::ROTATE,
+            Rpc::Rewrap => op::REWRAP,
+            Rpc::KeyStatus => op::KEY_STATUS,
+            Rpc::SetLimit => op::SET_LIMIT,
+            Rpc::Retire => op::RETIRE,
+            Rpc::Query => op::QUERY,
+            Rpc::Tail => op::TAIL,
+            Rpc::Verify => op::VERIFY,
+        }
+    }
+
+    /// What the call returns for an identity that holds the role. Delete
+    /// targets an id that does not exist, so it must get past authorization
+    /// and answer NOT_FOUND; everything else succeeds.
+    fn expected_when_allowed(self) -> Code {
+        match self {
+            Rpc::Delete => Code::NotFound,
+            _ => Code::Ok,
+        }
+    }
+}
+
+/// Things the calls refer to, created before the matrix runs.
+struct Fixture {
+    credential_id: String,
+    lease_id: String,
+}
+
+/// Makes one call of `rpc` as `identity` with a well-formed request, so that
+/// only authorization (or, when allowed, the request itself) decides the answer.
+async fn call(vault: &TestVault, identity: &str, rpc: Rpc, fx: &Fixture) -> Result<(), Status> {
+    match rpc {
+        Rpc::Put => credentials(vault, identity)
+            .put_credential(put_request(
+                TENANT,
+                &format!("by-{identity}"),
+                CredentialKind::S3,
+                &s3_secret("AKIDEXAMPLE", "matrix-secret"),
+            ))
+            .await
+            .map(drop),
+        Rpc::Get => credentials(vault, identity)
+            .get_credential(GetCredentialRequest {
+                credential_id: fx.credential_id.clone(),
+            })
+            .await
+            .map(drop),
+        Rpc::List => credentials(vault, identity)
+            .list_credentials(ListCredentialsRequest {
+                tenant_id: TENANT.into(),
+                include_deleted: false,
+            })
+            .await
+            .map(drop),
+        Rpc::Delete => credentials(vault, identity)
+            .delete_credential(DeleteCredentialRequest {
+                credential_id: "cred_00000000000000000000000000000000".into(),
+            })
+            .await
+            .map(drop),
+        Rpc::Acquire => leases(vault, identity)
+            .acquire_lease(acquire_request(&fx.credential_id, 30))
+            .await
+            .map(drop),
+        Rpc::Release => leases(vault, identity)
+            .release_lease(ReleaseLeaseRequest {
+                lease_id: fx.lease_id.clone(),
+            })
+            .await
+            .map(drop),
+        Rpc::Rotate => keys(vault, identity)
+            .rotate_key(RotateKeyRequest {})
+            .await
+            .map(drop),
+        Rpc::Rewrap => keys(vault, identity)
+            .rewrap(RewrapRequest {
+                tenant_id: String::new(),
+            })
+            .await
+            .map(drop),
+        Rpc::KeyStatus => keys(vault, identity)
+            .key_status(KeyStatusRequest {})
+            .await
+            .map(drop),
+        Rpc::SetLimit => keys(vault, identity)
+            .set_tenant_limit(SetTenantLimitRequest {
+                tenant_id: TENANT.into(),
+                max_secret_chars: 6000,
+            })
+            .await
+            .map(drop),
+        Rpc::Retire => keys(vault, identity)
+            .retire_keys(RetireKeysRequest {
+                min_decrypt_version: 1,
+            })
+            .await
+            .map(drop),
+        Rpc::Query => audit(vault, identity)
+            .query_events(QueryEventsRequest {
+                filter: None,
+                after_sequence: 0,
+                limit: 1,
+            })
+            .await
+            .map(drop),
+        Rpc::Tail => audit(vault, identity)
+            .tail_events(TailEventsRequest {
+                filter: None,
+                after_sequence: 0,
+            })
+            .await
+            .map(drop),
+        Rpc::Verify => audit(vault, identity)
+            .verify_chain(VerifyChainRequest {})
+            .await
+            .map(drop),
+    }
+}
+
+/// Each of the eight test identities (four roles, plus vault, recorder,
+/// stranger and other, which hold no grant) calls each of the 14 RPCs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
+    let (_dir, vault) = start().await;
+    let credential_id = put_s3(&vault, TENANT, "shared", "fixture-secret")
+        .await
+        .credential_id;
+    let lease_id = acquire(&vault, &credential_id).await.lease_id;
+    let fx = Fixture {
+        credential_id,
+        lease_id,
+    };
+
+    let mut denials = Vec::new();
+    let mut failures = Vec::new();
+    for identity in TEST_IDENTITIES {
+        for rpc in RPCS {
+            let granted = identity == rpc.role();
+            let got = call(&vault, identity, rpc, &fx).await;
+            let code = got.as_ref().err().map_or(Code::Ok, Status::code);
+            let want = if granted {
+                rpc.expected_when_allowed()
+            } else {
+                Code::PermissionDenied
+            };
+            if code != want {
+                failures.push(format!("{identity} × {rpc:?}: want {want:?}, got {got:?}"));
+            }
+            if let Err(status) = &got
+                && status.code() == Code::PermissionDenied
+            {
+                // The message tells the caller which role is missing.
+                assert!(
+                    status.message().contains(rpc.role()),
+                    "{identity} × {rpc:?}: {status:?}"
+                );
+                denials.push((identity, rpc));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "role matrix mismatches:\n{}",
+        failures.join("\n")
+    );
+    // 4 roles × 14 RPCs, each role allowed for its own RPCs only.
+    assert_eq!(
+        denials.len(),
+        TEST_IDENTITIES.len() * RPCS.len() - RPCS.len()
+    );
+
+    // Denied calls had no effect: only the fixture and the manager's own put exist.
+    let names: Vec<_> = credentials(&vault, "manager")
+        .list_credentials(ListCredentialsRequest {
+            tenant_id: TENANT.into(),
+            include_deleted: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credentials
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["by-manager", "shared"]);
+
+    // Every denial is in the audit log, exactly once, with identity, operation and code.
+    let denied = query(
+        &vault,
+        AuditFilter {
+            outcome: "denied".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(denied.len(), denials.len(), "one audit event per denial");
+    for (identity, rpc) in &denials {
+        let matching: Vec<_> = denied
+            .iter()
+            .filter(|e| e.identity == spiffe(identity) && e.operation == rpc.operation())
+            .collect();
+        assert_eq!(matching.len(), 1, "{identity} × {rpc:?}: {denied:#?}");
+        let event = matching[0];
+        assert_eq!(event.code, "PERMISSION_DENIED");
+        assert_eq!(event.outcome, "denied");
+        assert_eq!(event.cert_fingerprint.len(), 64, "{event:?}");
+    }
+
+    // Allowed calls are audited too, and not as denials.
+    for identity in ["manager", "uploader", "admin", "auditor"] {
+        let events = query(
+            &vault,
+            AuditFilter {
+                identity: spiffe(identity),
+                ..Default::default()
+            },
+        )
+        .await;
+        for rpc in RPCS.iter().filter(|r| r.role() == identity) {
+            let for_rpc: Vec<_> = events
+                .iter()
+                .filter(|e| e.operation == rpc.operation())
+                .collect();
+            assert!(!for_rpc.is_empty(), "{identity} × {rpc:?} not audited");
+            assert!(
+                for_rpc.iter().all(|e| e.outcome != "denied"),
+                "{identity} × {rpc:?}: {for_rpc:?}"
+            );
+        }
+    }
+    assert!(verify_chain(&vault).await.ok);
+}
+
+/// An identity with no grant at all, asked for something real, is refused
+/// without learning whether the credential exists, and the refusal names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stranger_cannot_probe_credentials_or_get_plaintext() {
+    let (_dir, vault) = start().await;
+    let real = put_s3(&vault, TENANT, "real", "stranger-must-not-see")
+        .await
+        .credential_id;
+    let fake = "cred_ffffffffffffffffffffffffffffffff".to_owned();
+    for id in [&real, &fake] {
+        let status = expect_code(
+            leases(&vault, "stranger")
+                .acquire_lease(acquire_request(id, 10))
+                .await,
+            Code::PermissionDenied,
+        );
+        assert!(status.message().contains(&spiffe("stranger")), "{status:?}");
+        assert!(!status.message().contains("stranger-must-not-see"));
+        expect_code(
+            credentials(&vault, "stranger")
+                .get_credential(GetCredentialRequest {
+                    credential_id: id.clone(),
+                })
+                .await,
+            Code::PermissionDenied,
+        );
+    }
+    // Neither a manager nor an admin nor an auditor gets plaintext.
+    for identity in ["manager", "admin", "auditor"] {
+        expect_code(
+            leases(&vault, identity)
+                .acquire_lease(acquire_request(&real, 10))
+                .await,
+            Code::PermissionDenied,
+        );
+    }
+    let denied = query(
+        &vault,
+        AuditFilter {
+            identity: spiffe("stranger"),
+            outcome: "denied".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(denied.len(), 4, "{denied:#?}");
+}
+
+/// Grants can be scoped to tenants; a lease can only be released by the
+/// identity that acquired it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_scoped_grants_and_lease_holders() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = recvault_vault::testing::prepare(dir.path());
+    let mut policy = std::fs::read_to_string(&config.policy_file).unwrap();
+    policy.push_str(&format!(
+        "\n[[grant]]\nidentity = \"{}\"\nroles = [\"manager\", \"uploader\"]\ntenants = [\"acme\"]\n",
+        spiffe("other")
+    ));
+    std::fs::write(&config.policy_file, policy).unwrap();
+    let vault = TestVault::start_with(config).await;
+
+    // "other" manages acme only.
+    credentials(&vault, "other")
+        .put_credential(put_request(
+            "acme",
+            "scoped",
+            CredentialKind::S3,
+            &s3_secret("AKID", "scoped-secret"),
+        ))
+        .await
+        .unwrap();
+    expect_code(
+        credentials(&vault, "other")
+            .put_credential(put_request(
+                "globex",
+                "scoped",
+                CredentialKind::S3,
+                &s3_secret("AKID", "scoped-secret"),
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    let globex = put_s3(&vault, "globex", "g", "globex-secret")
+        .await
+        .credential_id;
+    expect_code(
+        credentials(&vault, "other")
+            .get_credential(GetCredentialRequest {
+                credential_id: globex.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+    );
+    // ...and may lease acme credentials, not globex ones.
+    expect_code(
+        leases(&vault, "other")
+            .acquire_lease(acquire_request(&globex, 10))
+            .await,
+        Code::PermissionDenied,
+    );
+    let acme = put_s3(&vault, "acme", "a", "acme-secret")
+        .await
+        .credential_id;
+    let lease = leases(&vault, "other")
+        .acquire_lease(acquire_request(&acme, 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(String::from_utf8_lossy(&lease.secret).contains("acme-secret"));
+
+    // The uploader holds its own lease; "other" cannot release it.
+    let uploader_lease = acquire(&vault, &acme).await.lease_id;
+    expect_code(
+        leases(&vault, "other")
+            .release_lease(ReleaseLeaseRequest {
+                lease_id: uploader_lease.clone(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    leases(&vault, "uploader")
+        .release_lease(ReleaseLeaseRequest {
+            lease_id: uploader_lease,
+        })
+        .await
+        .unwrap();
+    leases(&vault, "other")
+        .release_lease(ReleaseLeaseRequest {
+            lease_id: lease.lease_id,
+        })
+        .await
+        .unwrap();
+}
