@@ -4,3 +4,17 @@
 
 pub mod credential;
 pub mod destination;
+
+pub mod backup;
+pub mod digest;
+pub mod ingest;
+pub mod jobs;
+pub mod scrub;
+
+pub mod cli;
+pub mod config;
+pub mod destination_store;
+pub mod lease;
+pub mod server;
+pub mod service;
+pub mod worker;

@@ -1,0 +1,16 @@
+//! Delivery jobs: one per ingested recording, persisted so that a crash at
+//! any point resumes the job instead of losing it. This module records and
+//! guards state; it never touches backups or destinations itself.
+
+mod ids;
+mod retry;
+mod state;
+mod store;
+
+pub use ids::{
+    ContentType, DEFAULT_CONTENT_TYPE, DestinationId, FileName, InvalidValue, JobId,
+    MAX_CONTENT_TYPE_LEN, MAX_FILE_NAME_LEN, MAX_ID_LEN, RecordingId, TenantId,
+};
+pub use retry::RetryPolicy;
+pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
+pub use store::{Job, JobEvent, JobFilter, JobStore, JobStoreError, NewJob};

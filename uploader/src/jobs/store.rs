@@ -1,0 +1,1030 @@
+//! The job store: jobs and their history in SQLite (WAL, `synchronous=FULL`,
+//! so a committed transition survives power loss). Every state change runs
+//! [`check_transition`] inside the transaction that makes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use recvault_proto::uploader::v1 as pb;
+use rusqlite::types::ToSql;
+use rusqlite::{Connection, Row, Transaction, TransactionBehavior, named_params};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+use super::ids::{
+    ContentType, DestinationId, FileName, InvalidValue, JobId, RecordingId, TenantId,
+};
+use super::state::{IllegalTransition, JobState, VerifiedBy, check_transition};
+use crate::digest::Sha256Digest;
+
+/// Bump when the schema changes; [`JobStore::open`] refuses a newer database.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id              TEXT PRIMARY KEY,
+    tenant_id           TEXT NOT NULL,
+    recording_id        TEXT NOT NULL,
+    destination_id      TEXT NOT NULL,
+    file_name           TEXT NOT NULL,
+    content_type        TEXT NOT NULL,
+    backup_path         TEXT NOT NULL,
+    sha256              BLOB NOT NULL CHECK (length(sha256) = 32),
+    size                INTEGER NOT NULL CHECK (size >= 0),
+    state               TEXT NOT NULL CHECK (state IN
+                          ('STORED','UPLOADING','VERIFYING','DELIVERED','RETRYING','RETAINED')),
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    location            TEXT,
+    verified_by         TEXT,
+    next_attempt_at     INTEGER,            -- Unix milliseconds; NULL = not scheduled
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL,
+    backup_corrupt      INTEGER NOT NULL DEFAULT 0,
+    backup_deleted      INTEGER NOT NULL DEFAULT 0,
+    multipart_upload_id TEXT,               -- kept across a crash so it is resumed or aborted
+    request_id          TEXT,
+    UNIQUE (tenant_id, recording_id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant_id, created_at);
+CREATE TABLE IF NOT EXISTS job_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT NOT NULL REFERENCES jobs (job_id),
+    time    INTEGER NOT NULL,
+    state   TEXT NOT NULL,
+    message TEXT NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
+";
+
+/// Most jobs one `list` call returns, whatever the caller asks for.
+const MAX_LIST: u32 = 1000;
+/// What `list` returns when the caller asks for 0.
+const DEFAULT_LIST: u32 = 100;
+/// Job changes buffered per subscriber before it sees `Lagged`.
+const CHANGES_CAPACITY: usize = 1024;
+
+/// Errors from the job store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobStoreError {
+    /// No job has this id.
+    #[error("job {0} does not exist")]
+    NotFound(JobId),
+    /// The job is not in a state that allows this change (e.g. it is already DELIVERED).
+    #[error("job {job_id}: {source}")]
+    IllegalTransition {
+        /// The job.
+        job_id: JobId,
+        /// Its state and the refused target.
+        #[source]
+        source: IllegalTransition,
+    },
+    /// The recording id was ingested before with different content.
+    #[error(
+        "recording id {recording_id} of tenant {tenant_id} was already ingested with a different \
+         SHA-256 ({existing}, now {sent}); send it under a new recording id"
+    )]
+    RecordingConflict {
+        /// The tenant.
+        tenant_id: TenantId,
+        /// The recording id sent twice.
+        recording_id: RecordingId,
+        /// SHA-256 of the first ingest (the stored job).
+        existing: Sha256Digest,
+        /// SHA-256 of the new one.
+        sent: Sha256Digest,
+    },
+    /// The change is legal in general but not for this job now (no backup to
+    /// resend, an unfinished multipart upload elsewhere).
+    #[error("job {job_id}: {reason}")]
+    FailedPrecondition {
+        /// The job.
+        job_id: JobId,
+        /// What stands in the way and what to do.
+        reason: String,
+    },
+    /// SQLite failed (disk full, I/O error, locked beyond the busy timeout).
+    #[error("job database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// A stored row does not hold what this version writes (edited by hand, newer schema).
+    #[error("job database holds an invalid value: {0}")]
+    Corrupt(String),
+    /// The blocking task that runs SQLite panicked or the connection lock was poisoned.
+    #[error("job store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<JobStoreError> for tonic::Status {
+    fn from(e: JobStoreError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            JobStoreError::NotFound(_) => Status::not_found(msg),
+            JobStoreError::IllegalTransition { .. } | JobStoreError::FailedPrecondition { .. } => {
+                Status::failed_precondition(msg)
+            }
+            JobStoreError::RecordingConflict { .. } => Status::already_exists(msg),
+            JobStoreError::Database(_) | JobStoreError::Unavailable(_) => Status::unavailable(msg),
+            JobStoreError::Corrupt(_) => Status::internal(msg),
+        }
+    }
+}
+
+type Result<T, E = JobStoreError> = std::result::Result<T, E>;
+
+/// What ingest hands over to create a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The job's id; by convention the id of its backup object.
+    pub job_id: JobId,
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// The recorder's id; `(tenant_id, recording_id)` is unique.
+    pub recording_id: RecordingId,
+    /// Where to deliver.
+    pub destination_id: DestinationId,
+    /// Name at the destination.
+    pub file_name: FileName,
+    /// Content type at the destination.
+    pub content_type: ContentType,
+    /// The durable backup (absolute path inside the backup store).
+    pub backup_path: PathBuf,
+    /// Whole-file SHA-256 computed at intake.
+    pub sha256: Sha256Digest,
+    /// Bytes.
+    pub size: u64,
+    /// `x-request-id` of the Upload call, for tracing one recording through logs.
+    pub request_id: Option<String>,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Id (also the backup object's name).
+    pub job_id: JobId,
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// The recorder's id.
+    pub recording_id: RecordingId,
+    /// Current destination (a resend may change it).
+    pub destination_id: DestinationId,
+    /// Name at the destination.
+    pub file_name: FileName,
+    /// Content type at the destination.
+    pub content_type: ContentType,
+    /// The backup file.
+    pub backup_path: PathBuf,
+    /// Whole-file SHA-256 computed at intake.
+    pub sha256: Sha256Digest,
+    /// Bytes.
+    pub size: u64,
+    /// Where the job is.
+    pub state: JobState,
+    /// Attempts started since creation or the last resend.
+    pub attempts: u32,
+    /// Why the last attempt failed, or why the job is RETAINED.
+    pub last_error: Option<String>,
+    /// Where the verified copy is (once DELIVERED).
+    pub location: Option<String>,
+    /// How the copy was verified (once DELIVERED).
+    pub verified_by: Option<VerifiedBy>,
+    /// When the next attempt is due (STORED, RETRYING).
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// When the job was created.
+    pub created_at: OffsetDateTime,
+    /// When anything last changed.
+    pub updated_at: OffsetDateTime,
+    /// The periodic scrub or a pre-attempt check found the backup's SHA-256 changed.
+    pub backup_corrupt: bool,
+    /// The backup was deleted after delivery.
+    pub backup_deleted: bool,
+    /// An S3 multipart upload started by an attempt and not yet completed or aborted.
+    pub multipart_upload_id: Option<String>,
+    /// `x-request-id` of the Upload call.
+    pub request_id: Option<String>,
+    /// Progress of the running attempt. Not persisted: only set on updates
+    /// published with [`JobStore::publish_progress`]; 0 when read from the store.
+    pub bytes_sent: u64,
+}
+
+impl Job {
+    /// The wire form for GetJob, ListJobs and WatchJob.
+    pub fn to_proto(&self) -> pb::Job {
+        pb::Job {
+            job_id: self.job_id.to_string(),
+            tenant_id: self.tenant_id.to_string(),
+            recording_id: self.recording_id.to_string(),
+            state: self.state.to_proto().into(),
+            attempts: self.attempts,
+            last_error: self.last_error.clone().unwrap_or_default(),
+            location: self.location.clone().unwrap_or_default(),
+            sha256: self.sha256.as_bytes().to_vec(),
+            size: self.size,
+            destination_id: self.destination_id.to_string(),
+            file_name: self.file_name.to_string(),
+            verified_by: self
+                .verified_by
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default(),
+            created_at: Some(timestamp(self.created_at)),
+            updated_at: Some(timestamp(self.updated_at)),
+            next_attempt_at: self.next_attempt_at.map(timestamp),
+            backup_corrupt: self.backup_corrupt,
+            bytes_sent: self.bytes_sent,
+        }
+    }
+}
+
+fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+/// One line of a job's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// When.
+    pub time: OffsetDateTime,
+    /// The state after the event.
+    pub state: JobState,
+    /// What happened, for people.
+    pub message: String,
+}
+
+/// Which jobs `list` returns.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only this tenant's jobs.
+    pub tenant_id: Option<TenantId>,
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// At most this many (0 = 100; capped at 1000). Newest first.
+    pub limit: u32,
+}
+
+/// Persisted jobs. Cheap to clone; all clones share one connection and one
+/// change feed.
+///
+/// SQLite is synchronous, so every call runs on tokio's blocking pool behind
+/// one mutex: transitions are serialized, which is what a single uploader
+/// process needs.
+#[derive(Debug, Clone)]
+pub struct JobStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: Mutex<Connection>,
+    changes: broadcast::Sender<Job>,
+}
+
+impl JobStore {
+    /// Opens (creating if needed) the job database at `path`.
+    ///
+    /// Blocking (a few milliseconds); call it at start-up, before serving.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let mut conn = Connection::open(path.as_ref())?;
+        // WAL lets readers (ListJobs) run beside the writer; FULL fsyncs the
+        // WAL on every commit, so a transition the caller saw committed
+        // survives a crash or power loss (https://sqlite.org/pragma.html#pragma_synchronous).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(JobStoreError::Corrupt(format!(
+                "schema version {version} is newer than this uploader's {SCHEMA_VERSION}; run a newer uploader"
+            )));
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                changes,
+            }),
+        })
+    }
+
+    /// Every job change after this call (creation, each transition, progress).
+    ///
+    /// Subscribe *before* reading the job's current state so no change falls
+    /// in between. A slow receiver gets `Lagged` and should re-read with [`JobStore::get`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Job> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Tells subscribers how far the running attempt got, without touching
+    /// the database (progress is too frequent to fsync).
+    pub fn publish_progress(&self, job: &Job, bytes_sent: u64) {
+        let mut job = job.clone();
+        job.bytes_sent = bytes_sent;
+        let _ = self.inner.changes.send(job);
+    }
+
+    /// Runs `f` on the blocking pool with the connection.
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.conn.lock().map_err(|_| {
+                JobStoreError::Unavailable("a previous job store call panicked".to_owned())
+            })?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| JobStoreError::Unavailable(format!("job store task failed: {e}")))?
+    }
+
+    /// Like [`JobStore::run`], then publishes the returned jobs to subscribers
+    /// (only after the commit, so nobody sees a change that was rolled back).
+    async fn run_publish<F>(&self, f: F) -> Result<Vec<Job>>
+    where
+        F: FnOnce(&mut Connection) -> Result<Vec<Job>> + Send + 'static,
+    {
+        let jobs = self.run(f).await?;
+        for job in &jobs {
+            let _ = self.inner.changes.send(job.clone());
+        }
+        Ok(jobs)
+    }
+
+    /// Creates the job for an ingested recording, or returns the existing job
+    /// when `(tenant_id, recording_id)` was ingested before with the same
+    /// SHA-256 (`created == false`; the caller then deletes its new backup).
+    /// A different SHA-256 is [`JobStoreError::RecordingConflict`].
+    pub async fn create_or_get(&self, new: NewJob) -> Result<(Job, bool)> {
+        let (job, created) = self
+            .run(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                if let Some(existing) = select_one(
+                    &tx,
+                    "tenant_id = :t AND recording_id = :r",
+                    named_params! { ":t": new.tenant_id.as_str(), ":r": new.recording_id.as_str() },
+                )? {
+                    if existing.sha256 != new.sha256 {
+                        return Err(JobStoreError::RecordingConflict {
+                            tenant_id: new.tenant_id,
+                            recording_id: new.recording_id,
+                            existing: existing.sha256,
+                            sent: new.sha256,
+                        });
+                    }
+                    return Ok((existing, false));
+                }
+                let now = now_ms();
+                tx.execute(
+                    "INSERT INTO jobs (job_id, tenant_id, recording_id, destination_id, file_name,
+                        content_type, backup_path, sha256, size, state, attempts, next_attempt_at,
+                        created_at, updated_at, request_id)
+                     VALUES (:id, :t, :r, :d, :f, :ct, :p, :sha, :size, 'STORED', 0, :now, :now, :now, :req)",
+                    named_params! {
+                        ":id": new.job_id.to_string(),
+                        ":t": new.tenant_id.as_str(),
+                        ":r": new.recording_id.as_str(),
+                        ":d": new.destination_id.as_str(),
+                        ":f": new.file_name.as_str(),
+                        ":ct": new.content_type.as_str(),
+                        ":p": path_text(&new.backup_path)?,
+                        ":sha": new.sha256.as_bytes().as_slice(),
+                        ":size": i64::try_from(new.size)
+                            .map_err(|_| JobStoreError::Corrupt(format!("size {} too large", new.size)))?,
+                        ":now": now,
+                        ":req": new.request_id,
+                    },
+                )?;
+                add_event(
+                    &tx,
+                    new.job_id,
+                    now,
+                    JobState::Stored,
+                    &format!("stored in the backup store: {} bytes, SHA-256 {}", new.size, new.sha256),
+                )?;
+                let job = get_tx(&tx, new.job_id)?;
+                tx.commit()?;
+                Ok((job, true))
+            })
+            .await?;
+        if created {
+            let _ = self.inner.changes.send(job.clone());
+        }
+        Ok((job, created))
+    }
+
+    /// One job.
+    pub async fn get(&self, job_id: JobId) -> Result<Job> {
+        self.run(move |conn| get_tx(conn, job_id)).await
+    }
+
+    /// The job for a recording id, if it was ingested (lets ingest answer a
+    /// replay without storing the bytes again).
+    pub async fn find_by_recording(
+        &self,
+        tenant_id: TenantId,
+        recording_id: RecordingId,
+    ) -> Result<Option<Job>> {
+        self.run(move |conn| {
+            select_one(
+                conn,
+                "tenant_id = :t AND recording_id = :r",
+                named_params! { ":t": tenant_id.as_str(), ":r": recording_id.as_str() },
+            )
+        })
+        .await
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list(&self, filter: JobFilter) -> Result<Vec<Job>> {
+        self.run(move |conn| {
+            let limit = match filter.limit {
+                0 => DEFAULT_LIST,
+                n => n.min(MAX_LIST),
+            };
+            select_many(
+                conn,
+                "(:t IS NULL OR tenant_id = :t) AND (:s IS NULL OR state = :s)
+                 ORDER BY created_at DESC, rowid DESC LIMIT :limit",
+                named_params! {
+                    ":t": filter.tenant_id.as_ref().map(TenantId::as_str),
+                    ":s": filter.state.map(JobState::as_str),
+                    ":limit": limit,
+                },
+            )
+        })
+        .await
+    }
+
+    /// Atomically takes up to `limit` jobs that are due at `now` (STORED, or
+    /// RETRYING with `next_attempt_at <= now`, backup not corrupt), moves them
+    /// to UPLOADING and counts the attempt. A job is returned by one call only.
+    ///
+    /// This is the seam for several uploader replicas on PostgreSQL: there the
+    /// SELECT becomes `... FOR UPDATE SKIP LOCKED` inside the same transaction,
+    /// so replicas claim disjoint jobs without waiting on each other. Here one
+    /// `BEGIN IMMEDIATE` transaction behind the process mutex does the same.
+    pub async fn claim_due(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<Job>> {
+        self.run_publish(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now_ms = to_ms(now);
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare(
+                    "SELECT job_id FROM jobs
+                     WHERE state IN ('STORED', 'RETRYING') AND backup_corrupt = 0
+                       AND next_attempt_at IS NOT NULL AND next_attempt_at <= :now
+                     ORDER BY next_attempt_at, created_at, rowid LIMIT :limit",
+                )?;
+                stmt.query_map(named_params! { ":now": now_ms, ":limit": limit }, |r| {
+                    r.get(0)
+                })?
+                .collect::<rusqlite::Result<_>>()?
+            };
+            let mut claimed = Vec::with_capacity(ids.len());
+            for id in ids {
+                let job_id = parse_job_id(&id)?;
+                let job = transition(
+                    &tx,
+                    job_id,
+                    JobState::Uploading,
+                    now_ms,
+                    "attempt started",
+                    "attempts = attempts + 1, next_attempt_at = NULL",
+                    &[],
+                )?;
+                claimed.push(job);
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    /// UPLOADING → VERIFYING: the upload finished; the destination's copy is being checked.
+    pub async fn mark_verifying(&self, job_id: JobId) -> Result<Job> {
+        self.single(move |tx, now| {
+            transition(
+                tx,
+                job_id,
+                JobState::Verifying,
+                now,
+                "upload finished; verifying",
+                "",
+                &[],
+            )
+        })
+        .await
+    }
+
+    /// VERIFYING → DELIVERED. The caller deletes the backup only after this
+    /// returns, then calls [`JobStore::mark_backup_deleted`].
+    pub async fn mark_delivered(
+        &self,
+        job_id: JobId,
+        location: String,
+        verified_by: VerifiedBy,
+    ) -> Result<Job> {
+        self.single(move |tx, now| {
+            let message = format!("delivered to {location}, verified by {verified_by}");
+            transition(
+                tx,
+                job_id,
+                JobState::Delivered,
+                now,
+                &message,
+                "location = :location, verified_by = :verified_by, last_error = NULL,
+                 next_attempt_at = NULL, multipart_upload_id = NULL",
+                named_params! { ":location": location, ":verified_by": verified_by.as_str() },
+            )
+        })
+        .await
+    }
+
+    /// UPLOADING | VERIFYING → RETRYING after a transient error, due again at `next_attempt_at`.
+    pub async fn mark_retry(
+        &self,
+        job_id: JobId,
+        error: String,
+        next_attempt_at: OffsetDateTime,
+    ) -> Result<Job> {
+        self.single(move |tx, now| {
+            let message = format!(
+                "attempt failed, retrying at {}: {error}",
+                rfc3339(next_attempt_at)
+            );
+            transition(
+                tx,
+                job_id,
+                JobState::Retrying,
+                now,
+                &message,
+                "last_error = :error, next_attempt_at = :next",
+                named_params! { ":error": error, ":next": to_ms(next_attempt_at) },
+            )
+        })
+        .await
+    }
+
+    /// → RETAINED with `reason` (permanent error, attempts exhausted). The
+    /// backup stays; only [`JobStore::resend`] moves the job on.
+    pub async fn mark_retained(&self, job_id: JobId, reason: String) -> Result<Job> {
+        self.single(move |tx, now| {
+            let message = format!("retained: {reason}");
+            transition(
+                tx,
+                job_id,
+                JobState::Retained,
+                now,
+                &message,
+                "last_error = :reason, next_attempt_at = NULL",
+                named_params! { ":reason": reason },
+            )
+        })
+        .await
+    }
+
+    /// Records (or, with `None`, clears) the S3 multipart upload the running
+    /// attempt started, before any part is sent, so that after a crash it is
+    /// resumed or aborted instead of orphaned.
+    pub async fn set_multipart_upload_id(
+        &self,
+        job_id: JobId,
+        upload_id: Option<String>,
+    ) -> Result<Job> {
+        self.single(move |tx, now| {
+            let job = get_tx(tx, job_id)?;
+            if job.state == JobState::Delivered && upload_id.is_some() {
+                return Err(JobStoreError::IllegalTransition {
+                    job_id,
+                    source: IllegalTransition {
+                        from: job.state,
+                        to: JobState::Uploading,
+                    },
+                });
+            }
+            tx.execute(
+                "UPDATE jobs SET multipart_upload_id = :u, updated_at = :now WHERE job_id = :id",
+                named_params! { ":u": upload_id, ":now": now, ":id": job_id.to_string() },
+            )?;
+            let message = match &upload_id {
+                Some(u) => format!("multipart upload {u} started"),
+                None => "multipart upload finished or aborted".to_owned(),
+            };
+            add_event(tx, job_id, now, job.state, &message)?;
+            get_tx(tx, job_id)
+        })
+        .await
+    }
+
+    /// RETAINED | RETRYING → STORED, due now, attempts reset, optionally to
+    /// another destination (the caller checks it belongs to the tenant).
+    ///
+    /// Refused when the backup is gone or corrupt (nothing to send) and when a
+    /// multipart upload at the old destination is still open (it would be orphaned).
+    pub async fn resend(&self, job_id: JobId, destination: Option<DestinationId>) -> Result<Job> {
+        self.single(move |tx, now| {
+            let job = get_tx(tx, job_id)?;
+            check_transition(job.state, JobState::Stored)
+                .map_err(|source| JobStoreError::IllegalTransition { job_id, source })?;
+            let refuse = |reason: String| Err(JobStoreError::FailedPrecondition { job_id, reason });
+            if job.backup_deleted {
+                return refuse("its backup was deleted, so there is nothing to resend".to_owned());
+            }
+            if job.backup_corrupt {
+                return refuse(
+                    "its backup failed the SHA-256 check and will not be sent; have the recorder send the recording again under a new recording id"
+                        .to_owned(),
+                );
+            }
+            match std::fs::metadata(&job.backup_path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) | Err(_) => {
+                    return refuse(format!(
+                        "its backup {} is missing from the backup store; nothing can be resent",
+                        job.backup_path.display()
+                    ));
+                }
+            }
+            let changes_destination = destination
+                .as_ref()
+                .is_some_and(|d| *d != job.destination_id);
+            if changes_destination && job.multipart_upload_id.is_some() {
+                return refuse(
+                    "a multipart upload at its current destination is still open; resend to the same destination, or retry once the uploader has aborted it"
+                        .to_owned(),
+                );
+            }
+            let destination = destination.unwrap_or(job.destination_id);
+            let message = if changes_destination {
+                format!("resend requested to destination {destination}")
+            } else {
+                "resend requested".to_owned()
+            };
+            transition(
+                tx,
+                job_id,
+                JobState::Stored,
+                now,
+                &message,
+                "attempts = 0, last_error = NULL, next_attempt_at = :now, destination_id = :d",
+                named_params! { ":d": destination.as_str() },
+            )
+        })
+        .await
+    }
+
+    /// At start-up, before any worker runs: every job a previous process left
+    /// UPLOADING or VERIFYING becomes RETRYING, due now. `multipart_upload_id`
+    /// is kept so the next attempt resumes or aborts that upload. Returns them.
+    pub async fn recover_after_crash(&self) -> Result<Vec<Job>> {
+        self.run_publish(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = now_ms();
+            let stuck = select_many(
+                &tx,
+                "state IN ('UPLOADING', 'VERIFYING') ORDER BY created_at",
+                named_params! {},
+            )?;
+            let mut recovered = Vec::with_capacity(stuck.len());
+            for job in stuck {
+                let message = format!(
+                    "the uploader stopped while the job was {}; retrying",
+                    job.state
+                );
+                recovered.push(transition(
+                    &tx,
+                    job.job_id,
+                    JobState::Retrying,
+                    now,
+                    &message,
+                    "last_error = :msg, next_attempt_at = :now",
+                    named_params! { ":msg": message },
+                )?);
+            }
+            tx.commit()?;
+            Ok(recovered)
+        })
+        .await
+    }
+
+    /// The backup no longer matches its SHA-256 (scrub or pre-attempt check).
+    /// Marks it; a STORED or RETRYING job also becomes RETAINED so it is never
+    /// claimed. Nothing is deleted.
+    pub async fn mark_backup_corrupt(&self, job_id: JobId, detail: String) -> Result<Job> {
+        self.single(move |tx, now| {
+            let job = get_tx(tx, job_id)?;
+            if job.state == JobState::Delivered {
+                // The delivered copy was verified against the intake digest; a
+                // later change to a leftover backup does not concern the job.
+                return Ok(job);
+            }
+            let message = format!("backup corrupt: {detail}");
+            tx.execute(
+                "UPDATE jobs SET backup_corrupt = 1, last_error = :m, updated_at = :now WHERE job_id = :id",
+                named_params! { ":m": message, ":now": now, ":id": job_id.to_string() },
+            )?;
+            if matches!(job.state, JobState::Stored | JobState::Retrying) {
+                transition(tx, job_id, JobState::Retained, now, &message, "next_attempt_at = NULL", &[])
+            } else {
+                add_event(tx, job_id, now, job.state, &message)?;
+                get_tx(tx, job_id)
+            }
+        })
+        .await
+    }
+
+    /// Records that a DELIVERED job's backup was deleted. Idempotent.
+    pub async fn mark_backup_deleted(&self, job_id: JobId) -> Result<Job> {
+        self.single(move |tx, now| {
+            let job = get_tx(tx, job_id)?;
+            if job.state != JobState::Delivered {
+                return Err(JobStoreError::FailedPrecondition {
+                    job_id,
+                    reason: format!(
+                        "its backup may only be deleted once DELIVERED, and it is {}",
+                        job.state
+                    ),
+                });
+            }
+            if job.backup_deleted {
+                return Ok(job);
+            }
+            tx.execute(
+                "UPDATE jobs SET backup_deleted = 1, updated_at = :now WHERE job_id = :id",
+                named_params! { ":now": now, ":id": job_id.to_string() },
+            )?;
+            add_event(tx, job_id, now, JobState::Delivered, "backup deleted")?;
+            get_tx(tx, job_id)
+        })
+        .await
+    }
+
+    /// DELIVERED jobs whose backup is not yet recorded as deleted: a crash
+    /// between verification and deletion leaves these; delete them at start-up.
+    pub async fn pending_backup_deletes(&self) -> Result<Vec<Job>> {
+        self.run(|conn| {
+            select_many(
+                conn,
+                "state = 'DELIVERED' AND backup_deleted = 0 ORDER BY updated_at",
+                named_params! {},
+            )
+        })
+        .await
+    }
+
+    /// Jobs whose backup the scrub should re-hash: not delivered, backup
+    /// present and not already known corrupt.
+    pub async fn scrub_candidates(&self) -> Result<Vec<Job>> {
+        self.run(|conn| {
+            select_many(
+                conn,
+                "state <> 'DELIVERED' AND backup_deleted = 0 AND backup_corrupt = 0 ORDER BY created_at",
+                named_params! {},
+            )
+        })
+        .await
+    }
+
+    /// The job's history, oldest first.
+    pub async fn history(&self, job_id: JobId) -> Result<Vec<JobEvent>> {
+        self.run(move |conn| {
+            get_tx(conn, job_id)?;
+            let mut stmt = conn.prepare(
+                "SELECT time, state, message FROM job_events WHERE job_id = :id ORDER BY id",
+            )?;
+            let mut rows = stmt.query(named_params! { ":id": job_id.to_string() })?;
+            let mut events = Vec::new();
+            while let Some(row) = rows.next()? {
+                let state: String = row.get("state")?;
+                events.push(JobEvent {
+                    time: from_ms(row.get("time")?)?,
+                    state: JobState::from_db(&state)
+                        .ok_or_else(|| JobStoreError::Corrupt(format!("event state {state:?}")))?,
+                    message: row.get("message")?,
+                });
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    /// One committed change to one job, published to subscribers.
+    async fn single<F>(&self, f: F) -> Result<Job>
+    where
+        F: FnOnce(&Transaction<'_>, i64) -> Result<Job> + Send + 'static,
+    {
+        let mut jobs = self
+            .run_publish(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let job = f(&tx, now_ms())?;
+                tx.commit()?;
+                Ok(vec![job])
+            })
+            .await?;
+        jobs.pop()
+            .ok_or_else(|| JobStoreError::Unavailable("no job returned".to_owned()))
+    }
+}
+
+/// Checks and applies `→ to`, sets `set` (extra `col = :param` assignments
+/// using `params`), and writes the history line. Returns the updated job.
+fn transition(
+    tx: &Transaction<'_>,
+    job_id: JobId,
+    to: JobState,
+    now: i64,
+    message: &str,
+    set: &str,
+    params: &[(&str, &dyn ToSql)],
+) -> Result<Job> {
+    let job = get_tx(tx, job_id)?;
+    check_transition(job.state, to)
+        .map_err(|source| JobStoreError::IllegalTransition { job_id, source })?;
+    let sep = if set.is_empty() { "" } else { ", " };
+    let sql = format!(
+        "UPDATE jobs SET state = :state, updated_at = :now{sep}{set} WHERE job_id = :id AND state = :from"
+    );
+    let id = job_id.to_string();
+    let (to_name, from_name) = (to.as_str(), job.state.as_str());
+    let mut all: Vec<(&str, &dyn ToSql)> = vec![
+        (":state", &to_name),
+        (":now", &now),
+        (":id", &id),
+        (":from", &from_name),
+    ];
+    all.extend_from_slice(params);
+    // Only bind what the statement names; rusqlite refuses unknown parameters.
+    let mut stmt = tx.prepare(&sql)?;
+    let bound: Vec<(&str, &dyn ToSql)> = all
+        .into_iter()
+        .filter(|(name, _)| stmt.parameter_index(name).ok().flatten().is_some())
+        .collect();
+    let changed = stmt.execute(bound.as_slice())?;
+    if changed != 1 {
+        return Err(JobStoreError::Unavailable(format!(
+            "job {job_id} changed state during the transition to {to}"
+        )));
+    }
+    add_event(tx, job_id, now, to, message)?;
+    get_tx(tx, job_id)
+}
+
+fn add_event(
+    conn: &Connection,
+    job_id: JobId,
+    now: i64,
+    state: JobState,
+    message: &str,
+) -> Result<()> {
+    conn.execute(
+        "INSERT INTO job_events (job_id, time, state, message) VALUES (:id, :t, :s, :m)",
+        named_params! { ":id": job_id.to_string(), ":t": now, ":s": state.as_str(), ":m": message },
+    )?;
+    Ok(())
+}
+
+const COLUMNS: &str = "job_id, tenant_id, recording_id, destination_id, file_name, content_type,
+    backup_path, sha256, size, state, attempts, last_error, location, verified_by,
+    next_attempt_at, created_at, updated_at, backup_corrupt, backup_deleted,
+    multipart_upload_id, request_id";
+
+fn get_tx(conn: &Connection, job_id: JobId) -> Result<Job> {
+    select_one(
+        conn,
+        "job_id = :id",
+        named_params! { ":id": job_id.to_string() },
+    )?
+    .ok_or(JobStoreError::NotFound(job_id))
+}
+
+fn select_one(
+    conn: &Connection,
+    condition: &str,
+    params: &[(&str, &dyn ToSql)],
+) -> Result<Option<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {condition}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params)?;
+    rows.next()?.map(job_from_row).transpose()
+}
+
+fn select_many(
+    conn: &Connection,
+    condition: &str,
+    params: &[(&str, &dyn ToSql)],
+) -> Result<Vec<Job>> {
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE {condition}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut jobs = Vec::new();
+    while let Some(row) = rows.next()? {
+        jobs.push(job_from_row(row)?);
+    }
+    Ok(jobs)
+}
+
+fn job_from_row(row: &Row<'_>) -> Result<Job> {
+    fn field<T>(name: &str, r: Result<T, InvalidValue>) -> Result<T> {
+        r.map_err(|e| JobStoreError::Corrupt(format!("{name} {e}")))
+    }
+    let job_id: String = row.get("job_id")?;
+    let sha: Vec<u8> = row.get("sha256")?;
+    let state: String = row.get("state")?;
+    let verified_by: Option<String> = row.get("verified_by")?;
+    let size: i64 = row.get("size")?;
+    let attempts: i64 = row.get("attempts")?;
+    let backup_path: String = row.get("backup_path")?;
+    Ok(Job {
+        job_id: parse_job_id(&job_id)?,
+        tenant_id: field(
+            "tenant_id",
+            TenantId::parse(row.get::<_, String>("tenant_id")?),
+        )?,
+        recording_id: field(
+            "recording_id",
+            RecordingId::parse(row.get::<_, String>("recording_id")?),
+        )?,
+        destination_id: field(
+            "destination_id",
+            DestinationId::parse(row.get::<_, String>("destination_id")?),
+        )?,
+        file_name: field(
+            "file_name",
+            FileName::parse(row.get::<_, String>("file_name")?),
+        )?,
+        content_type: field(
+            "content_type",
+            ContentType::parse(row.get::<_, String>("content_type")?),
+        )?,
+        backup_path: PathBuf::from(backup_path),
+        sha256: Sha256Digest::from_slice(&sha).ok_or_else(|| {
+            JobStoreError::Corrupt(format!("job {job_id}: sha256 is not 32 bytes"))
+        })?,
+        size: u64::try_from(size)
+            .map_err(|_| JobStoreError::Corrupt(format!("job {job_id}: size {size}")))?,
+        state: JobState::from_db(&state)
+            .ok_or_else(|| JobStoreError::Corrupt(format!("job {job_id}: state {state:?}")))?,
+        attempts: u32::try_from(attempts)
+            .map_err(|_| JobStoreError::Corrupt(format!("job {job_id}: attempts {attempts}")))?,
+        last_error: row.get("last_error")?,
+        location: row.get("location")?,
+        verified_by: verified_by
+            .map(|v| {
+                VerifiedBy::from_db(&v).ok_or_else(|| {
+                    JobStoreError::Corrupt(format!("job {job_id}: verified_by {v:?}"))
+                })
+            })
+            .transpose()?,
+        next_attempt_at: row
+            .get::<_, Option<i64>>("next_attempt_at")?
+            .map(from_ms)
+            .transpose()?,
+        created_at: from_ms(row.get("created_at")?)?,
+        updated_at: from_ms(row.get("updated_at")?)?,
+        backup_corrupt: row.get("backup_corrupt")?,
+        backup_deleted: row.get("backup_deleted")?,
+        multipart_upload_id: row.get("multipart_upload_id")?,
+        request_id: row.get("request_id")?,
+        bytes_sent: 0,
+    })
+}
+
+fn parse_job_id(s: &str) -> Result<JobId> {
+    JobId::parse(s).map_err(|e| JobStoreError::Corrupt(format!("job_id {e}")))
+}
+
+fn path_text(path: &Path) -> Result<&str> {
+    path.to_str().ok_or_else(|| {
+        JobStoreError::Corrupt(format!("backup path {} is not UTF-8", path.display()))
+    })
+}
+
+/// Timestamps are stored as Unix milliseconds: sortable, compact, and enough
+/// resolution for scheduling.
+fn to_ms(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn from_ms(ms: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| JobStoreError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+fn now_ms() -> i64 {
+    to_ms(OffsetDateTime::now_utc())
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}

@@ -1,0 +1,502 @@
+//! The job store on a real SQLite file, with real backups: idempotent
+//! creation, the state machine, claiming, crash recovery, resend, backoff,
+//! and the scrub finding a flipped byte.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use recvault_uploader::backup::{BackupStore, StoredBackup};
+use recvault_uploader::digest::Sha256Digest;
+use recvault_uploader::jobs::{
+    ContentType, DestinationId, FileName, JobFilter, JobState, JobStore, JobStoreError, NewJob,
+    RecordingId, RetryPolicy, TenantId, VerifiedBy,
+};
+use recvault_uploader::scrub::scrub_once;
+use time::OffsetDateTime;
+use tonic::Code;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    backups: BackupStore,
+    jobs: JobStore,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = BackupStore::open(dir.path().join("backups")).unwrap();
+        let jobs = JobStore::open(Self::db(&dir)).unwrap();
+        Self { dir, backups, jobs }
+    }
+
+    fn db(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("jobs.sqlite3")
+    }
+
+    fn backup(&self, tenant: &str, data: &[u8]) -> StoredBackup {
+        let mut w = self
+            .backups
+            .begin(&TenantId::parse(tenant).unwrap())
+            .unwrap();
+        w.write_chunk(data).unwrap();
+        w.finish(Sha256Digest::of(data)).unwrap()
+    }
+
+    fn new_job(&self, tenant: &str, recording: &str, data: &[u8]) -> NewJob {
+        let b = self.backup(tenant, data);
+        NewJob {
+            job_id: b.id,
+            tenant_id: TenantId::parse(tenant).unwrap(),
+            recording_id: RecordingId::parse(recording).unwrap(),
+            destination_id: DestinationId::parse("dest-1").unwrap(),
+            file_name: FileName::parse("call.mp4").unwrap(),
+            content_type: ContentType::parse("video/mp4").unwrap(),
+            backup_path: b.path,
+            sha256: b.sha256,
+            size: b.size,
+            request_id: Some("req-1".into()),
+        }
+    }
+
+    async fn create(
+        &self,
+        tenant: &str,
+        recording: &str,
+        data: &[u8],
+    ) -> recvault_uploader::jobs::Job {
+        let (job, created) = self
+            .jobs
+            .create_or_get(self.new_job(tenant, recording, data))
+            .await
+            .unwrap();
+        assert!(created);
+        job
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn hours(n: i64) -> time::Duration {
+    time::Duration::hours(n)
+}
+
+#[tokio::test]
+async fn create_is_idempotent_per_tenant_and_recording() {
+    let f = Fixture::new();
+    let first = f.new_job("acme", "rec-1", b"hello");
+    let (job, created) = f.jobs.create_or_get(first.clone()).await.unwrap();
+    assert!(created);
+    assert_eq!(job.state, JobState::Stored);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(job.sha256, Sha256Digest::of(b"hello"));
+    assert_eq!(job.request_id.as_deref(), Some("req-1"));
+
+    // Same recording sent again (new backup, same bytes): the existing job.
+    let again = f.new_job("acme", "rec-1", b"hello");
+    let (same, created) = f.jobs.create_or_get(again).await.unwrap();
+    assert!(!created);
+    assert_eq!(same.job_id, job.job_id);
+
+    // Same recording id, other bytes: refused as ALREADY_EXISTS.
+    let err = f
+        .jobs
+        .create_or_get(f.new_job("acme", "rec-1", b"other"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::RecordingConflict { .. }),
+        "{err}"
+    );
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("recording id rec-1"));
+    assert!(
+        status
+            .message()
+            .contains("already ingested with a different SHA-256")
+    );
+
+    // The same recording id under another tenant is another job.
+    let (other, created) = f
+        .jobs
+        .create_or_get(f.new_job("globex", "rec-1", b"x"))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_ne!(other.job_id, job.job_id);
+
+    let acme = f
+        .jobs
+        .list(JobFilter {
+            tenant_id: Some(TenantId::parse("acme").unwrap()),
+            ..JobFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(acme.len(), 1);
+    assert_eq!(f.jobs.list(JobFilter::default()).await.unwrap().len(), 2);
+    let found = f
+        .jobs
+        .find_by_recording(
+            TenantId::parse("acme").unwrap(),
+            RecordingId::parse("rec-1").unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.map(|j| j.job_id), Some(job.job_id));
+}
+
+#[tokio::test]
+async fn full_delivery_and_illegal_transitions() {
+    let f = Fixture::new();
+    let job = f.create("acme", "rec-1", b"data").await;
+    let id = job.job_id;
+
+    // Not before an attempt claimed it, and never straight to DELIVERED.
+    let err = f.jobs.mark_verifying(id).await.unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::IllegalTransition { .. }),
+        "{err}"
+    );
+    assert_eq!(tonic::Status::from(err).code(), Code::FailedPrecondition);
+    let err = f
+        .jobs
+        .mark_delivered(id, "s3://b/call.mp4".into(), VerifiedBy::ProviderChecksum)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("from STORED to DELIVERED"),
+        "{err}"
+    );
+
+    let claimed = f.jobs.claim_due(now(), 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        f.jobs
+            .mark_delivered(id, "x".into(), VerifiedBy::ReadBack)
+            .await
+            .is_err()
+    );
+    f.jobs.mark_verifying(id).await.unwrap();
+    let done = f
+        .jobs
+        .mark_delivered(id, "s3://b/call.mp4".into(), VerifiedBy::ProviderChecksum)
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Delivered);
+    assert_eq!(done.verified_by, Some(VerifiedBy::ProviderChecksum));
+    assert_eq!(done.location.as_deref(), Some("s3://b/call.mp4"));
+
+    // DELIVERED is terminal.
+    assert!(f.jobs.mark_retry(id, "late".into(), now()).await.is_err());
+    assert!(f.jobs.mark_retained(id, "late".into()).await.is_err());
+    assert!(f.jobs.resend(id, None).await.is_err());
+    assert!(
+        f.jobs
+            .claim_due(now() + hours(1), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The backup is deleted after delivery, recorded once.
+    assert_eq!(f.jobs.pending_backup_deletes().await.unwrap().len(), 1);
+    f.backups.delete(&done.backup_path).await.unwrap();
+    f.jobs.mark_backup_deleted(id).await.unwrap();
+    f.jobs.mark_backup_deleted(id).await.unwrap();
+    assert!(f.jobs.pending_backup_deletes().await.unwrap().is_empty());
+
+    let states: Vec<JobState> = f
+        .jobs
+        .history(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    assert_eq!(
+        states,
+        [
+            JobState::Stored,
+            JobState::Uploading,
+            JobState::Verifying,
+            JobState::Delivered,
+            JobState::Delivered
+        ]
+    );
+    let wire = done.to_proto();
+    assert_eq!(
+        wire.state,
+        recvault_proto::uploader::v1::JobState::Delivered as i32
+    );
+    assert_eq!(wire.verified_by, "provider-checksum");
+}
+
+#[tokio::test]
+async fn claim_due_takes_only_due_jobs_and_each_once() {
+    let f = Fixture::new();
+    let a = f.create("acme", "rec-a", b"a").await;
+    let b = f.create("acme", "rec-b", b"b").await;
+    let c = f.create("acme", "rec-c", b"c").await;
+
+    let first = f.jobs.claim_due(now(), 2).await.unwrap();
+    assert_eq!(first.len(), 2, "limit respected");
+    assert!(
+        first
+            .iter()
+            .all(|j| j.state == JobState::Uploading && j.attempts == 1)
+    );
+    let second = f.jobs.claim_due(now(), 10).await.unwrap();
+    assert_eq!(second.len(), 1);
+    let mut ids: Vec<_> = first.iter().chain(&second).map(|j| j.job_id).collect();
+    ids.sort();
+    let mut want = vec![a.job_id, b.job_id, c.job_id];
+    want.sort();
+    assert_eq!(ids, want, "every job claimed exactly once");
+    assert!(f.jobs.claim_due(now(), 10).await.unwrap().is_empty());
+
+    // A retry in an hour is not due now, and is due in two hours.
+    let retry_at = now() + hours(1);
+    let r = f
+        .jobs
+        .mark_retry(a.job_id, "503 Slow Down".into(), retry_at)
+        .await
+        .unwrap();
+    assert_eq!(r.state, JobState::Retrying);
+    assert_eq!(r.last_error.as_deref(), Some("503 Slow Down"));
+    assert!(f.jobs.claim_due(now(), 10).await.unwrap().is_empty());
+    let later = f.jobs.claim_due(now() + hours(2), 10).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].job_id, a.job_id);
+    assert_eq!(later[0].attempts, 2);
+
+    // Concurrent claimers never share a job.
+    for i in 0..20 {
+        f.create("acme", &format!("many-{i}"), format!("{i}").as_bytes())
+            .await;
+    }
+    let (x, y) = tokio::join!(f.jobs.claim_due(now(), 15), f.jobs.claim_due(now(), 15));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.len() + y.len(), 20);
+    assert!(x.iter().all(|j| !y.iter().any(|k| k.job_id == j.job_id)));
+}
+
+#[tokio::test]
+async fn crash_recovery_moves_unfinished_attempts_to_retrying() {
+    let f = Fixture::new();
+    let up = f.create("acme", "rec-up", b"1").await;
+    let ver = f.create("acme", "rec-ver", b"2").await;
+    let stored = f.create("acme", "rec-stored", b"3").await;
+    // `stored` is created last, so it is claimed last and left out with limit 2.
+    assert_eq!(f.jobs.claim_due(now(), 2).await.unwrap().len(), 2);
+    f.jobs
+        .set_multipart_upload_id(up.job_id, Some("mp-upload-1".into()))
+        .await
+        .unwrap();
+    f.jobs.mark_verifying(ver.job_id).await.unwrap();
+
+    // "Crash": drop the store without finishing, open the file again.
+    let Fixture { dir, backups, jobs } = f;
+    drop(jobs);
+    let jobs = JobStore::open(Fixture::db(&dir)).unwrap();
+    let mut recovered = jobs.recover_after_crash().await.unwrap();
+    recovered.sort_by_key(|j| j.recording_id.clone());
+    assert_eq!(recovered.len(), 2);
+    assert!(recovered.iter().all(|j| j.state == JobState::Retrying));
+    assert_eq!(recovered[0].job_id, up.job_id);
+    assert_eq!(
+        recovered[0].multipart_upload_id.as_deref(),
+        Some("mp-upload-1")
+    );
+    assert!(
+        recovered[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("UPLOADING")
+    );
+    assert!(
+        recovered[1]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("VERIFYING")
+    );
+    assert_eq!(
+        jobs.get(stored.job_id).await.unwrap().state,
+        JobState::Stored
+    );
+
+    // All three are due now, and the attempt count carries on.
+    let again = jobs.claim_due(now(), 10).await.unwrap();
+    assert_eq!(again.len(), 3);
+    let up_again = again.iter().find(|j| j.job_id == up.job_id).unwrap();
+    assert_eq!(up_again.attempts, 2);
+    assert_eq!(up_again.multipart_upload_id.as_deref(), Some("mp-upload-1"));
+    assert!(jobs.recover_after_crash().await.unwrap().len() == 3);
+    drop(backups);
+}
+
+#[tokio::test]
+async fn resend_only_from_retained_or_retrying_with_a_backup() {
+    let f = Fixture::new();
+    let job = f.create("acme", "rec-1", b"payload").await;
+    let id = job.job_id;
+
+    let err = f.jobs.resend(id, None).await.unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::IllegalTransition { .. }),
+        "STORED: {err}"
+    );
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    assert!(f.jobs.resend(id, None).await.is_err(), "UPLOADING");
+
+    let retained = f
+        .jobs
+        .mark_retained(id, "AccessDenied: check the credential".into())
+        .await
+        .unwrap();
+    assert_eq!(retained.state, JobState::Retained);
+    assert!(
+        f.jobs
+            .claim_due(now() + hours(24), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let other = DestinationId::parse("dest-2").unwrap();
+    let resent = f.jobs.resend(id, Some(other.clone())).await.unwrap();
+    assert_eq!(resent.state, JobState::Stored);
+    assert_eq!(resent.attempts, 0);
+    assert_eq!(resent.destination_id, other);
+    assert_eq!(resent.last_error, None);
+
+    // From RETRYING too.
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    f.jobs
+        .mark_retry(id, "timeout".into(), now() + hours(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.jobs.resend(id, None).await.unwrap().state,
+        JobState::Stored
+    );
+
+    // An open multipart upload pins the destination.
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    f.jobs
+        .set_multipart_upload_id(id, Some("mp-9".into()))
+        .await
+        .unwrap();
+    f.jobs
+        .mark_retained(id, "NoSuchBucket".into())
+        .await
+        .unwrap();
+    let err = f
+        .jobs
+        .resend(id, Some(DestinationId::parse("dest-3").unwrap()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::FailedPrecondition { .. }),
+        "{err}"
+    );
+    f.jobs.resend(id, None).await.unwrap();
+
+    // Without a backup there is nothing to resend.
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    f.jobs
+        .mark_retained(id, "NoSuchBucket".into())
+        .await
+        .unwrap();
+    std::fs::remove_file(&job.backup_path).unwrap();
+    let err = f.jobs.resend(id, None).await.unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), Code::FailedPrecondition);
+
+    let history = f.jobs.history(id).await.unwrap();
+    assert!(history.iter().any(|e| e.message.contains("dest-2")));
+    assert!(history.iter().any(|e| e.message.contains("mp-9")));
+}
+
+#[tokio::test]
+async fn subscribers_see_committed_changes() {
+    let f = Fixture::new();
+    let mut rx = f.jobs.subscribe();
+    let job = f.create("acme", "rec-1", b"x").await;
+    assert_eq!(rx.recv().await.unwrap().state, JobState::Stored);
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap().state, JobState::Uploading);
+    f.jobs.publish_progress(&job, 42);
+    assert_eq!(rx.recv().await.unwrap().bytes_sent, 42);
+    // A refused transition publishes nothing.
+    assert!(f.jobs.resend(job.job_id, None).await.is_err());
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn retry_policy_backoff_bounds() {
+    let p = RetryPolicy::default();
+    assert_eq!(p.max_attempts, 8);
+    for attempts in 1..8 {
+        let ceiling = Duration::from_secs(1 << (attempts - 1)).min(Duration::from_secs(300));
+        for _ in 0..100 {
+            let d = p.next_delay(attempts).unwrap();
+            assert!(d <= ceiling, "attempt {attempts}: {d:?}");
+        }
+    }
+    assert_eq!(p.next_delay(8), None, "budget spent → RETAINED");
+    let capped = RetryPolicy {
+        max_attempts: 100,
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(300),
+    };
+    for _ in 0..100 {
+        assert!(capped.next_delay(60).unwrap() <= Duration::from_secs(300));
+    }
+}
+
+#[tokio::test]
+async fn scrub_marks_a_flipped_byte_and_deletes_nothing() {
+    let f = Fixture::new();
+    let good = f.create("acme", "rec-good", &vec![1u8; 100_000]).await;
+    let bad = f.create("acme", "rec-bad", &vec![2u8; 100_000]).await;
+
+    let clean = scrub_once(&f.backups, &f.jobs).await.unwrap();
+    assert_eq!((clean.checked, clean.corrupt, clean.orphans), (2, 0, 0));
+
+    let mut bytes = std::fs::read(&bad.backup_path).unwrap();
+    bytes[50_000] ^= 0x01;
+    std::fs::write(&bad.backup_path, &bytes).unwrap();
+
+    let report = scrub_once(&f.backups, &f.jobs).await.unwrap();
+    assert_eq!((report.checked, report.corrupt, report.missing), (2, 1, 0));
+    let bad_now = f.jobs.get(bad.job_id).await.unwrap();
+    assert!(bad_now.backup_corrupt);
+    assert_eq!(
+        bad_now.state,
+        JobState::Retained,
+        "never claimed for upload"
+    );
+    assert!(bad_now.last_error.unwrap().contains(&bad.sha256.to_hex()));
+    assert!(!f.jobs.get(good.job_id).await.unwrap().backup_corrupt);
+    assert!(bad.backup_path.exists(), "the scrub deletes nothing");
+    assert!(
+        f.jobs.resend(bad.job_id, None).await.is_err(),
+        "corruption is never resent"
+    );
+
+    // A corrupt backup is reported once, then left alone; an orphan is reported.
+    let orphan = f.backup("acme", b"no job");
+    let report = scrub_once(&f.backups, &f.jobs).await.unwrap();
+    assert_eq!((report.checked, report.corrupt, report.orphans), (1, 0, 1));
+    assert!(orphan.path.exists());
+
+    // The worker's pre-attempt check uses the same call.
+    let (sha, _) = f.backups.rehash(&bad.backup_path).await.unwrap();
+    assert_ne!(sha, bad.sha256);
+}
