@@ -1,0 +1,1228 @@
+//! The uploader as it runs in production: the real `uploaderd` and `vaultd`
+//! binaries over real mTLS (dev certificates from `vaultd init`), delivering
+//! to a real S3 server (s3s-fs, in this process, on `127.0.0.1:0` with SigV4).
+//! Clients are the generated tonic clients. Every wait has a deadline and
+//! prints both daemons' logs when it runs out.
+//!
+//! Scenarios: verified delivery (single PUT and multipart) with a sidecar that
+//! `sha256sum -c` accepts; corrupt intake refused without a trace; a wrong S3
+//! secret retained and delivered after the credential is fixed; the vault down
+//! and back; SIGKILL mid-multipart and restart; and no S3 secret in any log.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    pin::Pin,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use recvault_proto::{
+    uploader::v1::{
+        self as up, destinations_client::DestinationsClient, jobs_client::JobsClient,
+        recordings_client::RecordingsClient, upload_request::Part,
+    },
+    vault::v1::{self as vt, credentials_client::CredentialsClient},
+};
+use recvault_runtime::{devcerts, tls};
+use recvault_tests::{Daemon, binary, served_addr};
+use sha2::{Digest as _, Sha256};
+use tonic::{Code, transport::Channel};
+
+const MIB: usize = 1024 * 1024;
+const TENANT: &str = "acme";
+const BUCKET: &str = "media";
+const PREFIX: &str = "recordings/e2e";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+// ---------------------------------------------------------------------------
+// An in-process S3 server: s3s-fs on a temporary directory, SigV4 with one key.
+// ---------------------------------------------------------------------------
+
+/// One authenticated request as the S3 server saw it.
+#[derive(Debug, Clone)]
+struct SeenRequest {
+    operation: String,
+    path: String,
+    crc32: Option<String>,
+    checksum_type: Option<String>,
+}
+
+struct S3 {
+    endpoint: String,
+    access_key: String,
+    secret_key: String,
+    root: tempfile::TempDir,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Recorder {
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+// `S3Access` is an `#[async_trait]` trait; this is the signature the macro
+// generates, written out so no async-trait dependency is needed.
+impl s3s::access::S3Access for Recorder {
+    fn check<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        cx: &'life1 mut s3s::access::S3AccessContext<'life2>,
+    ) -> Pin<Box<dyn Future<Output = s3s::S3Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        let authenticated = cx.credentials().is_some();
+        let header = |name: &str| {
+            cx.headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let request = SeenRequest {
+            operation: cx.s3_op().name().to_owned(),
+            path: cx.uri().path().to_owned(),
+            crc32: header("x-amz-checksum-crc32"),
+            checksum_type: header("x-amz-checksum-type"),
+        };
+        self.seen.lock().unwrap().push(request);
+        Box::pin(async move {
+            if authenticated {
+                Ok(())
+            } else {
+                Err(s3s::s3_error!(AccessDenied))
+            }
+        })
+    }
+}
+
+/// Distinct enough to search logs for, different in every run.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut x = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    x ^= COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48;
+    format!("{prefix}{:016x}", splitmix(&mut x))
+}
+
+impl S3 {
+    async fn start() -> Self {
+        use hyper_util::{
+            rt::{TokioExecutor, TokioIo},
+            server::conn::auto::Builder,
+        };
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(BUCKET)).unwrap();
+        let access_key = unique("AKIAE2E").to_uppercase();
+        let secret_key = unique("S3cr3t-e2e-");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let service = {
+            let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
+            let mut b = s3s::service::S3ServiceBuilder::new(fs);
+            b.set_auth(s3s::auth::SimpleAuth::from_single(
+                access_key.clone(),
+                secret_key.clone(),
+            ));
+            b.set_access(Recorder { seen: seen.clone() });
+            b.build()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let builder = Builder::new(TokioExecutor::new());
+            loop {
+                let socket = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((socket, _)) => socket,
+                        Err(_) => continue,
+                    },
+                    _ = &mut stopped => break,
+                };
+                let (builder, service) = (builder.clone(), service.clone());
+                tokio::spawn(async move {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            access_key,
+            secret_key,
+            root,
+            seen,
+            _stop: stop,
+        }
+    }
+
+    /// Where s3s-fs keeps the bytes of `BUCKET/PREFIX/name`.
+    fn object_path(&self, name: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(PREFIX).join(name)
+    }
+
+    fn credential_json(&self, secret: &str) -> String {
+        format!(
+            r#"{{"access_key_id":"{}","secret_access_key":"{secret}"}}"#,
+            self.access_key
+        )
+    }
+
+    fn requests(&self, operation: &str, name: &str) -> Vec<SeenRequest> {
+        let path = format!("/{BUCKET}/{PREFIX}/{name}");
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.operation == operation && r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Multipart uploads s3s-fs still holds (`.upload-<id>.json`, `.upload_id-<id>.part-N`).
+    fn open_multipart_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload"))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recordings: pseudo-random bytes, streamed in CRC-checked chunks.
+// ---------------------------------------------------------------------------
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn random_bytes(len: usize, seed: u64) -> Arc<Vec<u8>> {
+    let mut state = seed;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        data.extend_from_slice(&splitmix(&mut state).to_le_bytes());
+    }
+    data.truncate(len);
+    Arc::new(data)
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    None,
+    /// Send this chunk with a CRC-32 that does not match its bytes.
+    ChunkCrc(usize),
+    /// Send a trailer SHA-256 that does not match the recording.
+    TrailerSha256,
+}
+
+// ---------------------------------------------------------------------------
+// The rig: vaultd + uploaderd (real binaries) + S3, in one temporary directory.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Settings {
+    max_attempts: u32,
+    multipart_threshold: usize,
+    part_size: usize,
+    part_concurrency: usize,
+    /// Fixed vault port (so a restarted vault comes back on the same address).
+    vault_port: Option<u16>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            multipart_threshold: 16 * MIB,
+            part_size: 8 * MIB,
+            part_concurrency: 4,
+            vault_port: None,
+        }
+    }
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    certs: PathBuf,
+    settings: Settings,
+    s3: S3,
+    vault: Option<Daemon>,
+    vault_addr: String,
+    uploader: Option<Daemon>,
+    uploader_addr: String,
+    /// Output of daemons that were stopped or killed.
+    past_logs: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Rig {
+    async fn new(settings: Settings) -> Self {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let certs = root.join("certs");
+        let out = Command::new(binary("vaultd"))
+            .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(root.join("vault"))
+            .arg("--certs")
+            .arg(&certs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vaultd init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Build (if stale) before any daemon runs, so no start-up timeout pays for it.
+        binary("uploaderd");
+        let s3 = S3::start().await;
+        let mut rig = Self {
+            _dir: dir,
+            root,
+            certs,
+            settings,
+            s3,
+            vault: None,
+            vault_addr: String::new(),
+            uploader: None,
+            uploader_addr: String::new(),
+            past_logs: Vec::new(),
+        };
+        rig.start_vault();
+        rig
+    }
+
+    fn backup_dir(&self) -> PathBuf {
+        self.root.join("uploader/backups")
+    }
+
+    fn start_vault(&mut self) {
+        let mut cmd = Command::new(binary("vaultd"));
+        cmd.args(["serve", "--config"])
+            .arg(self.root.join("vault/vault.toml"))
+            .env("RUST_LOG", "debug");
+        if let Some(port) = self.settings.vault_port {
+            cmd.env("RECVAULT_VAULT_LISTEN", format!("127.0.0.1:{port}"));
+        }
+        let mut daemon = Daemon::spawn(cmd);
+        let line = tokio::task::block_in_place(|| {
+            daemon.wait_for("vault serving", Duration::from_secs(30))
+        });
+        self.vault_addr = served_addr(&line);
+        if let Some(port) = self.settings.vault_port {
+            assert_eq!(self.vault_addr, format!("127.0.0.1:{port}"));
+        }
+        self.vault = Some(daemon);
+    }
+
+    fn stop_vault(&mut self) {
+        let mut daemon = self.vault.take().expect("vault running");
+        tokio::task::block_in_place(|| daemon.stop());
+        self.past_logs.push(daemon.output());
+    }
+
+    fn write_uploader_config(&self) -> PathBuf {
+        let s = &self.settings;
+        let file = |name: &str| self.certs.join(name).display().to_string();
+        let text = format!(
+            r#"listen = "127.0.0.1:0"
+database = "{db}"
+backup_dir = "{backups}"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+
+[vault]
+endpoint = "{vault}"
+server_name = "localhost"
+lease_ttl_secs = 60
+
+[vault.tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+
+[access]
+recorder = ["spiffe://recvault.local/recorder"]
+manager = ["spiffe://recvault.local/manager"]
+
+[delivery]
+workers = 2
+max_attempts = {attempts}
+retry_base_ms = 200
+retry_max_secs = 1
+scrub_interval_secs = 0
+multipart_threshold_bytes = {threshold}
+part_size_bytes = {part}
+part_concurrency = {concurrency}
+"#,
+            db = self.root.join("uploader/uploader.db").display(),
+            backups = self.backup_dir().display(),
+            cert = file("uploader.crt"),
+            key = file("uploader.key"),
+            ca = file("ca.crt"),
+            vault = self.vault_addr,
+            attempts = s.max_attempts,
+            threshold = s.multipart_threshold,
+            part = s.part_size,
+            concurrency = s.part_concurrency,
+        );
+        let path = self.root.join("uploader.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start_uploader(&mut self) {
+        let config = self.write_uploader_config();
+        let mut cmd = Command::new(binary("uploaderd"));
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "debug");
+        let mut daemon = Daemon::spawn(cmd);
+        let line = tokio::task::block_in_place(|| {
+            daemon.wait_for("uploader serving", Duration::from_secs(30))
+        });
+        self.uploader_addr = served_addr(&line);
+        self.uploader = Some(daemon);
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill_uploader(&mut self) {
+        let mut daemon = self.uploader.take().expect("uploader running");
+        daemon.kill();
+        self.past_logs.push(daemon.output());
+    }
+
+    /// Everything every daemon printed so far.
+    fn logs(&self) -> String {
+        let mut all = self.past_logs.join("\n");
+        for d in [&self.vault, &self.uploader].into_iter().flatten() {
+            all.push('\n');
+            all.push_str(&d.output());
+        }
+        all
+    }
+
+    /// Failure context: the tail of each daemon's output.
+    fn context(&self) -> String {
+        let mut out = String::new();
+        for (name, d) in [("vaultd", &self.vault), ("uploaderd", &self.uploader)] {
+            if let Some(d) = d {
+                out.push_str(&format!(
+                    "\n----- {name} (last 80 lines) -----\n{}\n",
+                    tail(&d.output(), 80)
+                ));
+            }
+        }
+        for (i, past) in self.past_logs.iter().enumerate() {
+            out.push_str(&format!(
+                "\n----- stopped daemon #{i} (last 40 lines) -----\n{}\n",
+                tail(past, 40)
+            ));
+        }
+        out
+    }
+
+    fn channel(&self, addr: &str, identity: &str) -> Channel {
+        tls::channel(addr, "localhost", &devcerts::files(&self.certs, identity)).unwrap()
+    }
+
+    fn credentials(&self) -> CredentialsClient<Channel> {
+        CredentialsClient::new(self.channel(&self.vault_addr, "manager"))
+    }
+
+    fn jobs(&self) -> JobsClient<Channel> {
+        JobsClient::new(self.channel(&self.uploader_addr, "manager"))
+    }
+
+    fn recordings(&self) -> RecordingsClient<Channel> {
+        RecordingsClient::new(self.channel(&self.uploader_addr, "recorder"))
+    }
+
+    /// Stores (or re-versions) the tenant's S3 credential in the vault as the manager.
+    async fn put_credential(&self, secret_access_key: &str) -> vt::PutCredentialResponse {
+        self.credentials()
+            .put_credential(vt::PutCredentialRequest {
+                tenant_id: TENANT.into(),
+                name: "s3-media".into(),
+                kind: vt::CredentialKind::S3.into(),
+                secret: self.s3.credential_json(secret_access_key).into_bytes(),
+                labels: Default::default(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("PutCredential: {s:?}{}", self.context()))
+            .into_inner()
+    }
+
+    async fn put_destination(&self, credential_id: &str) -> String {
+        DestinationsClient::new(self.channel(&self.uploader_addr, "manager"))
+            .put_destination(up::PutDestinationRequest {
+                tenant_id: TENANT.into(),
+                name: "s3s-fs".into(),
+                provider: "s3".into(),
+                endpoint: self.s3.endpoint.clone(),
+                region: "us-east-1".into(),
+                bucket: BUCKET.into(),
+                prefix: PREFIX.into(),
+                path_style: true,
+                credential_id: credential_id.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("PutDestination: {s:?}{}", self.context()))
+            .into_inner()
+            .destination_id
+    }
+
+    /// Streams `data` as one recording: header, chunks of `chunk` bytes each
+    /// with its CRC-32, trailer with the SHA-256 (optionally tampered with).
+    async fn upload(
+        &self,
+        destination_id: &str,
+        recording_id: &str,
+        file_name: &str,
+        data: &Arc<Vec<u8>>,
+        chunk: usize,
+        tamper: Tamper,
+    ) -> Result<up::UploadResponse, tonic::Status> {
+        let mut digest = sha256(data);
+        if tamper == Tamper::TrailerSha256 {
+            digest[0] ^= 0xff;
+        }
+        let header = up::UploadRequest {
+            part: Some(Part::Header(up::UploadHeader {
+                tenant_id: TENANT.into(),
+                recording_id: recording_id.into(),
+                file_name: file_name.into(),
+                content_type: "video/mp4".into(),
+                destination_id: destination_id.into(),
+            })),
+        };
+        let bytes = data.clone();
+        let chunks = (0..data.len().div_ceil(chunk)).map(move |i| {
+            let piece = &bytes[i * chunk..((i + 1) * chunk).min(bytes.len())];
+            let mut crc32 = crc32fast::hash(piece);
+            if tamper == Tamper::ChunkCrc(i) {
+                crc32 ^= 0x0000_0001;
+            }
+            up::UploadRequest {
+                part: Some(Part::Chunk(up::Chunk {
+                    data: piece.to_vec(),
+                    crc32,
+                })),
+            }
+        });
+        let trailer = up::UploadRequest {
+            part: Some(Part::Trailer(up::UploadTrailer {
+                sha256: digest.to_vec(),
+            })),
+        };
+        let messages = std::iter::once(header)
+            .chain(chunks)
+            .chain(std::iter::once(trailer));
+        let mut client = self.recordings();
+        let call = client.upload(tokio_stream::iter(messages));
+        tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .unwrap_or_else(|_| panic!("Upload did not answer in 60 s{}", self.context()))
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn get_job(&self, job_id: &str) -> up::Job {
+        self.jobs()
+            .get_job(up::GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("GetJob: {s:?}{}", self.context()))
+            .into_inner()
+    }
+
+    /// Polls GetJob until `done` holds, or fails with the job and the logs.
+    async fn wait_job(
+        &self,
+        job_id: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&up::Job) -> bool,
+    ) -> up::Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.get_job(job_id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} did not reach {what} within {timeout:?}; it is {:?} after {} attempts, last_error {:?}{}",
+                state(&job),
+                job.attempts,
+                job.last_error,
+                self.context()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_state(&self, job_id: &str, want: up::JobState, timeout: Duration) -> up::Job {
+        self.wait_job(job_id, want.as_str_name(), timeout, |j| state(j) == want)
+            .await
+    }
+
+    async fn all_jobs(&self) -> Vec<up::Job> {
+        self.jobs()
+            .list_jobs(up::ListJobsRequest::default())
+            .await
+            .unwrap_or_else(|s| panic!("ListJobs: {s:?}{}", self.context()))
+            .into_inner()
+            .jobs
+    }
+
+    /// Files (not directories) under the backup store.
+    fn backup_files(&self) -> Vec<PathBuf> {
+        walk(&self.backup_dir())
+    }
+
+    async fn wait_backup_empty(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.backup_files().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "backup files left after delivery: {:?}{}",
+                self.backup_files(),
+                self.context()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The S3 secret (and its base64 forms) never appear in any daemon's output.
+    fn assert_secret_not_logged(&self, secrets: &[&str]) {
+        let logs = self.logs();
+        assert!(
+            logs.contains("uploader serving") && logs.contains("vault serving"),
+            "expected captured logs"
+        );
+        assert!(
+            logs.contains("DEBUG"),
+            "the daemons should log at debug level"
+        );
+        for secret in secrets {
+            let needles = [
+                secret.to_string(),
+                B64.encode(secret),
+                B64.encode(self.s3.credential_json(secret)),
+            ];
+            for needle in &needles {
+                assert!(
+                    !logs.contains(needle.as_str()),
+                    "the S3 secret (or its base64) appears in the daemons' logs"
+                );
+            }
+        }
+    }
+}
+
+fn state(job: &up::Job) -> up::JobState {
+    up::JobState::try_from(job.state).unwrap_or(up::JobState::Unspecified)
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return files;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// Copies the delivered object and its sidecar out of the bucket into a fresh
+/// directory and runs the real `sha256sum -c` and `uploaderd verify` there.
+fn check_download(rig: &Rig, name: &str, data: &[u8]) {
+    let object = rig.s3.object_path(name);
+    let stored = std::fs::read(&object)
+        .unwrap_or_else(|e| panic!("{} missing: {e}{}", object.display(), rig.context()));
+    assert!(stored == data, "object {name} is not byte-identical");
+    let download = tempfile::tempdir().unwrap();
+    std::fs::copy(&object, download.path().join(name)).unwrap();
+    let sidecar = format!("{name}.sha256");
+    std::fs::copy(rig.s3.object_path(&sidecar), download.path().join(&sidecar)).unwrap();
+    let text = std::fs::read_to_string(download.path().join(&sidecar)).unwrap();
+    assert_eq!(text, format!("{}  {name}\n", hex(&sha256(data))));
+
+    let out = Command::new("sha256sum")
+        .arg("-c")
+        .arg(&sidecar)
+        .current_dir(download.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("{name}: OK")),
+        "sha256sum -c: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = Command::new(binary("uploaderd"))
+        .arg("verify")
+        .arg(download.path().join(name))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("OK"),
+        "uploaderd verify: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And it notices a changed byte.
+    let mut bad = data.to_vec();
+    bad[data.len() / 2] ^= 1;
+    std::fs::write(download.path().join(name), bad).unwrap();
+    let out = Command::new(binary("uploaderd"))
+        .arg("verify")
+        .arg(download.path().join(name))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "uploaderd verify must fail on a changed file: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn crc_header(data: &[u8]) -> String {
+    B64.encode(crc32fast::hash(data).to_be_bytes())
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+/// 1 (+6): a 3 MiB recording goes up as one PUT with its CRC-32, is verified
+/// by the provider's checksum, arrives byte-identical with a sidecar that
+/// `sha256sum -c` accepts, and its backup is deleted; a 40 MiB one goes
+/// multipart with the FULL_OBJECT CRC-32 and is verified by reading it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_is_delivered_byte_identical_verified_and_backup_deleted() {
+    let mut rig = Rig::new(Settings::default()).await;
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    rig.start_uploader();
+    let destination = rig.put_destination(&credential.credential_id).await;
+
+    // Small: single PUT.
+    let small = random_bytes(3 * MIB, 1);
+    let name = "call-0001.mp4";
+    let reply = rig
+        .upload(
+            &destination,
+            "rec-0001",
+            name,
+            &small,
+            256 * 1024,
+            Tamper::None,
+        )
+        .await
+        .unwrap_or_else(|s| panic!("Upload: {s:?}{}", rig.context()));
+    assert!(!reply.duplicate);
+    assert_eq!(reply.size, small.len() as u64);
+    assert_eq!(reply.sha256, sha256(&small));
+
+    // Follow it with WatchJob until it settles.
+    let mut watch = rig
+        .jobs()
+        .watch_job(up::WatchJobRequest {
+            job_id: reply.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let last = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut last = None;
+        while let Some(job) = watch.message().await.unwrap() {
+            seen.push(state(&job));
+            last = Some(job);
+        }
+        last
+    })
+    .await
+    .unwrap_or_else(|_| panic!("WatchJob did not settle; saw {seen:?}{}", rig.context()))
+    .expect("WatchJob sent nothing");
+    assert_eq!(
+        state(&last),
+        up::JobState::Delivered,
+        "{last:?}{}",
+        rig.context()
+    );
+    assert_eq!(last.verified_by, "provider-checksum", "{last:?}");
+    assert_eq!(last.location, format!("s3://{BUCKET}/{PREFIX}/{name}"));
+    let job = rig.get_job(&reply.job_id).await;
+    assert_eq!(state(&job), up::JobState::Delivered);
+    assert_eq!(job.sha256, sha256(&small));
+    assert!(job.last_error.is_empty(), "{job:?}");
+
+    // The PUT carried our CRC-32 as a plain header.
+    let puts = rig.s3.requests("PutObject", name);
+    assert!(!puts.is_empty(), "no PutObject for {name}");
+    for put in &puts {
+        assert_eq!(put.crc32.as_deref(), Some(crc_header(&small).as_str()));
+    }
+    check_download(&rig, name, &small);
+    rig.wait_backup_empty().await;
+
+    // Large: multipart, read back.
+    let large = random_bytes(40 * MIB, 2);
+    let name = "call-0002.mp4";
+    let reply = rig
+        .upload(&destination, "rec-0002", name, &large, MIB, Tamper::None)
+        .await
+        .unwrap_or_else(|s| panic!("Upload: {s:?}{}", rig.context()));
+    let job = rig
+        .wait_state(
+            &reply.job_id,
+            up::JobState::Delivered,
+            Duration::from_secs(90),
+        )
+        .await;
+    assert_eq!(job.verified_by, "read-back", "{job:?}");
+    assert_eq!(job.size, large.len() as u64);
+    assert!(
+        rig.s3.requests("PutObject", name).is_empty(),
+        "40 MiB must go multipart"
+    );
+    let parts = rig.s3.requests("UploadPart", name);
+    assert_eq!(parts.len(), 5, "40 MiB in 8 MiB parts");
+    assert!(
+        parts.iter().all(|p| p.crc32.is_some()),
+        "each part has a CRC-32"
+    );
+    let complete = rig.s3.requests("CompleteMultipartUpload", name);
+    assert_eq!(complete.len(), 1);
+    assert_eq!(
+        complete[0].crc32.as_deref(),
+        Some(crc_header(&large).as_str()),
+        "the whole-object CRC-32 on complete"
+    );
+    assert_eq!(complete[0].checksum_type.as_deref(), Some("FULL_OBJECT"));
+    assert!(rig.s3.open_multipart_files().is_empty());
+    check_download(&rig, name, &large);
+    rig.wait_backup_empty().await;
+
+    let listed = rig
+        .jobs()
+        .list_jobs(up::ListJobsRequest {
+            tenant_id: TENANT.into(),
+            state: up::JobState::Delivered.into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 2);
+
+    // 6: the S3 secret never reached a log line (RUST_LOG=debug on both daemons).
+    let secret = rig.s3.secret_key.clone();
+    rig.assert_secret_not_logged(&[&secret]);
+}
+
+/// 2: a chunk with a wrong CRC-32 and a wrong trailer SHA-256 are refused
+/// with DATA_LOSS, leaving no job and no file; the same recording sent twice
+/// gives the same job, marked duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_intake_is_refused_without_a_trace_and_replays_are_idempotent() {
+    let mut rig = Rig::new(Settings::default()).await;
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    rig.start_uploader();
+    let destination = rig.put_destination(&credential.credential_id).await;
+    let data = random_bytes(3 * MIB, 3);
+
+    let err = rig
+        .upload(
+            &destination,
+            "rec-bad-crc",
+            "bad.mp4",
+            &data,
+            256 * 1024,
+            Tamper::ChunkCrc(5),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("CRC-32"), "{}", err.message());
+    assert!(err.message().contains("chunk 5"), "{}", err.message());
+    assert!(
+        rig.all_jobs().await.is_empty(),
+        "a refused recording made a job"
+    );
+    assert!(
+        rig.backup_files().is_empty(),
+        "files left in the backup store: {:?}",
+        rig.backup_files()
+    );
+
+    let err = rig
+        .upload(
+            &destination,
+            "rec-bad-sha",
+            "bad.mp4",
+            &data,
+            256 * 1024,
+            Tamper::TrailerSha256,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("SHA-256"), "{}", err.message());
+    assert!(
+        rig.all_jobs().await.is_empty(),
+        "a refused recording made a job"
+    );
+    assert!(
+        rig.backup_files().is_empty(),
+        "files left in the backup store: {:?}",
+        rig.backup_files()
+    );
+    assert!(rig.s3.requests("PutObject", "bad.mp4").is_empty());
+
+    // The same recording id twice: one job.
+    let first = rig
+        .upload(
+            &destination,
+            "rec-twice",
+            "twice.mp4",
+            &data,
+            256 * 1024,
+            Tamper::None,
+        )
+        .await
+        .unwrap();
+    let second = rig
+        .upload(
+            &destination,
+            "rec-twice",
+            "twice.mp4",
+            &data,
+            512 * 1024,
+            Tamper::None,
+        )
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate, "{second:?}");
+    assert_eq!(first.job_id, second.job_id);
+    assert_eq!(first.sha256, second.sha256);
+    let jobs = rig.all_jobs().await;
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    rig.wait_state(
+        &first.job_id,
+        up::JobState::Delivered,
+        Duration::from_secs(60),
+    )
+    .await;
+    rig.wait_backup_empty().await;
+    // Delivered once.
+    assert_eq!(rig.s3.requests("PutObject", "twice.mp4").len(), 1);
+    let secret = rig.s3.secret_key.clone();
+    rig.assert_secret_not_logged(&[&secret]);
+}
+
+/// 3 (+6): a wrong S3 secret in the vault is a permanent auth error: the job
+/// is RETAINED with the reason and its backup can be fetched back; after a new
+/// credential version with the right secret, ResendJob delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_retained_with_backup_then_resend_after_fix_delivers() {
+    let mut rig = Rig::new(Settings::default()).await;
+    let wrong = unique("Wr0ng-e2e-secret-");
+    let first = rig.put_credential(&wrong).await;
+    assert_eq!(first.version, 1);
+    rig.start_uploader();
+    let destination = rig.put_destination(&first.credential_id).await;
+
+    let data = random_bytes(2 * MIB + 12345, 4);
+    let name = "call-denied.mp4";
+    let reply = rig
+        .upload(
+            &destination,
+            "rec-denied",
+            name,
+            &data,
+            256 * 1024,
+            Tamper::None,
+        )
+        .await
+        .unwrap();
+    let job = rig
+        .wait_state(
+            &reply.job_id,
+            up::JobState::Retained,
+            Duration::from_secs(60),
+        )
+        .await;
+    eprintln!("RETAINED: {}", job.last_error);
+    let reason = job.last_error.to_lowercase();
+    assert!(
+        reason.contains("signaturedoesnotmatch")
+            || reason.contains("access")
+            || reason.contains("auth"),
+        "the reason should name the auth failure: {}",
+        job.last_error
+    );
+    assert_eq!(job.attempts, 1, "a permanent error is not retried: {job:?}");
+    assert_eq!(rig.backup_files().len(), 1, "the backup is kept");
+    assert!(!rig.s3.object_path(name).exists());
+
+    // FetchBackup streams it back with its SHA-256.
+    let mut stream = rig
+        .jobs()
+        .fetch_backup(up::FetchBackupRequest {
+            job_id: reply.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fetched = Vec::new();
+    let mut digest = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        if !m.data.is_empty() {
+            assert_eq!(crc32fast::hash(&m.data), m.crc32);
+        }
+        fetched.extend_from_slice(&m.data);
+        if !m.sha256.is_empty() {
+            digest = m.sha256;
+        }
+    }
+    assert!(fetched == *data, "FetchBackup returned other bytes");
+    assert_eq!(digest, sha256(&data));
+
+    // Fix the credential: same tenant and name → same id, next version.
+    let fixed = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    assert_eq!(fixed.credential_id, first.credential_id);
+    assert_eq!(fixed.version, 2);
+    let resent = rig
+        .jobs()
+        .resend_job(up::ResendJobRequest {
+            job_id: reply.job_id.clone(),
+            destination_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resent.job_id, reply.job_id);
+    let job = rig
+        .wait_state(
+            &reply.job_id,
+            up::JobState::Delivered,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(job.last_error.is_empty(), "{job:?}");
+    check_download(&rig, name, &data);
+    rig.wait_backup_empty().await;
+
+    // 6: neither the wrong nor the right secret reached a log line.
+    let secret = rig.s3.secret_key.clone();
+    rig.assert_secret_not_logged(&[&wrong, &secret]);
+}
+
+/// 4: with the vault down, attempts fail as transient and the job is
+/// RETRYING with a reason that names the vault; once the vault is back on the
+/// same address the job is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_down_means_retrying_and_delivery_once_it_returns() {
+    let mut rig = Rig::new(Settings {
+        max_attempts: 60,
+        vault_port: Some(free_port()),
+        ..Settings::default()
+    })
+    .await;
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    rig.start_uploader();
+    let destination = rig.put_destination(&credential.credential_id).await;
+    rig.stop_vault();
+
+    let data = random_bytes(MIB + 7, 5);
+    let name = "call-vault-down.mp4";
+    let reply = rig
+        .upload(
+            &destination,
+            "rec-vault-down",
+            name,
+            &data,
+            256 * 1024,
+            Tamper::None,
+        )
+        .await
+        .unwrap();
+    let job = rig
+        .wait_job(
+            &reply.job_id,
+            "RETRYING because of the vault",
+            Duration::from_secs(30),
+            |j| state(j) == up::JobState::Retrying && j.last_error.to_lowercase().contains("vault"),
+        )
+        .await;
+    eprintln!("RETRYING while the vault is down: {}", job.last_error);
+    assert!(!rig.s3.object_path(name).exists());
+    // A few attempts fail while the vault stays down; none of them gives up.
+    rig.wait_job(
+        &reply.job_id,
+        "a second failed attempt",
+        Duration::from_secs(30),
+        |j| j.attempts > job.attempts && state(j) == up::JobState::Retrying,
+    )
+    .await;
+    assert_eq!(rig.backup_files().len(), 1, "the backup is kept");
+
+    rig.start_vault();
+    let job = rig
+        .wait_state(
+            &reply.job_id,
+            up::JobState::Delivered,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(job.attempts >= 2, "{job:?}");
+    check_download(&rig, name, &data);
+    rig.wait_backup_empty().await;
+    let secret = rig.s3.secret_key.clone();
+    rig.assert_secret_not_logged(&[&secret]);
+}
+
+/// 5: uploaderd is SIGKILLed while a multipart upload is in progress; on
+/// restart with the same database and backup store the job resumes and is
+/// delivered once, byte-identical, with no multipart upload left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_multipart_upload_then_restart_delivers_once() {
+    let mut rig = Rig::new(Settings {
+        multipart_threshold: 8 * MIB,
+        part_size: 5 * MIB,
+        part_concurrency: 1,
+        ..Settings::default()
+    })
+    .await;
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    rig.start_uploader();
+    let destination = rig.put_destination(&credential.credential_id).await;
+
+    let data = random_bytes(60 * MIB, 6);
+    let name = "call-sigkill.mp4";
+    let mut watch_client = rig.jobs();
+    let reply = rig
+        .upload(&destination, "rec-sigkill", name, &data, MIB, Tamper::None)
+        .await
+        .unwrap();
+    let mut watch = watch_client
+        .watch_job(up::WatchJobRequest {
+            job_id: reply.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Kill once at least one part is up and the upload is far from done.
+    let progress = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(job) = watch.message().await.unwrap() {
+            if state(&job) == up::JobState::Uploading && job.bytes_sent > 0 {
+                return Some(job.bytes_sent);
+            }
+            if state(&job) != up::JobState::Uploading && state(&job) != up::JobState::Stored {
+                return None;
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no upload progress within 60 s{}", rig.context()));
+    let sent = progress.unwrap_or_else(|| {
+        panic!(
+            "the job left UPLOADING before any progress was seen{}",
+            rig.context()
+        )
+    });
+    rig.kill_uploader();
+    assert!(
+        sent < data.len() as u64,
+        "killed after {sent} of {} bytes",
+        data.len()
+    );
+    assert!(
+        rig.s3.requests("CompleteMultipartUpload", name).is_empty(),
+        "the upload completed before the kill; nothing was tested{}",
+        rig.context()
+    );
+    assert!(
+        !rig.s3.object_path(name).exists(),
+        "object exists before the restart"
+    );
+    assert_eq!(rig.backup_files().len(), 1, "the backup survives the kill");
+    let creates_before = rig.s3.requests("CreateMultipartUpload", name).len();
+
+    rig.start_uploader();
+    let job = rig
+        .wait_state(
+            &reply.job_id,
+            up::JobState::Delivered,
+            Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(job.verified_by, "read-back", "{job:?}");
+    assert!(job.attempts >= 2, "{job:?}");
+    check_download(&rig, name, &data);
+    rig.wait_backup_empty().await;
+
+    let complete = rig.s3.requests("CompleteMultipartUpload", name);
+    assert_eq!(complete.len(), 1, "delivered exactly once");
+    // Resuming the upload or aborting it and starting afresh are both fine;
+    // leaving one open is not.
+    let resumed = rig.s3.requests("CreateMultipartUpload", name).len() == creates_before;
+    eprintln!("after the restart the multipart upload was resumed: {resumed}");
+    let open = rig.s3.open_multipart_files();
+    assert!(open.is_empty(), "multipart uploads left open: {open:?}");
+    assert_eq!(rig.all_jobs().await.len(), 1);
+    let secret = rig.s3.secret_key.clone();
+    rig.assert_secret_not_logged(&[&secret]);
+}
