@@ -17,7 +17,7 @@ fn unhex(s: &str) -> Vec<u8> {
 
 fn wycheproof(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/testdata/wycheproof")
+        .join("tests/data/wycheproof")
         .join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
