@@ -159,6 +159,29 @@ impl pb::jobs_server::Jobs for JobsService {
         Ok(Response::new(job.to_proto()))
     }
 
+    async fn get_job_history(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobHistory>, Status> {
+        self.shared.authorize(&request, Role::Manager)?;
+        let id = job_id(&request.get_ref().job_id)?;
+        let events = self.shared.jobs.history(id).await?;
+        Ok(Response::new(pb::JobHistory {
+            job_id: id.to_string(),
+            events: events
+                .into_iter()
+                .map(|e| pb::JobEvent {
+                    time: Some(prost_types::Timestamp {
+                        seconds: e.time.unix_timestamp(),
+                        nanos: i32::try_from(e.time.nanosecond()).unwrap_or(0),
+                    }),
+                    state: e.state.to_proto().into(),
+                    message: e.message,
+                })
+                .collect(),
+        }))
+    }
+
     async fn fetch_backup(
         &self,
         request: Request<pb::FetchBackupRequest>,
