@@ -1,6 +1,11 @@
-//! Support for the end-to-end tests: find (or build) the real binaries, find
-//! (or install) the real grpcurl, run processes with their logs captured.
-//! Nothing here fakes a server or a client.
+//! The `recvault` client CLI and dev runner (`cli`, `dev`), and support for
+//! the end-to-end tests: find (or build) the real binaries, find (or install)
+//! the real grpcurl, run processes with their logs captured. Nothing here
+//! fakes a server or a client.
+
+pub mod cli;
+pub mod client;
+pub mod dev;
 
 use std::{
     io::{BufRead, BufReader},
@@ -18,11 +23,16 @@ pub fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-/// `target/<profile>` of the running test binary (`target/debug/deps/x` → `target/debug`).
+/// `target/<profile>` of the running executable: a test binary lives in
+/// `target/debug/deps/`, the `recvault` binary in `target/<profile>/`.
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_owned()
+    let dir = exe.parent().expect("exe dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// Newest modification time of any file under `dir`.
@@ -49,14 +59,18 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let root = workspace_root();
-    let sources = ["proto", "vault/src", "uploader/src"]
+    let sources = ["proto", "vault/src", "uploader/src", "tests/src"]
         .iter()
         .filter_map(|d| newest_mtime(&root.join(d)))
         .max();
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
     if built.is_none() || built < sources {
-        let status = Command::new(env!("CARGO"))
+        let profile = target_profile_dir();
+        let release = profile.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
             .args(["build", "--bin", name])
+            .args(release.then_some("--release"))
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
@@ -241,4 +255,70 @@ pub fn grpcurl_call(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A directory to put on `PYTHONPATH` so that `python3` can import `grpc`
+/// (grpcio) and `grpc_tools` (grpcio-tools), for clients written with another
+/// gRPC implementation. Installed on first use from PyPI with pip into
+/// `target/tools/python`. Installs into a scratch directory and renames it into
+/// place, so concurrent test binaries never see half an install. Panics (the
+/// test fails, never skips) when python3 or pip is missing, naming what to install.
+pub fn python_grpc_tools() -> PathBuf {
+    let tools = workspace_root().join("target/tools");
+    let dir = tools.join("python");
+    let installed = |d: &Path| d.join("grpc").is_dir() && d.join("grpc_tools").is_dir();
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if installed(&dir) {
+        return dir;
+    }
+    let missing = "the Python interop test needs python3 with pip (Debian/Ubuntu: \
+                   `apt-get install python3 python3-pip`; then grpcio and grpcio-tools \
+                   are installed from PyPI into target/tools/python on first use)";
+    match Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(_) => panic!("`python3 -m pip` is not available: {missing}"),
+        Err(e) => panic!("python3 could not be run ({e}): {missing}"),
+    }
+    std::fs::create_dir_all(&tools).expect("create target/tools");
+    // A directory without both packages is not ours to trust (e.g. hand-made); start over.
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let scratch = tools.join(format!("python.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--target",
+        ])
+        .arg(&scratch)
+        .args(["grpcio", "grpcio-tools"])
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .status()
+        .expect("run python3 -m pip install");
+    assert!(
+        status.success(),
+        "pip install grpcio grpcio-tools failed (is PyPI reachable?): {missing}"
+    );
+    // Another process may have finished first; then its copy is used.
+    if std::fs::rename(&scratch, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    assert!(
+        installed(&dir),
+        "grpcio/grpcio-tools not found under {} after pip install",
+        dir.display()
+    );
+    dir
 }

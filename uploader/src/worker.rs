@@ -275,7 +275,10 @@ impl Worker {
         let progress_jobs = self.jobs.clone();
         let progress_job = job.clone();
         let progress = move |sent: u64| progress_jobs.publish_progress(&progress_job, sent);
+        let started_multipart = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started_flag = started_multipart.clone();
         let on_started = move |id: &str| -> Result<(), destination::HookError> {
+            started_flag.store(true, std::sync::atomic::Ordering::Relaxed);
             upload_ids
                 .send(id.to_owned())
                 .map_err(|e| e.to_string().into())
@@ -305,7 +308,11 @@ impl Worker {
             message: e.to_string(),
         })?;
         // A completed multipart upload must not be "resumed" by a later resend.
-        let _ = self.jobs.set_multipart_upload_id(job.job_id, None).await;
+        if job.multipart_upload_id.is_some()
+            || started_multipart.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let _ = self.jobs.set_multipart_upload_id(job.job_id, None).await;
+        }
         let verified_by = match delivery.verified_by {
             destination::VerifiedBy::ProviderChecksum => VerifiedBy::ProviderChecksum,
             _ => VerifiedBy::ReadBack,
