@@ -42,6 +42,7 @@ fn uploader_config(dir: &Path, addrs: &Addrs) -> String {
     format!(
         "# Written by `recvault dev`; fields are documented in deploy/config/uploader.example.toml.\n\
          listen = \"{}\"\n\
+         metrics_listen = \"{}\"\n\
          database = \"{}\"\n\
          backup_dir = \"{}\"\n\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n\
@@ -50,6 +51,7 @@ fn uploader_config(dir: &Path, addrs: &Addrs) -> String {
          [access]\nrecorder = [\"{}\"]\nmanager = [\"{}\"]\n\n\
          [delivery]\nretry_base_ms = 500\nretry_max_secs = 10\n",
         addrs.uploader,
+        metrics_addr(&addrs.uploader, UPLOADER_ADDR, "127.0.0.1:9444"),
         up.join("uploader.db").display(),
         up.join("backups").display(),
         c("uploader.crt"),
@@ -110,6 +112,16 @@ fn write_sample(path: &Path) -> Result<(), String> {
         data.extend_from_slice(&state.to_le_bytes());
     }
     fs::write(path, data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The default metrics port goes with the default API port; with any other
+/// API port (tests, a second instance) the metrics port is picked by the OS.
+fn metrics_addr(api: &str, default_api: &str, default_metrics: &'static str) -> &'static str {
+    if api == default_api {
+        default_metrics
+    } else {
+        "127.0.0.1:0"
+    }
 }
 
 /// Where the two services listen.

@@ -98,5 +98,40 @@ fn readme_grpcurl_recipes_work_against_the_running_main_job() {
         assert!(!text.contains("example-secret"), "secret in {log}");
     }
     assert!(!tmp.path().join("secret.json").exists());
+
+    // Prometheus metrics on the uploader's own plain-HTTP port.
+    let log = std::fs::read_to_string(tmp.path().join(".dev/logs/uploader.log")).unwrap();
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .expect("the uploader logs its metrics address")
+        .to_owned();
+    let metrics = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("recvault_uploader_deliveries_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("recvault_uploader_recordings_ingested_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE recvault_uploader_jobs gauge"),
+        "{metrics}"
+    );
     main_job.stop();
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
 }

@@ -358,6 +358,7 @@ impl Rig {
         let file = |name: &str| self.certs.join(name).display().to_string();
         let text = format!(
             r#"listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 database = "{db}"
 backup_dir = "{backups}"
 

@@ -21,6 +21,10 @@ pub struct UploaderConfig {
     /// gRPC API address (mTLS). Env: `RECVAULT_UPLOADER_LISTEN`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Prometheus metrics over plain HTTP (`/metrics`); keep it on loopback or a
+    /// scrape-only network. Env: `RECVAULT_UPLOADER_METRICS_LISTEN`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
     /// Our server certificate/key and the CA that recorder and manager certificates chain to.
     pub tls: TlsFiles,
     /// Job and destination database (SQLite). Env: `RECVAULT_UPLOADER_DATABASE`.
@@ -116,6 +120,9 @@ impl DeliverySettings {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7444))
 }
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9444))
+}
 fn default_server_name() -> String {
     "localhost".into()
 }
@@ -186,6 +193,12 @@ impl UploaderConfig {
             self.listen = v.parse().map_err(|e| ConfigError::Env {
                 name: "RECVAULT_UPLOADER_LISTEN",
                 message: format!("{e}; expected host:port such as 127.0.0.1:7444"),
+            })?;
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_METRICS_LISTEN") {
+            self.metrics_listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "RECVAULT_UPLOADER_METRICS_LISTEN",
+                message: format!("{e}; expected host:port such as 127.0.0.1:9444"),
             })?;
         }
         if let Some(v) = get("RECVAULT_UPLOADER_VAULT_ENDPOINT") {

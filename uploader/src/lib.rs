@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod destination_store;
 pub mod lease;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod worker;

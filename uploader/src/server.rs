@@ -18,6 +18,7 @@ use crate::{
     ingest::IngestLimits,
     jobs::JobStore,
     lease::VaultLeases,
+    metrics::UploaderMetrics,
     service::{
         Shared, destinations::DestinationsService, jobs::JobsService, recordings::RecordingsService,
     },
@@ -84,6 +85,7 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         ..S3Options::default()
     };
     let wake = Arc::new(Notify::new());
+    let metrics = UploaderMetrics::new();
     let shared = Arc::new(Shared {
         jobs: jobs.clone(),
         backups: backups.clone(),
@@ -96,6 +98,7 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         },
         s3: s3.clone(),
         wake: wake.clone(),
+        metrics: metrics.clone(),
     });
     let worker = Arc::new(Worker {
         jobs,
@@ -106,6 +109,7 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         s3,
         concurrency: d.workers,
         wake,
+        metrics,
     });
     let addr = config.listen;
     let (listener, local_addr) = tls::bind(addr)
@@ -142,13 +146,25 @@ impl Bound {
         };
         let worker_task = tokio::spawn(worker.clone().run(stopped()));
         if config.delivery.scrub_interval_secs > 0 {
-            tokio::spawn(crate::scrub::run_scrub_loop(
-                shared.backups.clone(),
-                shared.jobs.clone(),
+            tokio::spawn(scrub_loop(
+                shared.clone(),
                 Duration::from_secs(config.delivery.scrub_interval_secs),
                 stopped(),
             ));
         }
+        let metrics_addr = recvault_runtime::metrics::serve(
+            config.metrics_listen,
+            shared.metrics.registry.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.metrics_listen,
+            source,
+        })?;
+        let _gauges = shared
+            .metrics
+            .spawn_job_gauges(shared.jobs.clone(), Duration::from_secs(5));
+        tracing::info!(%metrics_addr, "metrics on http://{metrics_addr}/metrics");
         let (health_reporter, health) = tonic_health::server::health_reporter();
         for name in [
             "recvault.uploader.v1.Recordings",
@@ -192,6 +208,31 @@ impl Bound {
         served?;
         tracing::info!("uploader stopped");
         Ok(())
+    }
+}
+
+/// Re-hashes retained backups every `interval` (first pass one interval after
+/// start), counting what it finds.
+async fn scrub_loop(shared: Arc<Shared>, interval: Duration, shutdown: impl Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match crate::scrub::scrub_once(&shared.backups, &shared.jobs).await {
+            Ok(report) => {
+                shared.metrics.scrub_checked.add(report.checked);
+                shared.metrics.scrub_corrupt.add(report.corrupt);
+                tracing::info!(
+                    checked = report.checked,
+                    corrupt = report.corrupt,
+                    missing = report.missing,
+                    "scrub finished"
+                );
+            }
+            Err(error) => tracing::error!(%error, "scrub failed"),
+        }
     }
 }
 

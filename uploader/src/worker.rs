@@ -55,6 +55,7 @@ pub struct Worker {
     pub concurrency: usize,
     /// Poked by ingest and ResendJob so new work starts at once.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::UploaderMetrics>,
 }
 
 /// SHA-256 and CRC-32 of a file in one streaming pass (bounded buffer).
@@ -154,6 +155,8 @@ impl Worker {
                 }
                 .await;
                 if done.is_ok() {
+                    self.metrics.delivered.inc();
+                    self.metrics.bytes_delivered.add(job.size);
                     tracing::info!(job_id = %job.job_id, %location, verified_by = verified_by.as_str(), "delivered and verified");
                     self.delete_backup(&job).await;
                 }
@@ -168,6 +171,7 @@ impl Worker {
                     .flatten();
                 match next {
                     Some(at) => {
+                        self.metrics.retries.inc();
                         tracing::warn!(job_id = %job.job_id, error = %failure.message, next_attempt_at = %at, "delivery failed; will retry");
                         self.jobs
                             .mark_retry(job.job_id, failure.message, at)
@@ -183,6 +187,7 @@ impl Worker {
                                 job.attempts, failure.message
                             )
                         };
+                        self.metrics.retained.inc();
                         tracing::error!(job_id = %job.job_id, %reason, "delivery failed; recording retained");
                         self.jobs
                             .mark_retained(job.job_id, reason)
@@ -302,6 +307,9 @@ impl Worker {
         drop(destination);
         if let Some(lease) = lease {
             lease.release().await;
+        }
+        if let Err(destination::DeliveryError::Verification { .. }) = &delivered {
+            self.metrics.verification_failures.inc();
         }
         let delivery = delivered.map_err(|e| Failure {
             permanent: e.is_permanent(),

@@ -7,5 +7,6 @@ pub mod devcerts;
 pub mod hardening;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod secret;
 pub mod tls;

@@ -466,6 +466,24 @@ impl JobStore {
         .await
     }
 
+    /// How many jobs are in each state (for the jobs-by-state metric).
+    pub async fn count_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        self.run(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, n) = row?;
+                if let Some(state) = JobState::from_db(&state) {
+                    out.push((state, n.unsigned_abs()));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Atomically takes up to `limit` jobs that are due at `now` (STORED, or
     /// RETRYING with `next_attempt_at <= now`, backup not corrupt), moves them
     /// to UPLOADING and counts the attempt. A job is returned by one call only.

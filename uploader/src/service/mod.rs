@@ -26,6 +26,7 @@ pub struct Shared {
     pub ingest_limits: crate::ingest::IngestLimits,
     pub s3: S3Options,
     pub wake: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<crate::metrics::UploaderMetrics>,
 }
 
 /// The uploader's roles.

@@ -68,6 +68,7 @@ impl recordings_server::Recordings for RecordingsService {
             }
         };
         if created {
+            self.shared.metrics.ingested.inc();
             self.shared.wake.notify_one();
             tracing::info!(job_id = %job.job_id, recording_id = %job.recording_id, size = job.size, %request_id, "recording stored");
         } else {
