@@ -1,0 +1,712 @@
+#!/usr/bin/env python3
+"""Checks recvault's Kubernetes manifests; CI runs it from tests/tests/deploy_manifests.rs.
+
+  check_manifests.py validate RENDERED.yaml [-k VERSION]...
+      Every core resource against the Kubernetes OpenAPI schemas bundled in the
+      PyPI package kubernetes-validate (strict: unknown fields are errors);
+      cert-manager resources against a structural schema of cert-manager.io/v1
+      (kubernetes-validate has no CRD schemas); then recvault's own rules
+      (security context, master-key file mode, identities, config paths,
+      network policy). Exit status 1 and one line per problem if anything fails.
+  check_manifests.py tree DIR
+      Every kustomization.yaml under DIR lists every manifest next to it, every
+      file it names exists, and every config file is used by a generator.
+  check_manifests.py render DIR
+      Prints DIR's kustomization rendered without kustomize (resources,
+      namespace, configMapGenerator, images only), for machines with no
+      `kubectl kustomize`. Exit status 3 if DIR uses anything else.
+
+Needs Python 3.11+ (tomllib) and kubernetes-validate (which brings PyYAML and
+jsonschema), e.g. `pip install --target target/tools/kubernetes-validate
+kubernetes-validate` and PYTHONPATH pointing there.
+"""
+
+import argparse
+import os
+import posixpath
+import re
+import sys
+import tomllib
+
+import jsonschema
+import yaml
+
+TRUST_DOMAIN = "recvault.local"
+# Workload component label -> expected identity and the binary it runs.
+WORKLOADS = {
+    "vault": {"binary": "vaultd", "identity": f"spiffe://{TRUST_DOMAIN}/vault"},
+    "uploader": {"binary": "uploaderd", "identity": f"spiffe://{TRUST_DOMAIN}/uploader"},
+}
+ISSUER_NAME = "recvault-ca"
+CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
+CLUSTER_SCOPED = {"Namespace", "ClusterIssuer", "ClusterRole", "ClusterRoleBinding"}
+# Files cert-manager writes into a Certificate's Secret.
+CERT_MANAGER_FILES = {"tls.crt", "tls.key", "ca.crt"}
+
+# --------------------------------------------------------------------------
+# cert-manager.io/v1 structural schemas (the fields we use and their types,
+# from cert-manager's CRDs; unknown fields are errors, as with --strict).
+
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"}
+_ISSUER_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "group": {"const": "cert-manager.io"},
+    },
+}
+_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment",
+    "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+    "decipher only", "any", "server auth", "client auth", "code signing",
+    "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+    "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+]
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+CERTIFICATE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"const": "Certificate"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "issuerRef"],
+            "anyOf": [
+                {"required": ["commonName"]}, {"required": ["dnsNames"]},
+                {"required": ["uris"]}, {"required": ["ipAddresses"]},
+                {"required": ["emailAddresses"]},
+            ],
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "issuerRef": _ISSUER_REF,
+                "commonName": {"type": "string", "maxLength": 64},
+                "dnsNames": {"type": "array", "items": {"type": "string"}},
+                "uris": {"type": "array", "items": {"type": "string", "pattern": r"^[a-z][a-z0-9+.-]*://"}},
+                "ipAddresses": {"type": "array", "items": {"type": "string"}},
+                "emailAddresses": {"type": "array", "items": {"type": "string"}},
+                "duration": _DURATION,
+                "renewBefore": _DURATION,
+                "isCA": {"type": "boolean"},
+                "usages": {"type": "array", "items": {"enum": _USAGES}},
+                "revisionHistoryLimit": {"type": "integer", "minimum": 1},
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                        "size": {"type": "integer"},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                    },
+                },
+                "subject": {"type": "object"},
+                "secretTemplate": {"type": "object"},
+            },
+        },
+    },
+}
+ISSUER_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "cert-manager.io/v1"},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": {
+                "selfSigned": {"type": "object"},
+                "ca": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["secretName"],
+                    "properties": {
+                        "secretName": {"type": "string", "minLength": 1},
+                        "crlDistributionPoints": {"type": "array", "items": {"type": "string"}},
+                        "ocspServers": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "acme": {"type": "object"},
+                "vault": {"type": "object"},
+                "venafi": {"type": "object"},
+            },
+        },
+    },
+}
+
+
+class Problems:
+    def __init__(self):
+        self.items = []
+
+    def add(self, where, message):
+        self.items.append(f"{where}: {message}")
+
+    def check(self, ok, where, message):
+        if not ok:
+            self.add(where, message)
+        return ok
+
+
+def load_docs(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def name_of(doc):
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+# --------------------------------------------------------------------------
+# Schema validation
+
+
+def validate_schemas(docs, versions, problems):
+    import kubernetes_validate.utils as kv
+
+    for doc in docs:
+        where = name_of(doc)
+        if doc.get("apiVersion", "").startswith("cert-manager.io/"):
+            schema = CERTIFICATE_SCHEMA if doc.get("kind") == "Certificate" else ISSUER_SCHEMA
+            if doc.get("kind") not in CERT_MANAGER_KINDS:
+                problems.add(where, "unexpected cert-manager kind")
+                continue
+            for error in jsonschema.Draft7Validator(schema).iter_errors(doc):
+                path = ".".join(str(p) for p in error.absolute_path)
+                problems.add(where, f"cert-manager.io/v1 schema: {path}: {error.message}")
+            continue
+        for version in versions:
+            try:
+                kv.validate(doc, version, strict=True)
+            except kv.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                problems.add(where, f"Kubernetes {version} schema (strict): {path}: {e.message}")
+            except kv.SchemaNotFoundError as e:
+                problems.add(where, f"no schema ({e.message}); only cert-manager kinds may lack one")
+
+
+# --------------------------------------------------------------------------
+# recvault rules
+
+
+def selector_matches(match_labels, labels):
+    return all(labels.get(k) == v for k, v in (match_labels or {}).items())
+
+
+def pod_selector_labels(selector, where, problems):
+    """matchLabels of a label selector; matchExpressions are not understood here."""
+    if selector is None:
+        return {}
+    if selector.get("matchExpressions"):
+        problems.add(where, "matchExpressions in a selector: not supported by this check")
+    return selector.get("matchLabels") or {}
+
+
+def under(path, directory):
+    path, directory = posixpath.normpath(path), posixpath.normpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def mount_for(container, path):
+    """The most specific volumeMount of `container` containing `path`."""
+    best = None
+    for m in container.get("volumeMounts") or []:
+        if under(path, m["mountPath"]) and (best is None or len(m["mountPath"]) > len(best["mountPath"])):
+            best = m
+    return best
+
+
+def check_security_context(pod, container, where, problems, may_add):
+    psc = pod.get("securityContext") or {}
+    sc = container.get("securityContext") or {}
+    problems.check(sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where, "runAsNonRoot must be true")
+    problems.check(sc.get("runAsUser", psc.get("runAsUser")) != 0, where, "runAsUser must not be 0")
+    problems.check(sc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem must be true")
+    problems.check(sc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation must be false")
+    problems.check(sc.get("privileged") is not True, where, "privileged must not be true")
+    caps = sc.get("capabilities") or {}
+    problems.check("ALL" in (caps.get("drop") or []), where, "capabilities.drop must contain ALL")
+    added = set(caps.get("add") or [])
+    problems.check(added <= may_add, where, f"capabilities.add {sorted(added)} allows more than {sorted(may_add) or 'nothing'}")
+    seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+    problems.check(seccomp in ("RuntimeDefault", "Localhost"), where, "seccompProfile must be RuntimeDefault (or Localhost)")
+    res = container.get("resources") or {}
+    req, lim = res.get("requests") or {}, res.get("limits") or {}
+    for r in ("cpu", "memory"):
+        problems.check(r in req and r in lim, where, f"resources.requests and limits must set {r}")
+    problems.check(req == lim, where, "resources.requests must equal limits (Guaranteed QoS: never swapped)")
+
+
+def parse_toml(configmaps, volume, key, where, problems):
+    cm = configmaps.get((volume.get("configMap") or {}).get("name"))
+    if not problems.check(cm is not None, where, f"ConfigMap {(volume.get('configMap') or {}).get('name')} is not in the manifests"):
+        return None
+    text = (cm.get("data") or {}).get(key)
+    if not problems.check(text is not None, where, f"ConfigMap {cm['metadata']['name']} has no key {key}"):
+        return None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        problems.add(where, f"{key} is not valid TOML: {e}")
+        return None
+
+
+def check_workload(doc, ctx, problems):
+    meta = doc["metadata"]
+    where = name_of(doc)
+    template = doc["spec"]["template"]
+    pod = template["spec"]
+    labels = template["metadata"].get("labels") or {}
+    component = labels.get("app.kubernetes.io/component")
+    if not problems.check(component in WORKLOADS, where, f"pod label app.kubernetes.io/component must be one of {sorted(WORKLOADS)}"):
+        return
+    spec = WORKLOADS[component]
+    if not problems.check(component not in ctx["workloads"], where, f"a second {component} workload"):
+        return
+    info = ctx["workloads"][component] = {"doc": doc, "labels": labels}
+
+    problems.check(pod.get("automountServiceAccountToken") is False, where, "automountServiceAccountToken must be false")
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        problems.check(pod.get(host) is not True, where, f"{host} must not be true")
+    problems.check((pod.get("securityContext") or {}).get("runAsNonRoot") is True, where, "pod securityContext.runAsNonRoot must be true")
+    ipc_lock = {"IPC_LOCK"}
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    claims = {c["metadata"]["name"] for c in doc["spec"].get("volumeClaimTemplates") or []}
+    claims |= {n for n, v in volumes.items() if "persistentVolumeClaim" in v}
+
+    for c in pod.get("initContainers") or []:
+        check_security_context(pod, c, f"{where} initContainer {c['name']}", problems, set())
+    containers = pod.get("containers") or []
+    if not problems.check(len(containers) == 1, where, "expected exactly one container"):
+        return
+    c = containers[0]
+    cw = f"{where} container {c['name']}"
+    check_security_context(pod, c, cw, problems, ipc_lock)
+    info["ipc_lock"] = "IPC_LOCK" in ((c.get("securityContext") or {}).get("capabilities") or {}).get("add", [])
+
+    command = (c.get("command") or []) + (c.get("args") or [])
+    problems.check(any(posixpath.basename(a) == spec["binary"] for a in command[:1]) or c.get("command") is None,
+                   cw, f"command must run {spec['binary']}")
+    args = c.get("args") or []
+    if not problems.check(len(args) >= 3 and args[:2] == ["serve", "--config"], cw, "args must be: serve --config FILE"):
+        return
+    config_path = args[2]
+    m = mount_for(c, config_path)
+    if not problems.check(m is not None and "configMap" in volumes.get(m["name"], {}), cw, f"{config_path} is not on a ConfigMap mount"):
+        return
+    config = parse_toml(ctx["configmaps"], volumes[m["name"]], posixpath.relpath(config_path, m["mountPath"]), cw, problems)
+    if config is None:
+        return
+    info["config"] = config
+
+    tmp = mount_for(c, "/tmp")
+    problems.check(tmp is not None and tmp["mountPath"] == "/tmp" and "emptyDir" in volumes.get(tmp["name"], {}), cw, "/tmp must be an emptyDir")
+
+    # The API port: listen address, container port, probes, Service.
+    listen = str(config.get("listen", ""))
+    host, _, port = listen.rpartition(":")
+    problems.check(host in ("0.0.0.0", "[::]"), cw, f"listen = {listen!r} must accept connections from the Service (0.0.0.0 or [::])")
+    port = int(port) if port.isdigit() else None
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports") or []}
+    info["ports_spec"] = c.get("ports") or []
+    if "metrics_listen" in config:
+        mhost, _, mport = str(config["metrics_listen"]).rpartition(":")
+        if mhost not in ("127.0.0.1", "[::1]"):
+            problems.check(mport.isdigit() and int(mport) in ports.values(), cw,
+                           f"metrics_listen {config['metrics_listen']} is not loopback, so it must be a containerPort")
+    problems.check(port in ports.values(), cw, f"the listen port {port} is not a containerPort")
+    info["port"] = port
+    for probe in ("readinessProbe", "livenessProbe"):
+        p = c.get(probe)
+        if not problems.check(p is not None, cw, f"{probe} is missing"):
+            continue
+        target = (p.get("tcpSocket") or p.get("grpc") or p.get("httpGet") or {}).get("port")
+        if "exec" not in p:
+            problems.check(ports.get(target, target) == port or "httpGet" in p, cw, f"{probe} must probe the API port {port}")
+        problems.check("grpc" not in p or p["grpc"].get("port") != port, cw,
+                       f"{probe}: the kubelet's gRPC probe is plaintext and cannot pass the mTLS-only port {port}")
+    services = [s for s in ctx["services"] if selector_matches(s["spec"].get("selector"), labels) and s["spec"].get("selector")]
+    if problems.check(len(services) >= 1, cw, "no Service selects this workload"):
+        svc = services[0]
+        info["service"] = svc
+        for sp in svc["spec"]["ports"]:
+            tp = sp.get("targetPort", sp["port"])
+            problems.check(ports.get(tp, tp) == port, f"Service/{svc['metadata']['name']}", f"targetPort {tp} is not the API port {port}")
+
+    # TLS files come from the cert-manager Secret of this workload's Certificate.
+    tls_secrets = set()
+    for section in [config.get("tls")] + ([config["vault"].get("tls")] if isinstance(config.get("vault"), dict) else []):
+        if not problems.check(isinstance(section, dict), cw, "config has no [tls] section"):
+            continue
+        for field in ("cert", "key", "ca"):
+            path = section.get(field, "")
+            tm = mount_for(c, path)
+            vol = volumes.get(tm["name"], {}) if tm else {}
+            if problems.check("secret" in vol, cw, f"TLS file {path} is not on a Secret mount"):
+                tls_secrets.add(vol["secret"]["secretName"])
+                problems.check(posixpath.relpath(path, tm["mountPath"]) in CERT_MANAGER_FILES, cw,
+                               f"TLS file {path} is not one cert-manager writes ({sorted(CERT_MANAGER_FILES)})")
+                problems.check("subPath" not in tm, cw, "TLS mounts must not use subPath (renewals would never arrive)")
+    problems.check(len(tls_secrets) == 1, cw, f"all TLS files must come from one Secret, got {sorted(tls_secrets)}")
+    info["tls_secret"] = next(iter(tls_secrets), None)
+
+    # State on the persistent volume, writable.
+    for field in ("database", "audit_database", "backup_dir"):
+        if field in config:
+            sm = mount_for(c, config[field])
+            problems.check(sm is not None and sm["name"] in claims and not sm.get("readOnly"), cw,
+                           f"{field} = {config[field]} must be on a writable PersistentVolumeClaim mount")
+
+    if component == "vault":
+        check_master_key(pod, c, volumes, config, cw, problems)
+        policy = config.get("policy_file", "")
+        pm = mount_for(c, policy)
+        if problems.check(pm is not None and "configMap" in volumes.get(pm["name"], {}), cw, f"policy_file {policy} is not on a ConfigMap mount"):
+            grants = parse_toml(ctx["configmaps"], volumes[pm["name"]], posixpath.relpath(policy, pm["mountPath"]), cw, problems)
+            ctx["policy"] = grants
+
+
+def check_master_key(pod, c, volumes, config, cw, problems):
+    """The master key: from a Secret (mode 0400) via an init container into a
+    memory-backed emptyDir as an owner-only file, mounted read-only into vaultd.
+    vaultd refuses group/world-readable keys, and the kubelet makes Secret files
+    0440 whenever fsGroup is set, so vaultd must not read the Secret volume itself."""
+    path = config.get("master_key_file", "")
+    km = mount_for(c, path)
+    if not problems.check(km is not None, cw, f"master_key_file {path} is not on any mount"):
+        return
+    vol = volumes.get(km["name"], {})
+    problems.check(km.get("readOnly") is True, cw, "the master key mount must be readOnly")
+    problems.check((vol.get("emptyDir") or {}).get("medium") == "Memory", cw,
+                   "the master key must be on a memory-backed emptyDir (never on disk)")
+    secret_volumes = [v for v in volumes.values() if "secret" in v and v["secret"]["secretName"].endswith("master-key")]
+    if not problems.check(len(secret_volumes) == 1, cw, "expected one Secret volume holding the master key (name ending in master-key)"):
+        return
+    sv = secret_volumes[0]
+    s = sv["secret"]
+    problems.check(s.get("defaultMode") == 0o400, cw, f"master key Secret defaultMode must be 0400, got {oct(s.get('defaultMode') or 0)}")
+    for item in s.get("items") or []:
+        problems.check(item.get("mode", 0o400) == 0o400, cw, f"master key Secret item {item.get('key')} mode must be 0400")
+    problems.check(all(m["name"] != sv["name"] for m in c.get("volumeMounts") or []), cw,
+                   "vaultd must not mount the master key Secret itself (the kubelet makes it 0440 under fsGroup)")
+    copiers = [ic for ic in pod.get("initContainers") or []
+               if {m["name"] for m in ic.get("volumeMounts") or []} >= {sv["name"], km["name"]}]
+    if problems.check(len(copiers) == 1, cw, "an initContainer must copy the key from the Secret into the emptyDir"):
+        script = " ".join((copiers[0].get("command") or []) + (copiers[0].get("args") or []))
+        key_file = posixpath.basename(path)
+        problems.check("chmod 0400" in script or "chmod 400" in script or "install -m 0400" in script, cw,
+                       "the init container must make the copy mode 0400")
+        problems.check(key_file in script, cw, f"the init container must write {key_file}")
+
+
+def check_certificates(ctx, problems):
+    certs = {d["spec"]["secretName"]: d for d in ctx["certificates"] if isinstance(d.get("spec"), dict) and "secretName" in d["spec"]}
+    ns = ctx["namespace"]
+    issuers = {d["metadata"]["name"] for d in ctx["issuers"]}
+    for component, info in ctx["workloads"].items():
+        where = f"{component} identity"
+        cert = certs.get(info.get("tls_secret"))
+        if not problems.check(cert is not None, where, f"no Certificate writes Secret {info.get('tls_secret')}"):
+            continue
+        cwhere = name_of(cert)
+        spec = cert["spec"]
+        info["certificate"] = cert
+        problems.check(spec.get("uris") == [WORKLOADS[component]["identity"]], cwhere,
+                       f"uris must be exactly [{WORKLOADS[component]['identity']}], got {spec.get('uris')}")
+        ref = spec.get("issuerRef") or {}
+        problems.check(ref.get("name") == ISSUER_NAME, cwhere, f"issuerRef.name must be {ISSUER_NAME}")
+        if issuers:
+            problems.check(ref.get("name") in issuers, cwhere, f"issuer {ref.get('name')} is not in the manifests")
+        usages = set(spec.get("usages") or [])
+        need = {"server auth"} | ({"client auth"} if component == "uploader" else set())
+        problems.check(need <= usages, cwhere, f"usages must include {sorted(need)}")
+        problems.check(not spec.get("isCA"), cwhere, "a workload certificate must not be a CA")
+        svc = info.get("service")
+        if svc:
+            name = svc["metadata"]["name"]
+            for dns in (name, f"{name}.{ns}.svc"):
+                problems.check(dns in (spec.get("dnsNames") or []), cwhere, f"dnsNames must include {dns} (Service {name} in namespace {ns})")
+
+
+def check_uploader_to_vault(ctx, problems):
+    up, vault = ctx["workloads"].get("uploader"), ctx["workloads"].get("vault")
+    if not (up and vault and up.get("config") and vault.get("service") and vault.get("certificate")):
+        problems.add("uploader", "cannot check the uploader's vault settings (missing workload, config, Service or Certificate)")
+        return
+    where = "uploader config [vault]"
+    section = up["config"].get("vault") or {}
+    endpoint = section.get("endpoint", "")
+    host, _, port = endpoint.rpartition(":")
+    svc = vault["service"]
+    name, ns = svc["metadata"]["name"], ctx["namespace"]
+    names = {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
+    problems.check(host in names, where, f"endpoint host {host!r} is not the vault Service ({sorted(names)})")
+    problems.check(port.isdigit() and int(port) in [p["port"] for p in svc["spec"]["ports"]], where,
+                   f"endpoint port {port} is not a port of Service {name}")
+    problems.check(section.get("server_name") in (vault["certificate"]["spec"].get("dnsNames") or []), where,
+                   f"server_name {section.get('server_name')!r} is not a dnsName of the vault's Certificate")
+    identities = [i for role in (up["config"].get("access") or {}).values() for i in role]
+    for i in identities:
+        problems.check(i.startswith(f"spiffe://{TRUST_DOMAIN}/"), "uploader config [access]", f"{i} is not a {TRUST_DOMAIN} identity")
+    policy = ctx.get("policy")
+    if policy is not None:
+        grants = policy.get("grant") or []
+        uploader_id = WORKLOADS["uploader"]["identity"]
+        problems.check(any(g.get("identity") == uploader_id and "uploader" in (g.get("roles") or []) for g in grants),
+                       "vault policy", f"{uploader_id} must hold the uploader role")
+        for g in grants:
+            problems.check(str(g.get("identity", "")).startswith(f"spiffe://{TRUST_DOMAIN}/"), "vault policy",
+                           f"grant identity {g.get('identity')} is not a {TRUST_DOMAIN} identity")
+            if "uploader" in (g.get("roles") or []):
+                problems.check(g.get("identity") == uploader_id, "vault policy", f"only {uploader_id} may hold the uploader role (plaintext leases)")
+
+
+def rule_covers_port(ports, port, names):
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        start = p.get("port")
+        if start is None or start in names:
+            return True
+        if isinstance(start, int) and start <= port <= p.get("endPort", start):
+            return True
+    return False
+
+
+def policies_selecting(ctx, labels, kind, problems):
+    out = []
+    for np in ctx["netpols"]:
+        sel = pod_selector_labels(np["spec"].get("podSelector"), name_of(np), problems)
+        types = np["spec"].get("policyTypes") or (["Ingress", "Egress"] if "egress" in np["spec"] else ["Ingress"])
+        if selector_matches(sel, labels) and kind in types:
+            out.append(np)
+    return out
+
+
+def check_network_policies(ctx, problems):
+    vault, up = ctx["workloads"].get("vault"), ctx["workloads"].get("uploader")
+    if not (vault and up and vault.get("port")):
+        problems.add("NetworkPolicy", "cannot check without both workloads")
+        return
+    where = "NetworkPolicy (vault)"
+    ingress_pols = policies_selecting(ctx, vault["labels"], "Ingress", problems)
+    if not problems.check(ingress_pols, where, "no NetworkPolicy restricts ingress to the vault"):
+        return
+    uploader_allowed = False
+    api_names = {p.get("name") for p in vault.get("ports_spec") or [] if p["containerPort"] == vault["port"]} - {None}
+    for np in ingress_pols:
+        for rule in np["spec"].get("ingress") or []:
+            rw = f"{name_of(np)} ingress rule"
+            # Only rules that open the API port matter: a rule without ports opens all of them.
+            if not rule_covers_port(rule.get("ports"), vault["port"], api_names):
+                continue
+            peers = rule.get("from") or []
+            problems.check(peers, rw, f"an ingress rule without `from` admits every source to the API port {vault['port']}")
+            for peer in peers:
+                ok = (set(peer) == {"podSelector"}
+                      and "app.kubernetes.io/name" in (pod_selector_labels(peer["podSelector"], rw, problems))
+                      and selector_matches(peer["podSelector"].get("matchLabels"), up["labels"])
+                      and not selector_matches(peer["podSelector"].get("matchLabels"), vault["labels"]))
+                problems.check(ok, rw, f"vault ingress peer {peer} is not exactly the uploader pods in this namespace")
+                uploader_allowed |= ok
+    problems.check(uploader_allowed, where, "no rule lets the uploader reach the vault")
+    egress_pols = policies_selecting(ctx, vault["labels"], "Egress", problems)
+    problems.check(egress_pols, where, "vault egress is not restricted")
+    for np in egress_pols:
+        problems.check(not np["spec"].get("egress"), name_of(np), "the vault makes no outbound connections: egress must be empty")
+    # The uploader must still be able to reach the vault.
+    upw = "NetworkPolicy (uploader)"
+    up_egress = policies_selecting(ctx, up["labels"], "Egress", problems)
+    if up_egress:
+        reach = any(
+            any("podSelector" in peer and selector_matches(peer["podSelector"].get("matchLabels"), vault["labels"])
+                and "namespaceSelector" not in peer for peer in rule.get("to") or [])
+            and any(p.get("port") == vault["port"] for p in rule.get("ports") or [])
+            for np in up_egress for rule in np["spec"].get("egress") or [])
+        problems.check(reach, upw, f"uploader egress must allow the vault on port {vault['port']}")
+    problems.check(any(np["spec"].get("podSelector") in ({}, None) and "Ingress" in (np["spec"].get("policyTypes") or [])
+                       and not np["spec"].get("ingress") for np in ctx["netpols"]),
+                   "NetworkPolicy", "no default-deny ingress policy for the namespace")
+
+
+def check_namespace(ctx, problems):
+    ns_docs = ctx["namespaces"]
+    if not problems.check(len(ns_docs) == 1, "Namespace", f"expected one Namespace, got {len(ns_docs)}"):
+        return
+    ns = ns_docs[0]
+    labels = ns["metadata"].get("labels") or {}
+    level = labels.get("pod-security.kubernetes.io/enforce")
+    ipc_lock = any(w.get("ipc_lock") for w in ctx["workloads"].values())
+    if ipc_lock:
+        # Baseline and restricted both reject capabilities.add: [IPC_LOCK].
+        problems.check(level == "privileged", name_of(ns),
+                       "pods add IPC_LOCK, which Pod Security baseline and restricted reject: enforce must be privileged")
+        problems.check(labels.get("pod-security.kubernetes.io/warn") == "restricted", name_of(ns), "warn must stay restricted")
+    else:
+        problems.check(level == "restricted", name_of(ns), f"pod-security.kubernetes.io/enforce must be restricted, got {level}")
+
+
+def check_recvault(docs, problems):
+    namespaces = [d for d in docs if d.get("kind") == "Namespace"]
+    ctx = {
+        "namespaces": namespaces,
+        "namespace": namespaces[0]["metadata"]["name"] if namespaces else None,
+        "configmaps": {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"},
+        "services": [d for d in docs if d.get("kind") == "Service"],
+        "netpols": [d for d in docs if d.get("kind") == "NetworkPolicy"],
+        "certificates": [d for d in docs if d.get("kind") == "Certificate" and d.get("apiVersion", "").startswith("cert-manager.io/")],
+        "issuers": [d for d in docs if d.get("kind") in ("Issuer", "ClusterIssuer")],
+        "workloads": {},
+    }
+    for d in docs:
+        if d.get("kind") == "Secret":
+            problems.add(name_of(d), "Secrets must not be in the manifests (the master key is created by hand)")
+        if ctx["namespace"] and d.get("kind") not in CLUSTER_SCOPED:
+            problems.check(d.get("metadata", {}).get("namespace") == ctx["namespace"], name_of(d),
+                           f"must be in namespace {ctx['namespace']}")
+    for d in docs:
+        if d.get("kind") in ("Deployment", "StatefulSet", "DaemonSet"):
+            check_workload(d, ctx, problems)
+    for component in WORKLOADS:
+        problems.check(component in ctx["workloads"], "manifests", f"no {component} workload")
+    check_certificates(ctx, problems)
+    check_uploader_to_vault(ctx, problems)
+    check_network_policies(ctx, problems)
+    check_namespace(ctx, problems)
+
+
+# --------------------------------------------------------------------------
+# kustomization trees
+
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "configMapGenerator", "images", "patches"}
+IGNORED_FILES = {".py", ".md"}
+
+
+def check_tree(root, problems):
+    roots = []
+    for dirpath, _, files in os.walk(root):
+        if "kustomization.yaml" in files:
+            roots.append(dirpath)
+    if not problems.check(roots, root, "no kustomization.yaml"):
+        return
+    referenced = set()
+    for d in roots:
+        where = os.path.relpath(os.path.join(d, "kustomization.yaml"), root)
+        k = load_docs(os.path.join(d, "kustomization.yaml"))[0]
+        unknown = set(k) - KUSTOMIZATION_KEYS
+        problems.check(not unknown, where, f"fields this check does not know: {sorted(unknown)}")
+        for r in k.get("resources") or []:
+            p = os.path.normpath(os.path.join(d, r))
+            if os.path.isdir(p):
+                problems.check(os.path.exists(os.path.join(p, "kustomization.yaml")), where, f"resource {r} is a directory without kustomization.yaml")
+            elif problems.check(os.path.isfile(p), where, f"resource {r} does not exist"):
+                referenced.add(p)
+        for g in k.get("configMapGenerator") or []:
+            for f in g.get("files") or []:
+                f = f.split("=", 1)[-1]
+                p = os.path.normpath(os.path.join(d, f))
+                if problems.check(os.path.isfile(p), where, f"configMapGenerator {g.get('name')}: {f} does not exist"):
+                    referenced.add(p)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.normpath(os.path.join(dirpath, f))
+            if f == "kustomization.yaml" or os.path.splitext(f)[1] in IGNORED_FILES or "__pycache__" in p:
+                continue
+            problems.check(p in referenced, os.path.relpath(p, root),
+                           "is not listed in any kustomization.yaml (resources or configMapGenerator)")
+
+
+def render(directory):
+    """kustomize's resources/namespace/configMapGenerator/images, without kustomize."""
+    k = load_docs(os.path.join(directory, "kustomization.yaml"))[0]
+    unsupported = set(k) - {"apiVersion", "kind", "namespace", "resources", "configMapGenerator", "images"}
+    if unsupported:
+        print(f"{directory}: needs kustomize for {sorted(unsupported)}", file=sys.stderr)
+        sys.exit(3)
+    docs = []
+    for r in k.get("resources") or []:
+        p = os.path.join(directory, r)
+        docs += render(p) if os.path.isdir(p) else load_docs(p)
+    for g in k.get("configMapGenerator") or []:
+        data = {}
+        for f in g.get("files") or []:
+            key, _, f = f.rpartition("=")
+            with open(os.path.join(directory, f), encoding="utf-8") as fh:
+                data[key or os.path.basename(f)] = fh.read()
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": g["name"]}, "data": data})
+    for d in docs:
+        if k.get("namespace") and d.get("kind") not in CLUSTER_SCOPED:
+            d.setdefault("metadata", {})["namespace"] = k["namespace"]
+        if d.get("kind") == "Namespace" and k.get("namespace"):
+            d["metadata"]["name"] = k["namespace"]
+        pod = ((d.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+            for img in k.get("images") or []:
+                name = re.split(r"[:@]", c["image"], maxsplit=1)[0]
+                if name == img["name"]:
+                    c["image"] = f"{img.get('newName', name)}:{img.get('newTag', 'latest')}"
+    return docs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("file")
+    v.add_argument("-k", "--kubernetes-version", action="append", dest="versions")
+    t = sub.add_parser("tree")
+    t.add_argument("dir")
+    r = sub.add_parser("render")
+    r.add_argument("dir")
+    args = parser.parse_args()
+
+    problems = Problems()
+    if args.command == "render":
+        yaml.safe_dump_all(render(args.dir), sys.stdout, sort_keys=False)
+        return 0
+    if args.command == "tree":
+        check_tree(args.dir, problems)
+        summary = f"kustomization trees under {args.dir}"
+    else:
+        docs = load_docs(args.file)
+        versions = args.versions or ["1.29.0", "1.37.0"]
+        validate_schemas(docs, versions, problems)
+        check_recvault(docs, problems)
+        kinds = {}
+        for d in docs:
+            kinds[d.get("kind")] = kinds.get(d.get("kind"), 0) + 1
+        counted = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        summary = f"{len(docs)} resources ({counted}) against Kubernetes {', '.join(versions)} (strict), cert-manager.io/v1 and recvault's rules"
+    for p in problems.items:
+        print(f"ERROR {p}")
+    if problems.items:
+        print(f"FAILED: {len(problems.items)} problem(s) in {summary}")
+        return 1
+    print(f"OK {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
