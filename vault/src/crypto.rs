@@ -8,6 +8,8 @@ use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, KeyIvInit};
 use hmac::{Hmac, KeyInit, Mac};
 use recvault_runtime::secret::SecretBytes;
 use sha2::Sha512;
+use std::cell::RefCell;
+use zeroize::Zeroize;
 
 type Aes256CbcEnc = cbc::Encryptor<Aes256>;
 type Aes256CbcDec = cbc::Decryptor<Aes256>;
@@ -130,6 +132,20 @@ pub mod hazmat {
         decrypt_into_secret::<Pkcs7>(key, iv, ciphertext)
     }
 
+    /// [`cbc_decrypt_pkcs7`] into `buf` (at least as long as `ciphertext`),
+    /// for callers that bring their own locked buffer; returns the plaintext
+    /// part of it. The caller zeroizes `buf`.
+    pub(crate) fn cbc_decrypt_pkcs7_in<'b>(
+        key: &[u8; HALF_KEY_LEN],
+        iv: &[u8; IV_LEN],
+        ciphertext: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<&'b [u8], CryptoError> {
+        Aes256CbcDec::new(key.into(), iv.into())
+            .decrypt_padded_b2b::<Pkcs7>(ciphertext, buf)
+            .map_err(|_| CryptoError)
+    }
+
     /// Decrypts straight into locked memory, so no plaintext lands in an ordinary `Vec`.
     fn decrypt_into_secret<P: cbc::cipher::block_padding::Padding>(
         key: &[u8; HALF_KEY_LEN],
@@ -191,16 +207,28 @@ fn decrypt_parts(
     ciphertext: &[u8],
     tag: &[u8],
 ) -> Result<SecretBytes, CryptoError> {
+    let iv = verify_tag(key, iv, aad_parts, ciphertext, tag)?;
+    hazmat::cbc_decrypt_pkcs7(key.enc_key(), iv, ciphertext)
+}
+
+/// RFC 7518 §5.2.2.2: checks the tag first, in constant time, so that callers
+/// decrypt and unpad only authentic input and a bad padding is never
+/// observable (no padding oracle). Returns the IV as a block.
+fn verify_tag<'a>(
+    key: &A256CbcHs512Key,
+    iv: &'a [u8],
+    aad_parts: &[&[u8]],
+    ciphertext: &[u8],
+    tag: &[u8],
+) -> Result<&'a [u8; IV_LEN], CryptoError> {
     let iv: &[u8; IV_LEN] = iv.try_into().map_err(|_| CryptoError)?;
     if tag.len() != TAG_LEN {
         return Err(CryptoError);
     }
-    // RFC 7518 §5.2.2.2: check the tag first, in constant time, and only then
-    // decrypt and unpad, so a bad padding is never observable (no padding oracle).
     tag_mac(key, aad_parts, iv, ciphertext)
         .verify_truncated_left(tag)
         .map_err(|_| CryptoError)?;
-    hazmat::cbc_decrypt_pkcs7(key.enc_key(), iv, ciphertext)
+    Ok(iv)
 }
 
 /// A256CBC-HS512 encryption with a caller-chosen IV (RFC 7518 §5.2.2.1).
@@ -391,6 +419,61 @@ pub fn open_envelope(
     decrypt_parts(key, iv, &[header, aad], ciphertext, tag)
 }
 
+/// Envelopes with up to this much ciphertext are opened in [`SCRATCH`].
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// Per-thread locked buffer for [`open_envelope_with`], locked once and
+    /// zeroized after every use. Locking a fresh allocation per call costs an
+    /// mlock/munlock pair, each of which splits or merges a memory mapping
+    /// under the process-wide mm lock; and since page locks do not nest, the
+    /// munlock of a short-lived buffer also unlocks any long-lived key that
+    /// shares its page.
+    static SCRATCH: RefCell<Option<SecretBytes>> = const { RefCell::new(None) };
+}
+
+/// [`open_envelope`] that lends the plaintext to `f` instead of returning it:
+/// the plaintext is decrypted into locked memory that is zeroized as soon as
+/// `f` returns (a per-thread buffer locked once, or for big envelopes a
+/// buffer locked for this call). For hot paths that copy the plaintext out
+/// anyway, e.g. into a reply.
+pub fn open_envelope_with<R>(
+    key: &A256CbcHs512Key,
+    aad: &[u8],
+    sealed: &[u8],
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, CryptoError> {
+    parse_header(sealed)?;
+    let (header, rest) = sealed.split_at(HEADER_LEN);
+    let (iv, rest) = rest.split_at(IV_LEN);
+    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let iv = verify_tag(key, iv, &[header, aad], ciphertext, tag)?;
+    let mut f = Some(f);
+    if ciphertext.len() <= SCRATCH_LEN {
+        // `None`: the thread is exiting or the buffer is in use further up the
+        // stack; then fall through to a buffer of its own.
+        let lent = SCRATCH
+            .try_with(|cell| {
+                let mut slot = cell.try_borrow_mut().ok()?;
+                let scratch = slot.get_or_insert_with(|| SecretBytes::zeroed(SCRATCH_LEN));
+                let buf = &mut scratch.expose_secret_mut()[..ciphertext.len()];
+                let result = hazmat::cbc_decrypt_pkcs7_in(key.enc_key(), iv, ciphertext, buf)
+                    .map(|plaintext| f.take().map(|f| f(plaintext)));
+                buf.zeroize();
+                Some(result)
+            })
+            .ok()
+            .flatten();
+        if let Some(result) = lent {
+            return result?.ok_or(CryptoError);
+        }
+    }
+    let plaintext = hazmat::cbc_decrypt_pkcs7(key.enc_key(), iv, ciphertext)?;
+    f.take()
+        .map(|f| f(plaintext.expose_secret()))
+        .ok_or(CryptoError)
+}
+
 // ---------------------------------------------------------------------------
 // Record binding
 
@@ -538,6 +621,51 @@ mod tests {
         bad[7] ^= 1;
         assert!(parse_header(&bad).is_ok());
         assert!(open_envelope(&k, b"ctx", &bad).is_err());
+    }
+
+    #[test]
+    fn open_with_lends_the_same_plaintext_and_the_same_refusals() {
+        let k = key();
+        // Empty, one block, across block edges, in the scratch buffer's last
+        // block, and too big for it (its own buffer).
+        for len in [
+            0,
+            1,
+            15,
+            16,
+            17,
+            100,
+            SCRATCH_LEN - 1,
+            SCRATCH_LEN,
+            3 * SCRATCH_LEN,
+        ] {
+            let plaintext: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let sealed = seal_envelope(&k, 3, b"ctx", &plaintext).unwrap();
+            let lent = open_envelope_with(&k, b"ctx", &sealed, <[u8]>::to_vec).unwrap();
+            assert_eq!(lent, plaintext, "len {len}");
+            // Nested use (the scratch buffer is busy) falls back and still works.
+            let nested = open_envelope_with(&k, b"ctx", &sealed, |outer| {
+                let inner = open_envelope_with(&k, b"ctx", &sealed, <[u8]>::to_vec).unwrap();
+                (outer.to_vec(), inner)
+            })
+            .unwrap();
+            assert_eq!(
+                (nested.0.as_slice(), nested.1.as_slice()),
+                (&plaintext[..], &plaintext[..])
+            );
+            assert!(open_envelope_with(&k, b"other", &sealed, |_| ()).is_err());
+            for i in [0, HEADER_LEN, HEADER_LEN + IV_LEN, sealed.len() - 1] {
+                let mut bad = sealed.clone();
+                bad[i] ^= 0x80;
+                let mut called = false;
+                assert_eq!(
+                    open_envelope_with(&k, b"ctx", &bad, |_| called = true),
+                    Err(CryptoError),
+                    "len {len}, byte {i}"
+                );
+                assert!(!called, "f must not see unauthenticated plaintext");
+            }
+        }
     }
 
     #[test]

@@ -406,6 +406,31 @@ impl Keyring {
         crypto::open_envelope(key, &aad.encode(), sealed)
     }
 
+    /// [`Keyring::open`] that lends the plaintext to `f` from locked memory
+    /// zeroized when `f` returns, without locking a new buffer per call
+    /// ([`crypto::open_envelope_with`]). Same checks, same single error.
+    pub fn open_with<R>(
+        &self,
+        tenant_id: &str,
+        credential_id: &str,
+        credential_version: u32,
+        sealed: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CryptoError> {
+        let key_version = crypto::parse_header(sealed)?.key_version;
+        if key_version < self.min_decrypt_version {
+            return Err(CryptoError);
+        }
+        let key = self.keys.get(&key_version).ok_or(CryptoError)?;
+        let aad = RecordAad {
+            tenant_id,
+            credential_id,
+            credential_version,
+            key_version,
+        };
+        crypto::open_envelope_with(key, &aad.encode(), sealed, f)
+    }
+
     /// The key version named in an envelope's header (not authenticated by itself).
     pub fn sealed_key_version(&self, sealed: &[u8]) -> Result<u32, CryptoError> {
         Ok(crypto::parse_header(sealed)?.key_version)

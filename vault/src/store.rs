@@ -4,8 +4,18 @@
 //!
 //! Deleting a credential removes its ciphertext (crypto-shred) and, with
 //! `secure_delete`, SQLite overwrites the freed pages.
+//!
+//! Rows read by id are cached in memory (metadata and ciphertext only, never
+//! plaintext), so the AcquireLease hot path needs neither the connection
+//! mutex nor a blocking thread. Every write through this store evicts the
+//! rows it touches; edits made to the file by another process are seen after
+//! a restart.
 
-use std::{collections::BTreeMap, path::Path, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::{Arc, Mutex, RwLock},
+};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -57,7 +67,14 @@ pub struct NewCredential<'a> {
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Rows by id as last read from the database. Filled and evicted only
+    /// while `conn` is held, so a read cannot put back a row that a write
+    /// has just changed; read without `conn` by [`Store::cached`].
+    cache: RwLock<HashMap<CredentialId, Arc<CredentialRow>>>,
 }
+
+/// Most rows kept in the cache; beyond it reads go to SQLite as before.
+const CACHE_MAX_ROWS: usize = 100_000;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS credentials (
@@ -130,11 +147,30 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            cache: RwLock::default(),
         })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops `id`'s cached row. Call with the connection held, after writing.
+    fn evict(&self, _conn: &Connection, id: &CredentialId) {
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// One credential by id from memory, if it was read since it last changed.
+    /// Never blocks on SQLite: the async hot path tries this before [`Store::get`].
+    pub fn cached(&self, id: &CredentialId) -> Option<Arc<CredentialRow>> {
+        self.cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Stores a new credential, or a new version of the live one with the same
@@ -183,17 +219,27 @@ impl Store {
                 sealed
             ],
         )?;
-        tx.commit()?;
+        let committed = tx.commit();
+        self.evict(&conn, &id);
+        committed?;
         Ok(Ok((id, version)))
     }
 
-    /// One credential by id (deleted ones too, as tombstones).
+    /// One credential by id (deleted ones too, as tombstones), from SQLite;
+    /// remembers it for [`Store::cached`].
     pub fn get(&self, id: &CredentialId) -> Result<Option<CredentialRow>, StoreError> {
-        Ok(self
-            .conn()
+        let conn = self.conn();
+        let row = conn
             .prepare_cached("SELECT * FROM credentials WHERE credential_id = ?1")?
             .query_row(params![id.as_str()], row_to_credential)
-            .optional()?)
+            .optional()?;
+        if let Some(row) = &row {
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if cache.len() < CACHE_MAX_ROWS {
+                cache.insert(id.clone(), Arc::new(row.clone()));
+            }
+        }
+        Ok(row)
     }
 
     /// A tenant's credentials, by name.
@@ -213,12 +259,15 @@ impl Store {
     /// Crypto-shred: drops the ciphertext, keeps a tombstone. Returns false if
     /// the credential is unknown or already deleted.
     pub fn delete(&self, id: &CredentialId) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let conn = self.conn();
+        let n = conn.execute(
             "UPDATE credentials SET deleted = 1, sealed = NULL, key_version = 0, updated_at = ?2
              WHERE credential_id = ?1 AND deleted = 0",
             params![id.as_str(), now()],
-        )?;
-        Ok(n == 1)
+        );
+        // Evict even on error: the cached ciphertext must not outlive a shred.
+        self.evict(&conn, id);
+        Ok(n? == 1)
     }
 
     /// Live credentials sealed under a key version older than `current`
@@ -248,12 +297,14 @@ impl Store {
         sealed: &[u8],
         key_version: u32,
     ) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
+        let conn = self.conn();
+        let n = conn.execute(
             "UPDATE credentials SET sealed = ?3, key_version = ?4
              WHERE credential_id = ?1 AND version = ?2 AND deleted = 0",
             params![id.as_str(), version, sealed, key_version],
-        )?;
-        Ok(n == 1)
+        );
+        self.evict(&conn, id);
+        Ok(n? == 1)
     }
 
     /// Live credentials per key version.
@@ -335,5 +386,73 @@ impl Store {
             )?,
         };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn put(store: &Store, tenant: &TenantId, sealed: &[u8]) -> (CredentialId, u32) {
+        let labels = BTreeMap::new();
+        let new = NewCredential {
+            tenant_id: tenant,
+            name: "archive",
+            kind: 1,
+            labels: &labels,
+            secret_chars: 3,
+        };
+        store
+            .put(&new, |_, _| Ok::<_, ()>((sealed.to_vec(), 1)))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn cached_sealed(store: &Store, id: &CredentialId) -> Option<Option<Vec<u8>>> {
+        store.cached(id).map(|row| row.sealed.clone())
+    }
+
+    #[test]
+    fn the_cache_never_serves_a_row_a_write_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("vault.db")).unwrap();
+        let tenant = TenantId::parse("acme").unwrap();
+        let (id, v1) = put(&store, &tenant, b"one");
+        assert_eq!(
+            cached_sealed(&store, &id),
+            None,
+            "nothing cached before a read"
+        );
+        assert_eq!(store.get(&id).unwrap().unwrap().version, v1);
+        assert_eq!(cached_sealed(&store, &id), Some(Some(b"one".to_vec())));
+
+        // A new version evicts; the next read caches it.
+        let (same, v2) = put(&store, &tenant, b"two");
+        assert_eq!((&same, v2), (&id, v1 + 1));
+        assert_eq!(cached_sealed(&store, &id), None);
+        store.get(&id).unwrap();
+        assert_eq!(store.cached(&id).unwrap().version, v2);
+
+        // Rewrap evicts.
+        assert!(store.replace_sealed(&id, v2, b"rewrapped", 2).unwrap());
+        assert_eq!(cached_sealed(&store, &id), None);
+        store.get(&id).unwrap();
+        assert_eq!(
+            cached_sealed(&store, &id),
+            Some(Some(b"rewrapped".to_vec()))
+        );
+
+        // Delete evicts the ciphertext; a later read caches the tombstone.
+        assert!(store.delete(&id).unwrap());
+        assert_eq!(cached_sealed(&store, &id), None);
+        store.get(&id).unwrap();
+        let tombstone = store.cached(&id).unwrap();
+        assert!(tombstone.deleted && tombstone.sealed.is_none());
+
+        // Unknown ids are not cached.
+        let unknown = CredentialId::parse("cred_unknown").unwrap();
+        assert!(store.get(&unknown).unwrap().is_none());
+        assert!(store.cached(&unknown).is_none());
     }
 }

@@ -75,7 +75,13 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Pending>) {
         let count = batch.len();
-        match self.write(&batch) {
+        // Records move into their events (no copy per event on this thread,
+        // which every append waits for).
+        let (records, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|p| ((p.record, p.time_unix_nanos), p.reply))
+            .unzip();
+        match self.write(records) {
             Ok(events) => {
                 if let Some(last) = events.last() {
                     self.head = Some((last.sequence, last.hash));
@@ -89,17 +95,20 @@ impl Writer {
                 self.shared
                     .events
                     .fetch_add(count as u64, Ordering::Relaxed);
-                for (pending, event) in batch.into_iter().zip(events) {
-                    // Tail subscribers see only durable events; none listening is fine.
-                    let _ = self.events_tx.send(event.clone());
-                    let _ = pending.reply.send(Ok(event));
+                for (reply, event) in replies.into_iter().zip(events) {
+                    // Tail subscribers see only durable events; none listening is
+                    // fine, and then there is nothing to copy.
+                    if self.events_tx.receiver_count() > 0 {
+                        let _ = self.events_tx.send(event.clone());
+                    }
+                    let _ = reply.send(Ok(event));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, events = count, "audit commit failed; failing the batch closed");
                 self.head = None;
-                for pending in batch {
-                    let _ = pending.reply.send(Err(AuditError::Unavailable {
+                for reply in replies {
+                    let _ = reply.send(Err(AuditError::Unavailable {
                         reason: match &err {
                             AuditError::Unavailable { reason } => reason.clone(),
                             other => other.to_string(),
@@ -112,7 +121,7 @@ impl Writer {
 
     /// Chains and stores the batch in one transaction. The in-memory head is
     /// untouched here; the caller advances it only after COMMIT returned.
-    fn write(&mut self, batch: &[Pending]) -> Result<Vec<AuditEvent>, AuditError> {
+    fn write(&mut self, batch: Vec<(AuditRecord, i64)>) -> Result<Vec<AuditEvent>, AuditError> {
         let (mut sequence, mut prev_hash) = match self.head {
             Some(head) => head,
             None => {
@@ -131,22 +140,21 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| AuditError::unavailable(&e))?;
         let mut events = Vec::with_capacity(batch.len());
-        for pending in batch {
+        for (record, time_unix_nanos) in batch {
             sequence += 1;
             let hash = chain::event_hash(
                 &self.key,
                 &prev_hash,
                 sequence,
-                &pending.record.hash_input(pending.time_unix_nanos),
+                &record.hash_input(time_unix_nanos),
             );
             let event = AuditEvent {
                 sequence,
-                record: pending.record.clone(),
+                record,
                 prev_hash,
                 hash,
             };
-            store::insert(&tx, &event, pending.time_unix_nanos)
-                .map_err(|e| AuditError::unavailable(&e))?;
+            store::insert(&tx, &event, time_unix_nanos).map_err(|e| AuditError::unavailable(&e))?;
             prev_hash = hash;
             events.push(event);
         }

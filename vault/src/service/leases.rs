@@ -11,6 +11,7 @@ use recvault_proto::vault::v1::{
     leases_server,
 };
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 use crate::{
     core::{Call, Subject, VaultCore, blocking},
@@ -18,10 +19,36 @@ use crate::{
     ids::{CredentialId, LeaseId},
     leases::{Lease, LeaseProblem},
     policy::Role,
+    store::CredentialRow,
 };
 
 /// Longest purpose string recorded in the audit log.
 const MAX_PURPOSE_BYTES: usize = 256;
+
+/// Envelopes up to this size are opened on the async worker (a few
+/// microseconds); bigger ones (tenant limits go up to 1M characters) on a
+/// blocking thread, so that one large secret cannot stall other calls.
+const INLINE_OPEN_MAX_BYTES: usize = 16 * 1024;
+
+/// Opens a live row's envelope with the keyring, straight into the buffer that
+/// becomes the reply's `secret` (zeroized if the call fails before the reply).
+fn open_sealed(core: &VaultCore, row: &CredentialRow) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    let sealed = row.sealed.as_deref().ok_or_else(|| {
+        VaultError::NotFound(format!("credential {} was deleted", row.credential_id))
+    })?;
+    core.keyring()
+        .open_with(
+            row.tenant_id.as_str(),
+            row.credential_id.as_str(),
+            row.version,
+            sealed,
+            |plaintext| Zeroizing::new(plaintext.to_vec()),
+        )
+        .map_err(|_| {
+            tracing::error!(credential_id = %row.credential_id, "stored ciphertext failed authentication");
+            VaultError::Undecryptable(row.credential_id.to_string())
+        })
+}
 
 #[derive(Debug, Clone)]
 pub struct LeasesService {
@@ -53,26 +80,28 @@ impl LeasesService {
             0 => settings.default_ttl_secs,
             t => t.min(settings.max_ttl_secs),
         };
-        let core = self.core.clone();
-        let lookup = id.clone();
-        let (row, secret) = blocking(move || {
-            let row = core
-                .store
-                .get(&lookup)?
-                .ok_or_else(|| VaultError::NotFound(format!("credential {lookup} does not exist")))?;
-            let Some(sealed) = row.sealed.as_deref().filter(|_| !row.deleted) else {
-                return Err(VaultError::NotFound(format!("credential {lookup} was deleted")));
-            };
-            let secret = core
-                .keyring()
-                .open(row.tenant_id.as_str(), row.credential_id.as_str(), row.version, sealed)
-                .map_err(|_| {
-                    tracing::error!(credential_id = %lookup, "stored ciphertext failed authentication");
-                    VaultError::Undecryptable(lookup.to_string())
-                })?;
-            Ok((row, secret))
-        })
-        .await?;
+        // Hot path: the sealed row from the store's memory cache, opened right
+        // here. SQLite (on a miss) and big envelopes go to a blocking thread.
+        let row = match self.core.store.cached(&id) {
+            Some(row) => Some(row),
+            None => {
+                let store = self.core.store.clone();
+                let lookup = id.clone();
+                blocking(move || Ok(store.get(&lookup)?.map(Arc::new))).await?
+            }
+        }
+        .ok_or_else(|| VaultError::NotFound(format!("credential {id} does not exist")))?;
+        let sealed_len = match row.sealed.as_deref() {
+            Some(sealed) if !row.deleted => sealed.len(),
+            _ => return Err(VaultError::NotFound(format!("credential {id} was deleted"))),
+        };
+        let mut secret = if sealed_len <= INLINE_OPEN_MAX_BYTES {
+            open_sealed(&self.core, &row)?
+        } else {
+            let core = self.core.clone();
+            let row = row.clone();
+            blocking(move || open_sealed(&core, &row)).await?
+        };
         subject.tenant_id = row.tenant_id.to_string();
         self.core
             .authorize(call, Role::Uploader, Some(&row.tenant_id))?;
@@ -99,8 +128,8 @@ impl LeasesService {
         Ok(AcquireLeaseResponse {
             lease_id: lease_id.to_string(),
             // The reply is the one copy of the plaintext that leaves the vault;
-            // the locked copy is zeroized when `secret` drops here.
-            secret: secret.expose_secret().to_vec(),
+            // the locked copy it was decrypted into is already zeroized.
+            secret: std::mem::take(&mut *secret),
             expires_at: Some(prost_types::Timestamp::from(expires_at)),
             kind: row.kind,
             credential_version: row.version,
