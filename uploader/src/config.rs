@@ -25,6 +25,11 @@ pub struct UploaderConfig {
     /// scrape-only network. Env: `RECVAULT_UPLOADER_METRICS_LISTEN`.
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext port serving only `grpc.health.v1.Health`, for
+    /// Kubernetes' native gRPC probes (which cannot present a client certificate).
+    /// Env: `RECVAULT_UPLOADER_HEALTH_LISTEN`.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Our server certificate/key and the CA that recorder and manager certificates chain to.
     pub tls: TlsFiles,
     /// Job and destination database (SQLite). Env: `RECVAULT_UPLOADER_DATABASE`.
@@ -200,6 +205,12 @@ impl UploaderConfig {
                 name: "RECVAULT_UPLOADER_METRICS_LISTEN",
                 message: format!("{e}; expected host:port such as 127.0.0.1:9444"),
             })?;
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_HEALTH_LISTEN") {
+            self.health_listen = Some(v.parse().map_err(|e| ConfigError::Env {
+                name: "RECVAULT_UPLOADER_HEALTH_LISTEN",
+                message: format!("{e}; expected host:port such as 0.0.0.0:7454"),
+            })?);
         }
         if let Some(v) = get("RECVAULT_UPLOADER_VAULT_ENDPOINT") {
             self.vault.endpoint = v;

@@ -176,6 +176,12 @@ impl Bound {
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
+        if let Some(addr) = config.health_listen {
+            let probe_addr = recvault_runtime::probe::serve(addr, health.clone(), stopped())
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            tracing::info!(%probe_addr, "plaintext health probe port (grpc.health.v1 only)");
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(recvault_proto::FILE_DESCRIPTOR_SET)

@@ -8,5 +8,6 @@ pub mod hardening;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 pub mod secret;
 pub mod tls;
