@@ -60,10 +60,41 @@ pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
         .get::<TlsConnectInfo<TcpConnectInfo>>()?
         .peer_certs()?;
     let leaf: &CertificateDer<'_> = certs.first()?;
+    let digest: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
+    // Parsing X.509 on every call costs more than the rest of a cheap RPC; the
+    // same few certificates call again and again, so remember what they name.
+    // Keyed by the certificate's SHA-256, so a different certificate never hits.
+    if let Some(id) = identity_cache()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&digest)
+    {
+        return id.clone().map(|id| PeerIdentity {
+            id,
+            cert_sha256: hex::encode(digest),
+        });
+    }
+    let id = identity_of_certificate(leaf);
+    let mut cache = identity_cache().lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= IDENTITY_CACHE_MAX {
+        cache.clear();
+    }
+    cache.insert(digest, id.clone());
     Some(PeerIdentity {
-        id: identity_of_certificate(leaf)?,
-        cert_sha256: fingerprint(leaf),
+        id: id?,
+        cert_sha256: hex::encode(digest),
     })
+}
+
+/// Most certificates remembered by [`peer_identity`] (cleared when full).
+const IDENTITY_CACHE_MAX: usize = 4096;
+
+fn identity_cache() -> &'static std::sync::Mutex<std::collections::HashMap<[u8; 32], Option<String>>>
+{
+    static CACHE: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<[u8; 32], Option<String>>>,
+    > = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
 }
 
 /// The peer's fingerprint even when no identity could be read (for audit of denials).

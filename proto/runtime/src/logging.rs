@@ -28,8 +28,10 @@ pub fn init(format: LogFormat) {
 /// The `x-request-id` metadata key carried from the uploader into the vault's audit events.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// The request id of a call, or a new one (uuid v4) when the caller sent none
-/// or sent something unusable (over 128 bytes or not visible ASCII).
+/// The request id of a call, or a new one when the caller sent none or sent
+/// something unusable (over 128 bytes or not visible ASCII). New ids are
+/// UUIDv7: time-ordered, so the audit log's request-id index grows at its end
+/// instead of dirtying a random page per event.
 pub fn request_id<T>(request: &tonic::Request<T>) -> String {
     request
         .metadata()
@@ -37,5 +39,5 @@ pub fn request_id<T>(request: &tonic::Request<T>) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
