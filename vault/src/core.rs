@@ -49,6 +49,9 @@ pub struct Subject {
     pub credential_id: String,
     pub lease_id: String,
     pub detail: String,
+    /// The success event was already written by [`VaultCore::commit_gate`]
+    /// before the change committed; `finish` must not write a second one.
+    pub audited: bool,
 }
 
 impl VaultCore {
@@ -59,7 +62,8 @@ impl VaultCore {
             let (_, wrapped) = keyring::new_wrapped_version(master, 1)
                 .map_err(|_| "cannot create key version 1".to_owned())?;
             store
-                .insert_key_version(1, &wrapped)
+                // Start-up, not an RPC: there is no caller to audit.
+                .insert_key_version(1, &wrapped, || Ok(()))
                 .map_err(|e| e.to_string())?;
             versions = store.key_versions().map_err(|e| e.to_string())?;
         }
@@ -148,25 +152,11 @@ impl VaultCore {
         result: Result<T, VaultError>,
     ) -> Result<T, Status> {
         let result = result.map_err(Status::from);
+        if subject.audited && result.is_ok() {
+            return result;
+        }
         let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
-        let outcome = match code {
-            tonic::Code::Ok => Outcome::Allowed,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Outcome::Denied,
-            _ => Outcome::Error,
-        };
-        let record = AuditRecord {
-            identity: call
-                .identity
-                .clone()
-                .unwrap_or_else(|| "unauthenticated".into()),
-            cert_fingerprint: call.cert_fingerprint.clone(),
-            tenant_id: subject.tenant_id,
-            credential_id: subject.credential_id,
-            lease_id: subject.lease_id,
-            request_id: call.request_id.clone(),
-            detail: subject.detail,
-            ..AuditRecord::now(call.operation, outcome, code_name(code))
-        };
+        let record = Self::record(call, subject, code);
         if let Err(error) = self.audit.append(record).await {
             tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
                 "audit write failed; failing the call closed");
@@ -178,6 +168,44 @@ impl VaultCore {
                 code = code_name(code), message = status.message(), "call refused");
         }
         result
+    }
+
+    /// The success event of a state change, written durably from inside the
+    /// store transaction just before it commits (call from a blocking thread).
+    /// If it cannot be written, the transaction rolls back: no change is ever
+    /// applied without its audit event. A failure of the COMMIT itself after
+    /// this (rare: disk full) is followed by an "error" event for the same call.
+    pub fn commit_gate(&self, call: &Call, subject: &Subject) -> Result<(), String> {
+        let record = Self::record(call, subject.clone(), tonic::Code::Ok);
+        tokio::runtime::Handle::current()
+            .block_on(self.audit.append(record))
+            .map(|_| ())
+            .map_err(|error| {
+                tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
+                    "audit write failed; change rolled back");
+                error.to_string()
+            })
+    }
+
+    fn record(call: &Call, subject: Subject, code: tonic::Code) -> AuditRecord {
+        let outcome = match code {
+            tonic::Code::Ok => Outcome::Allowed,
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        AuditRecord {
+            identity: call
+                .identity
+                .clone()
+                .unwrap_or_else(|| "unauthenticated".into()),
+            cert_fingerprint: call.cert_fingerprint.clone(),
+            tenant_id: subject.tenant_id,
+            credential_id: subject.credential_id,
+            lease_id: subject.lease_id,
+            request_id: call.request_id.clone(),
+            detail: subject.detail,
+            ..AuditRecord::now(call.operation, outcome, code_name(code))
+        }
     }
 
     /// The secret size limit in force for `tenant`.

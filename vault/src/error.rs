@@ -66,6 +66,9 @@ impl From<VaultError> for Status {
 
 impl From<crate::store::StoreError> for VaultError {
     fn from(error: crate::store::StoreError) -> Self {
+        if let crate::store::StoreError::Gate(reason) = error {
+            return VaultError::AuditUnavailable(reason);
+        }
         tracing::error!(%error, "credential store failed");
         VaultError::Unavailable(error.to_string())
     }

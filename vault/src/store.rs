@@ -31,6 +31,10 @@ pub enum StoreError {
     /// A stored row does not parse (manual edits, corruption).
     #[error("credential database row is corrupt: {0}")]
     Corrupt(String),
+    /// The commit gate (the audit event for this change) failed, so the
+    /// change was rolled back.
+    #[error("the change was not committed: {0}")]
+    Gate(String),
 }
 
 /// One credential's metadata, plus its sealed secret when not deleted.
@@ -174,11 +178,13 @@ impl Store {
     }
 
     /// Stores a new credential, or a new version of the live one with the same
-    /// (tenant, name). Returns (id, version).
+    /// (tenant, name). Returns (id, version). `gate` runs inside the
+    /// transaction, just before COMMIT: if it fails, nothing is stored.
     pub fn put<E>(
         &self,
         new: &NewCredential<'_>,
         seal: impl FnOnce(&CredentialId, u32) -> Result<(Vec<u8>, u32), E>,
+        gate: impl FnOnce(&CredentialId, u32) -> Result<(), String>,
     ) -> Result<Result<(CredentialId, u32), E>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -219,6 +225,7 @@ impl Store {
                 sealed
             ],
         )?;
+        gate(&id, version).map_err(StoreError::Gate)?;
         let committed = tx.commit();
         self.evict(&conn, &id);
         committed?;
@@ -256,18 +263,32 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Crypto-shred: drops the ciphertext, keeps a tombstone. Returns false if
-    /// the credential is unknown or already deleted.
-    pub fn delete(&self, id: &CredentialId) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE credentials SET deleted = 1, sealed = NULL, key_version = 0, updated_at = ?2
-             WHERE credential_id = ?1 AND deleted = 0",
-            params![id.as_str(), now()],
-        );
+    /// Crypto-shred: drops the ciphertext, keeps a tombstone. Returns false
+    /// (and does not call `gate`) if the credential is unknown or already
+    /// deleted. `gate` runs just before COMMIT; if it fails, nothing changes.
+    pub fn delete(
+        &self,
+        id: &CredentialId,
+        gate: impl FnOnce() -> Result<(), String>,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let result = (|| {
+            let tx = conn.transaction()?;
+            let n = tx.execute(
+                "UPDATE credentials SET deleted = 1, sealed = NULL, key_version = 0, updated_at = ?2
+                 WHERE credential_id = ?1 AND deleted = 0",
+                params![id.as_str(), now()],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            gate().map_err(StoreError::Gate)?;
+            tx.commit()?;
+            Ok(true)
+        })();
         // Evict even on error: the cached ciphertext must not outlive a shred.
         self.evict(&conn, id);
-        Ok(n? == 1)
+        result
     }
 
     /// Live credentials sealed under a key version older than `current`
@@ -288,23 +309,34 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Replaces a sealed secret if the row is still at `version` (a concurrent
-    /// PutCredential wins). Returns whether it was replaced.
+    /// Replaces sealed secrets in one transaction, each only if its row is
+    /// still at the given version (a concurrent PutCredential wins). `gate`
+    /// gets the number replaced and runs just before COMMIT. Returns that number.
     pub fn replace_sealed(
         &self,
-        id: &CredentialId,
-        version: u32,
-        sealed: &[u8],
-        key_version: u32,
-    ) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let n = conn.execute(
-            "UPDATE credentials SET sealed = ?3, key_version = ?4
-             WHERE credential_id = ?1 AND version = ?2 AND deleted = 0",
-            params![id.as_str(), version, sealed, key_version],
-        );
-        self.evict(&conn, id);
-        Ok(n? == 1)
+        rows: &[(CredentialId, u32, Vec<u8>, u32)],
+        gate: impl FnOnce(u32) -> Result<(), String>,
+    ) -> Result<u32, StoreError> {
+        let mut conn = self.conn();
+        let result = (|| {
+            let tx = conn.transaction()?;
+            let mut replaced = 0u32;
+            for (id, version, sealed, key_version) in rows {
+                replaced += u32::try_from(tx.execute(
+                    "UPDATE credentials SET sealed = ?3, key_version = ?4
+                     WHERE credential_id = ?1 AND version = ?2 AND deleted = 0",
+                    params![id.as_str(), version, sealed, key_version],
+                )?)
+                .unwrap_or(0);
+            }
+            gate(replaced).map_err(StoreError::Gate)?;
+            tx.commit()?;
+            Ok(replaced)
+        })();
+        for (id, ..) in rows {
+            self.evict(&conn, id);
+        }
+        result
     }
 
     /// Live credentials per key version.
@@ -329,12 +361,22 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Adds a wrapped key version; fails if the version exists.
-    pub fn insert_key_version(&self, version: u32, wrapped: &[u8]) -> Result<(), StoreError> {
-        self.conn().execute(
+    /// Adds a wrapped key version; fails if the version exists. `gate` runs
+    /// just before COMMIT.
+    pub fn insert_key_version(
+        &self,
+        version: u32,
+        wrapped: &[u8],
+        gate: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO key_versions (version, wrapped, created_at) VALUES (?1, ?2, ?3)",
             params![version, wrapped, now()],
         )?;
+        gate().map_err(StoreError::Gate)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -350,11 +392,21 @@ impl Store {
             .optional()?)
     }
 
-    pub fn set_setting(&self, name: &str, value: i64) -> Result<(), StoreError> {
-        self.conn().execute(
+    /// Sets an integer setting; `gate` runs just before COMMIT.
+    pub fn set_setting(
+        &self,
+        name: &str,
+        value: i64,
+        gate: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
             params![name, value],
         )?;
+        gate().map_err(StoreError::Gate)?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -367,24 +419,28 @@ impl Store {
             .optional()?)
     }
 
-    /// Sets (Some) or clears (None) a tenant's override.
+    /// Sets (Some) or clears (None) a tenant's override; `gate` runs just before COMMIT.
     pub fn set_tenant_limit(
         &self,
         tenant: &TenantId,
         limit: Option<u32>,
+        gate: impl FnOnce() -> Result<(), String>,
     ) -> Result<(), StoreError> {
-        let conn = self.conn();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
         match limit {
-            Some(l) => conn.execute(
+            Some(l) => tx.execute(
                 "INSERT INTO tenant_limits (tenant_id, max_secret_chars) VALUES (?1, ?2)
                  ON CONFLICT(tenant_id) DO UPDATE SET max_secret_chars = ?2",
                 params![tenant.as_str(), l],
             )?,
-            None => conn.execute(
+            None => tx.execute(
                 "DELETE FROM tenant_limits WHERE tenant_id = ?1",
                 params![tenant.as_str()],
             )?,
         };
+        gate().map_err(StoreError::Gate)?;
+        tx.commit()?;
         Ok(())
     }
 }
@@ -404,9 +460,60 @@ mod tests {
             secret_chars: 3,
         };
         store
-            .put(&new, |_, _| Ok::<_, ()>((sealed.to_vec(), 1)))
+            .put(
+                &new,
+                |_, _| Ok::<_, ()>((sealed.to_vec(), 1)),
+                |_, _| Ok(()),
+            )
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn a_failed_gate_rolls_every_change_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("vault.db")).unwrap();
+        let tenant = TenantId::parse("acme").unwrap();
+        let labels = BTreeMap::new();
+        let new = NewCredential {
+            tenant_id: &tenant,
+            name: "n",
+            kind: 1,
+            labels: &labels,
+            secret_chars: 1,
+        };
+        let refused = || Err::<(), _>("audit down".to_owned());
+        let err = store
+            .put(
+                &new,
+                |_, _| Ok::<_, ()>((b"x".to_vec(), 1)),
+                |_, _| refused(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Gate(_)), "{err}");
+        assert!(
+            store.list(&tenant, true).unwrap().is_empty(),
+            "put must not commit"
+        );
+
+        let (id, v) = put(&store, &tenant, b"one");
+        assert!(store.delete(&id, refused).is_err());
+        assert!(
+            !store.get(&id).unwrap().unwrap().deleted,
+            "delete must not commit"
+        );
+        let rows = [(id.clone(), v, b"two".to_vec(), 2)];
+        assert!(store.replace_sealed(&rows, |_| refused()).is_err());
+        assert_eq!(
+            store.get(&id).unwrap().unwrap().sealed.as_deref(),
+            Some(&b"one"[..])
+        );
+        assert!(store.insert_key_version(9, b"w", refused).is_err());
+        assert!(store.key_versions().unwrap().is_empty());
+        assert!(store.set_setting("s", 1, refused).is_err());
+        assert_eq!(store.setting("s").unwrap(), None);
+        assert!(store.set_tenant_limit(&tenant, Some(7), refused).is_err());
+        assert_eq!(store.tenant_limit(&tenant).unwrap(), None);
     }
 
     fn cached_sealed(store: &Store, id: &CredentialId) -> Option<Option<Vec<u8>>> {
@@ -435,7 +542,8 @@ mod tests {
         assert_eq!(store.cached(&id).unwrap().version, v2);
 
         // Rewrap evicts.
-        assert!(store.replace_sealed(&id, v2, b"rewrapped", 2).unwrap());
+        let rows = [(id.clone(), v2, b"rewrapped".to_vec(), 2)];
+        assert_eq!(store.replace_sealed(&rows, |_| Ok(())).unwrap(), 1);
         assert_eq!(cached_sealed(&store, &id), None);
         store.get(&id).unwrap();
         assert_eq!(
@@ -444,7 +552,7 @@ mod tests {
         );
 
         // Delete evicts the ciphertext; a later read caches the tombstone.
-        assert!(store.delete(&id).unwrap());
+        assert!(store.delete(&id, || Ok(())).unwrap());
         assert_eq!(cached_sealed(&store, &id), None);
         store.get(&id).unwrap();
         let tombstone = store.cached(&id).unwrap();

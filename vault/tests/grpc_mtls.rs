@@ -628,13 +628,11 @@ async fn lease_fails_closed_when_the_audit_log_cannot_write() {
     assert_eq!(granted[0].lease_id, lease.lease_id);
 }
 
-/// Known vault bug (reported): PutCredential, DeleteCredential, RotateKey,
-/// Rewrap, SetTenantLimit and RetireKeys change state *before* their audit
-/// event is written, so when the write fails the RPC answers UNAVAILABLE
-/// ("nothing was done") while the change stays, unaudited. Un-ignore once
-/// mutations commit only after (or together with) their audit event.
+/// Fail closed for changes too: PutCredential, DeleteCredential, RotateKey,
+/// Rewrap, SetTenantLimit and RetireKeys commit only after their audit event
+/// is durable, so when the audit write fails the RPC answers UNAVAILABLE and
+/// nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "vault bug: mutations are applied even when their audit event cannot be written"]
 async fn mutations_are_not_applied_when_the_audit_log_cannot_write() {
     let (_dir, vault) = start().await;
     vault.core.audit.fail_writes(true);

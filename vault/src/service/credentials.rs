@@ -161,6 +161,8 @@ impl CredentialsService {
         let labels = check_labels(&req.labels)?;
         let core = self.core.clone();
         let name = req.name;
+        let gate_call = call.clone();
+        let gate_subject = subject.clone();
         let (id, version) = blocking(move || {
             let limit = core.secret_limit(&tenant)?;
             let secret_chars = check_secret(kind, &secret, limit)?;
@@ -172,24 +174,36 @@ impl CredentialsService {
                 secret_chars,
             };
             let keyring = core.keyring();
-            core.store.put(&new, |id, version| {
-                let key_version = keyring.current_version().ok_or_else(|| {
-                    VaultError::Unavailable("the keyring has no key version".into())
-                })?;
-                let sealed = keyring
-                    .seal(
-                        tenant.as_str(),
-                        id.as_str(),
-                        version,
-                        secret.expose_secret(),
-                    )
-                    .map_err(|_| VaultError::Unavailable("sealing the secret failed".into()))?;
-                Ok((sealed, key_version))
-            })?
+            core.store.put(
+                &new,
+                |id, version| {
+                    let key_version = keyring.current_version().ok_or_else(|| {
+                        VaultError::Unavailable("the keyring has no key version".into())
+                    })?;
+                    let sealed = keyring
+                        .seal(
+                            tenant.as_str(),
+                            id.as_str(),
+                            version,
+                            secret.expose_secret(),
+                        )
+                        .map_err(|_| VaultError::Unavailable("sealing the secret failed".into()))?;
+                    Ok((sealed, key_version))
+                },
+                |id, version| {
+                    let subject = Subject {
+                        credential_id: id.to_string(),
+                        detail: format!("version {version}"),
+                        ..gate_subject
+                    };
+                    core.commit_gate(&gate_call, &subject)
+                },
+            )?
         })
         .await?;
         subject.credential_id = id.to_string();
         subject.detail = format!("version {version}");
+        subject.audited = true;
         Ok(PutCredentialResponse {
             credential_id: id.to_string(),
             version,
@@ -303,9 +317,22 @@ impl credentials_server::Credentials for CredentialsService {
                     row.credential_id
                 )));
             }
-            let store = self.core.store.clone();
+            let core = self.core.clone();
             let id = row.credential_id.clone();
-            blocking(move || Ok(store.delete(&id)?)).await?;
+            let (gate_call, gate_subject) = (call.clone(), subject.clone());
+            let deleted = blocking(move || {
+                Ok(core
+                    .store
+                    .delete(&id, || core.commit_gate(&gate_call, &gate_subject))?)
+            })
+            .await?;
+            if !deleted {
+                return Err(VaultError::NotFound(format!(
+                    "credential {} is already deleted",
+                    row.credential_id
+                )));
+            }
+            subject.audited = true;
             Ok(DeleteCredentialResponse {
                 credential_id: row.credential_id.to_string(),
             })

@@ -36,6 +36,7 @@ impl KeysService {
     ) -> Result<RotateKeyResponse, VaultError> {
         self.core.authorize(call, Role::Admin, None)?;
         let core = self.core.clone();
+        let (gate_call, gate_subject) = (call.clone(), subject.clone());
         let version = blocking(move || {
             // Hold the write lock across the insert so two rotations cannot pick the same number.
             let mut ring = core.keyring_mut();
@@ -44,13 +45,20 @@ impl KeysService {
                 keyring::new_wrapped_version(&core.master, next).map_err(|_| {
                     VaultError::Unavailable("generating the new key version failed".into())
                 })?;
-            core.store.insert_key_version(next, &wrapped)?;
+            core.store.insert_key_version(next, &wrapped, || {
+                let subject = Subject {
+                    detail: format!("key_version={next}"),
+                    ..gate_subject
+                };
+                core.commit_gate(&gate_call, &subject)
+            })?;
             ring.insert(next, key)
                 .map_err(|e| VaultError::Unavailable(e.to_string()))?;
             Ok(next)
         })
         .await?;
         subject.detail = format!("key_version={version}");
+        subject.audited = true;
         tracing::info!(key_version = version, "master key rotated");
         Ok(RotateKeyResponse {
             key_version: version,
@@ -70,10 +78,11 @@ impl KeysService {
         subject.tenant_id = req.tenant_id.clone();
         self.core.authorize(call, Role::Admin, tenant.as_ref())?;
         let core = self.core.clone();
-        let (rewrapped, key_version) = blocking(move || {
+        let (gate_call, gate_subject) = (call.clone(), subject.clone());
+        let (rewrapped, already_current, key_version) = blocking(move || {
             let ring = core.keyring();
             let current = ring.current_version().unwrap_or(0);
-            let mut rewrapped = 0u32;
+            let mut fresh_rows = Vec::new();
             for row in core.store.stale_sealed(current, tenant.as_ref())? {
                 let Some(sealed) = row.sealed.as_deref() else {
                     continue;
@@ -86,24 +95,35 @@ impl KeysService {
                         sealed,
                     )
                     .map_err(|_| VaultError::Undecryptable(row.credential_id.to_string()))?;
-                if let Some(fresh) = fresh
-                    && core.store.replace_sealed(
-                        &row.credential_id,
-                        row.version,
-                        &fresh,
-                        current,
-                    )?
-                {
-                    rewrapped += 1;
+                if let Some(fresh) = fresh {
+                    fresh_rows.push((row.credential_id.clone(), row.version, fresh, current));
                 }
             }
-            Ok((rewrapped, current))
+            // One transaction for the whole rewrap, committed only after its audit event.
+            let rewrapped = core.store.replace_sealed(&fresh_rows, |n| {
+                let subject = Subject {
+                    detail: format!("rewrapped={n} key_version={current}"),
+                    ..gate_subject
+                };
+                core.commit_gate(&gate_call, &subject)
+            })?;
+            let at_current = core
+                .store
+                .count_by_key_version()?
+                .get(&current)
+                .copied()
+                .unwrap_or(0);
+            let already_current = u32::try_from(at_current)
+                .unwrap_or(u32::MAX)
+                .saturating_sub(rewrapped);
+            Ok((rewrapped, already_current, current))
         })
         .await?;
         subject.detail = format!("rewrapped={rewrapped} key_version={key_version}");
+        subject.audited = true;
         Ok(RewrapResponse {
             rewrapped,
-            already_current: 0,
+            already_current,
             key_version,
         })
     }
@@ -142,6 +162,7 @@ impl KeysService {
         let min = req.min_decrypt_version;
         subject.detail = format!("min_decrypt_version={min}");
         let core = self.core.clone();
+        let (gate_call, gate_subject) = (call.clone(), subject.clone());
         blocking(move || {
             let mut ring = core.keyring_mut();
             let current = ring.current_version().unwrap_or(0);
@@ -156,11 +177,14 @@ impl KeysService {
                     "{stale} credentials are still sealed under key versions below {min}; run Keys/Rewrap first"
                 )));
             }
-            core.store.set_setting(MIN_DECRYPT_VERSION, i64::from(min))?;
+            core.store.set_setting(MIN_DECRYPT_VERSION, i64::from(min), || {
+                core.commit_gate(&gate_call, &gate_subject)
+            })?;
             ring.set_min_decrypt_version(min);
             Ok(())
         })
         .await?;
+        subject.audited = true;
         self.status().await
     }
 
@@ -184,11 +208,14 @@ impl KeysService {
         subject.detail = format!("max_secret_chars={}", req.max_secret_chars);
         let core = self.core.clone();
         let t = tenant.clone();
+        let (gate_call, gate_subject) = (call.clone(), subject.clone());
         let effective = blocking(move || {
-            core.store.set_tenant_limit(&t, limit)?;
+            core.store
+                .set_tenant_limit(&t, limit, || core.commit_gate(&gate_call, &gate_subject))?;
             core.secret_limit(&t)
         })
         .await?;
+        subject.audited = true;
         Ok(SetTenantLimitResponse {
             tenant_id: tenant.to_string(),
             max_secret_chars: effective,
