@@ -436,3 +436,53 @@ async fn tenant_scoped_grants_and_lease_holders() {
         .await
         .unwrap();
 }
+
+/// An identity without the role learns nothing from its input either: a
+/// malformed id, an empty tenant or a bad lease id is PERMISSION_DENIED for it
+/// (and audited as a denial), not INVALID_ARGUMENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_from_an_identity_without_the_role_is_denied_not_validated() {
+    let (_dir, vault) = start().await;
+    expect_code(
+        credentials(&vault, "stranger")
+            .put_credential(put_request(
+                "",
+                "x",
+                recvault_proto::vault::v1::CredentialKind::Generic,
+                b"s",
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        leases(&vault, "stranger")
+            .acquire_lease(acquire_request("not/an/id", 30))
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        leases(&vault, "manager")
+            .release_lease(recvault_proto::vault::v1::ReleaseLeaseRequest {
+                lease_id: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+    );
+    // The role holder still gets the precise validation error.
+    let status = expect_code(
+        credentials(&vault, "manager")
+            .put_credential(put_request(
+                "",
+                "x",
+                recvault_proto::vault::v1::CredentialKind::Generic,
+                b"s",
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        status.message().contains("tenant_id"),
+        "{}",
+        status.message()
+    );
+}

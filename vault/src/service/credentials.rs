@@ -152,6 +152,8 @@ impl CredentialsService {
         // Move the secret out of the request into locked memory first, so every
         // exit path below zeroizes it.
         let secret = SecretBytes::new(std::mem::take(&mut req.secret));
+        // A peer without the role gets PERMISSION_DENIED before any input check.
+        self.core.authorize_role_anywhere(call, Role::Manager)?;
         let tenant = TenantId::parse(&req.tenant_id).map_err(invalid)?;
         subject.tenant_id = tenant.to_string();
         self.core.authorize(call, Role::Manager, Some(&tenant))?;
@@ -218,6 +220,7 @@ impl CredentialsService {
         call: &crate::core::Call,
         id: &str,
     ) -> Result<CredentialRow, VaultError> {
+        self.core.authorize_role_anywhere(call, Role::Manager)?;
         let id = CredentialId::parse(id).map_err(invalid)?;
         subject.credential_id = id.to_string();
         // Authorize the role before revealing whether the id exists.
@@ -282,6 +285,7 @@ impl credentials_server::Credentials for CredentialsService {
         let mut subject = Subject::default();
         let req = request.into_inner();
         let result = async {
+            self.core.authorize_role_anywhere(&call, Role::Manager)?;
             let tenant = TenantId::parse(&req.tenant_id).map_err(invalid)?;
             subject.tenant_id = tenant.to_string();
             self.core.authorize(&call, Role::Manager, Some(&tenant))?;

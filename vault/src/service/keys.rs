@@ -71,6 +71,7 @@ impl KeysService {
         call: &Call,
         req: RewrapRequest,
     ) -> Result<RewrapResponse, VaultError> {
+        self.core.authorize_role_anywhere(call, Role::Admin)?;
         let tenant = match req.tenant_id.as_str() {
             "" => None,
             t => Some(TenantId::parse(t).map_err(VaultError::InvalidArgument)?),
@@ -194,6 +195,7 @@ impl KeysService {
         call: &Call,
         req: SetTenantLimitRequest,
     ) -> Result<SetTenantLimitResponse, VaultError> {
+        self.core.authorize_role_anywhere(call, Role::Admin)?;
         let tenant = TenantId::parse(&req.tenant_id).map_err(VaultError::InvalidArgument)?;
         subject.tenant_id = tenant.to_string();
         self.core.authorize(call, Role::Admin, Some(&tenant))?;

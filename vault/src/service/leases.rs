@@ -66,6 +66,8 @@ impl LeasesService {
         call: &Call,
         req: AcquireLeaseRequest,
     ) -> Result<AcquireLeaseResponse, VaultError> {
+        // A peer without the role gets PERMISSION_DENIED before any input check.
+        self.core.authorize_role_anywhere(call, Role::Uploader)?;
         let id = CredentialId::parse(&req.credential_id).map_err(VaultError::InvalidArgument)?;
         subject.credential_id = id.to_string();
         if req.purpose.len() > MAX_PURPOSE_BYTES || req.purpose.chars().any(char::is_control) {
@@ -142,6 +144,7 @@ impl LeasesService {
         call: &Call,
         req: &ReleaseLeaseRequest,
     ) -> Result<ReleaseLeaseResponse, VaultError> {
+        self.core.authorize_role_anywhere(call, Role::Uploader)?;
         let id = LeaseId::parse(&req.lease_id).map_err(VaultError::InvalidArgument)?;
         subject.lease_id = id.to_string();
         self.core.authorize_role_anywhere(call, Role::Uploader)?;
