@@ -3,6 +3,7 @@
 //! then verified (provider checksum, else read-back). It never logs or formats
 //! a request, a response dump or the credential, and never buffers a whole file.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,6 +40,9 @@ const MAX_PARTS: u64 = 10_000;
 const CRC_BUFFER: usize = 256 * 1024;
 /// Read buffer for the SDK's file body.
 const BODY_BUFFER: usize = 256 * 1024;
+/// Read-backs of objects up to this size use one GET; larger ones use
+/// parallel ranged GETs (see `S3Destination::read_back`).
+const READ_BACK_SINGLE_MAX: u64 = 64 * 1024 * 1024;
 /// The `x-amz-meta-*` key that carries the SHA-256 (hex).
 const SHA256_METADATA: &str = "sha256";
 
@@ -51,7 +55,8 @@ pub struct S3Options {
     /// Part size; raised automatically to stay within 10 000 parts and to at
     /// least 5 MiB. Default 8 MiB.
     pub part_size: u64,
-    /// Parts in flight at once. Default 4.
+    /// Parts in flight at once. Default 4. A read-back of a large object
+    /// runs twice as many ranged GETs of half a part each.
     pub concurrency: usize,
     /// TCP (and TLS) connect timeout. Default 10 s.
     pub connect_timeout: Duration,
@@ -669,13 +674,50 @@ impl S3Destination {
         Ok(VerifiedBy::ReadBack)
     }
 
-    /// GetObject, streamed through SHA-256 (memory: one network chunk).
+    /// Reads the object back and compares its size and SHA-256. Objects up to
+    /// [`READ_BACK_SINGLE_MAX`] come in one GET; larger ones in ranged GETs
+    /// of half the configured part size, twice `concurrency` at once, hashed
+    /// in order (memory: part size × concurrency, whatever the file size).
+    /// One stream is slow on many servers (s3s-fs serves a GET in 4 KiB
+    /// reads, about 60 MiB/s here; one connection to AWS S3 is limited too),
+    /// so a large read-back would otherwise take far longer than the upload.
     async fn read_back(
         &self,
         key: &str,
         size: u64,
         sha256: &[u8; 32],
     ) -> Result<(), DeliveryError> {
+        let mut ranged = None;
+        if size > READ_BACK_SINGLE_MAX {
+            // Half the configured part size (not the one raised for very
+            // large files, so memory stays independent of the file size),
+            // twice as many at once: the same memory as the upload's bound,
+            // more streams. GETs are limited per stream, so this reads back
+            // faster: 1 GiB from s3s-fs in about 5.3 s instead of 6.5 s here.
+            let range = self.options.part_size.max(MIN_PART_SIZE) / 2;
+            let streams = self.options.concurrency.max(1) * 2;
+            ranged = self.read_back_ranged(key, size, range, streams).await?;
+        }
+        // Also the fallback when the server ignored the Range header.
+        let (read, digest) = match ranged {
+            Some(r) => r,
+            None => self.read_back_whole(key).await?,
+        };
+        if read != size || &digest != sha256 {
+            return Err(DeliveryError::Verification {
+                location: self.location_with_endpoint(key),
+                detail: format!(
+                    "read back {read} bytes with SHA-256 {}, expected {size} bytes with SHA-256 {}",
+                    hex::encode(digest),
+                    hex::encode(sha256)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// GetObject, streamed through SHA-256 (memory: one network chunk).
+    async fn read_back_whole(&self, key: &str) -> Result<(u64, [u8; 32]), DeliveryError> {
         let out = self
             .client
             .get_object()
@@ -694,30 +736,89 @@ impl S3Destination {
                     read += chunk.len() as u64;
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    let (step, message) = describe_connect_error(&e);
-                    return Err(DeliveryError::Connection {
-                        location: self.location_with_endpoint(key),
-                        operation: "GetObject",
-                        step,
-                        message: format!("reading the object back failed: {message}"),
-                        hint: connect_hint(step),
-                    });
-                }
+                Err(e) => return Err(read_back_failed(&e, self.location_with_endpoint(key))),
             }
         }
-        let digest: [u8; 32] = hasher.finalize().into();
-        if read != size || &digest != sha256 {
-            return Err(DeliveryError::Verification {
-                location: self.location_with_endpoint(key),
-                detail: format!(
-                    "read back {read} bytes with SHA-256 {}, expected {size} bytes with SHA-256 {}",
-                    hex::encode(digest),
-                    hex::encode(sha256)
-                ),
-            });
+        Ok((read, hasher.finalize().into()))
+    }
+
+    /// Ranged GETs of `range` bytes, `concurrency` in flight or waiting to be
+    /// hashed at any time, hashed in order on a blocking thread. Each range
+    /// lands in one of `concurrency` buffers reused for the whole object, so
+    /// memory is exactly those (fresh multi-MiB allocations per range left
+    /// the allocator holding about twice as much). `None` if the server
+    /// ignored the Range header (the caller reads it whole).
+    async fn read_back_ranged(
+        &self,
+        key: &str,
+        size: u64,
+        range: u64,
+        concurrency: usize,
+    ) -> Result<Option<(u64, [u8; 32])>, DeliveryError> {
+        let count = size.div_ceil(range);
+        let location = self.location_with_endpoint(key);
+        let mut tasks = JoinSet::new();
+        let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let (mut next, mut hashed, mut read) = (0u64, 0u64, 0u64);
+        let mut hasher = Sha256::new();
+        let mut free: Vec<Vec<u8>> = Vec::with_capacity(concurrency);
+        while hashed < count {
+            // The range to hash next is always in flight or ready, so this
+            // window never stalls.
+            while next < count && tasks.len() + ready.len() < concurrency {
+                let start = next * range;
+                let len = range.min(size - start);
+                let request = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .range(format!("bytes={start}-{}", start + len - 1));
+                let location = location.clone();
+                let index = next;
+                let buffer = free
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(usize::try_from(range).unwrap_or(0)));
+                tasks
+                    .spawn(async move { (index, get_range(request, len, location, buffer).await) });
+                next += 1;
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            let (index, result) = match joined {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {
+                    return Err(DeliveryError::Connection {
+                        location,
+                        operation: "GetObject",
+                        step: super::ProbeStep::Other,
+                        message: "the read-back was cancelled".into(),
+                        hint: "the uploader is shutting down; it will be retried",
+                    });
+                }
+            };
+            let Some(data) = result? else {
+                return Ok(None);
+            };
+            ready.insert(index, data);
+            while let Some(data) = ready.remove(&hashed) {
+                read += data.len() as u64;
+                // SHA-256 of a part takes milliseconds: keep it off the runtime.
+                let mut h = hasher;
+                let (h, data) = tokio::task::spawn_blocking(move || {
+                    h.update(&data);
+                    (h, data)
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                hasher = h;
+                free.push(data);
+                hashed += 1;
+            }
         }
-        Ok(())
+        Ok(Some((read, hasher.finalize().into())))
     }
 
     /// Writes and deletes a small probe object under the prefix.
@@ -965,6 +1066,59 @@ async fn upload_part(
     })
 }
 
+/// One ranged GET of a read-back, copied into `data` (cleared first; its
+/// capacity is at least `len`) as it arrives, so network chunks are released
+/// at once and memory is the buffer alone. `None` if the server answered without a Content-Range,
+/// i.e. ignored the Range header (the body, the whole object, is then not read).
+async fn get_range(
+    request: aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder,
+    len: u64,
+    location: String,
+    mut data: Vec<u8>,
+) -> Result<Option<Vec<u8>>, DeliveryError> {
+    let out = request
+        .send()
+        .await
+        .map_err(|e| sdk_error(e, "GetObject", location.clone()))?;
+    if out.content_range().is_none() {
+        return Ok(None);
+    }
+    let wrong_length = |got: u64| DeliveryError::Verification {
+        location: location.clone(),
+        detail: format!("a ranged read-back of {len} bytes returned {got} or more"),
+    };
+    data.clear();
+    let mut body = out.body;
+    loop {
+        match body.try_next().await {
+            Ok(Some(chunk)) => {
+                let got = (data.len() + chunk.len()) as u64;
+                if got > len {
+                    return Err(wrong_length(got));
+                }
+                data.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(read_back_failed(&e, location.clone())),
+        }
+    }
+    if data.len() as u64 != len {
+        return Err(wrong_length(data.len() as u64));
+    }
+    Ok(Some(data))
+}
+
+fn read_back_failed(e: &(dyn std::error::Error + 'static), location: String) -> DeliveryError {
+    let (step, message) = describe_connect_error(e);
+    DeliveryError::Connection {
+        location,
+        operation: "GetObject",
+        step,
+        message: format!("reading the object back failed: {message}"),
+        hint: connect_hint(step),
+    }
+}
+
 fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path)?;
@@ -990,6 +1144,11 @@ fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
     Ok(hasher.finalize())
 }
 
+// The crate's in-process s3s-fs test host, for the read-back test below.
+#[cfg(test)]
+#[path = "../../tests/support/s3.rs"]
+mod s3_server;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1009,5 +1168,62 @@ mod tests {
         let huge = 200 * 1024 * MIB; // 200 GiB
         let p = effective_part_size(huge, 8 * MIB);
         assert!(huge.div_ceil(p) <= MAX_PARTS);
+    }
+
+    /// Ranged read-back: every byte once, in order, `concurrency` at a time,
+    /// including a short last range; a changed object is caught.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn ranged_read_back_hashes_every_range_in_order() {
+        const MIB: u64 = 1024 * 1024;
+        let server = super::s3_server::S3Server::start().await;
+        server.create_bucket("media");
+        let size = 5 * MIB + 3;
+        let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        server
+            .client()
+            .put_object()
+            .bucket("media")
+            .key("r.bin")
+            .body(ByteStream::from(data.clone()))
+            .send()
+            .await
+            .unwrap();
+        let config = DestinationConfig {
+            provider: super::super::Provider::S3,
+            endpoint: server.endpoint.clone(),
+            region: String::new(),
+            bucket: "media".into(),
+            prefix: String::new(),
+            path_style: true,
+        };
+        let credential = S3Credential::from_json(server.credential_json().as_bytes()).unwrap();
+        let d = S3Destination::new(&config, &credential, S3Options::default()).unwrap();
+        server.clear_requests();
+
+        let (read, digest) = d
+            .read_back_ranged("r.bin", size, MIB, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read, size);
+        assert_eq!(digest, <[u8; 32]>::from(Sha256::digest(&data)));
+        let mut ranges: Vec<String> = server
+            .requests_of("GetObject")
+            .iter()
+            .map(|r| r.header("range").unwrap().to_owned())
+            .collect();
+        ranges.sort_by_key(|r| r[6..].split('-').next().unwrap().parse::<u64>().unwrap());
+        let expected: Vec<String> = (0..6)
+            .map(|i| format!("bytes={}-{}", i * MIB, ((i + 1) * MIB).min(size) - 1))
+            .collect();
+        assert_eq!(ranges, expected);
+
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        d.read_back("r.bin", size, &sha).await.unwrap();
+        let mut other = sha;
+        other[0] ^= 1;
+        let err = d.read_back("r.bin", size, &other).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Verification { .. }), "{err}");
     }
 }
