@@ -829,7 +829,8 @@ fn shipped_configs_start_the_real_binaries() {
     let mut cmd = Command::new(binary("vaultd"));
     cmd.args(["serve", "--config"])
         .arg(&config)
-        .env("RECVAULT_VAULT_LISTEN", "127.0.0.1:0");
+        .env("RECVAULT_VAULT_LISTEN", "127.0.0.1:0")
+        .env("RECVAULT_VAULT_METRICS_LISTEN", "127.0.0.1:0");
     let out = run(&mut cmd, "vaultd serve");
     assert!(
         !out.status.success() && text(&out).contains("readable or writable by group or others"),
@@ -837,7 +838,10 @@ fn shipped_configs_start_the_real_binaries() {
         text(&out)
     );
     fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
-    let listen = [("RECVAULT_VAULT_LISTEN", "127.0.0.1:0".to_owned())];
+    let listen = [
+        ("RECVAULT_VAULT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("RECVAULT_VAULT_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+    ];
     let (mut vault, vault_addr) = serve("vaultd", &config, &listen, "vault serving");
     assert_serving(&pki, "uploader", &vault_addr);
     // What an exec probe inside the pod would do: the workload's own identity.
@@ -905,6 +909,7 @@ fn shipped_configs_start_the_real_binaries() {
     );
     let env = [
         ("RECVAULT_VAULT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("RECVAULT_VAULT_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
         (
             "RECVAULT_VAULT_MASTER_KEY_FILE",
             credential.display().to_string(),

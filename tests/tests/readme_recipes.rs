@@ -99,15 +99,35 @@ fn readme_grpcurl_recipes_work_against_the_running_main_job() {
     }
     assert!(!tmp.path().join("secret.json").exists());
 
-    // Prometheus metrics on the uploader's own plain-HTTP port.
-    let log = std::fs::read_to_string(tmp.path().join(".dev/logs/uploader.log")).unwrap();
-    let addr = log
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split("/metrics").next())
-        .expect("the uploader logs its metrics address")
-        .to_owned();
-    let metrics = http_get(&addr, "/metrics");
+    // Prometheus metrics on each service's own plain-HTTP port.
+    let metrics_of = |service: &str| {
+        let log =
+            std::fs::read_to_string(tmp.path().join(format!(".dev/logs/{service}.log"))).unwrap();
+        let addr = log
+            .split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split("/metrics").next())
+            .expect("the service logs its metrics address")
+            .to_owned();
+        http_get(&addr, "/metrics")
+    };
+    let vault_metrics = metrics_of("vault");
+    assert!(
+        vault_metrics.contains("recvault_vault_leases_total{outcome=\"granted\"} 1"),
+        "{vault_metrics}"
+    );
+    assert!(
+        vault_metrics.contains(
+            "recvault_vault_calls_total{operation=\"Leases/AcquireLease\",code=\"OK\"} 1"
+        ),
+        "{vault_metrics}"
+    );
+    assert!(
+        vault_metrics.contains("# TYPE recvault_vault_audit_commit_seconds histogram"),
+        "{vault_metrics}"
+    );
+    assert!(!vault_metrics.contains("example-secret"));
+    let metrics = metrics_of("uploader");
     assert!(
         metrics.contains("recvault_uploader_deliveries_total 1"),
         "{metrics}"

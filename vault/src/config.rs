@@ -18,6 +18,14 @@ pub struct VaultConfig {
     /// gRPC API address (mTLS). Env: `RECVAULT_VAULT_LISTEN`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Prometheus metrics over plain HTTP (`/metrics`); keep it on loopback or
+    /// a scrape-only network. Env: `RECVAULT_VAULT_METRICS_LISTEN`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Optional plaintext port serving only `grpc.health.v1.Health`, for
+    /// Kubernetes' native gRPC probes. Env: `RECVAULT_VAULT_HEALTH_LISTEN`.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Server certificate, key and the CA that client certificates must chain to.
     pub tls: TlsFiles,
     /// The root master key file (64 hex chars, mode 0600). Env: `RECVAULT_VAULT_MASTER_KEY_FILE`.
@@ -87,6 +95,20 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7443))
 }
 
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+
+/// The metrics port that goes with an API address: the default 9443, or one
+/// picked by the OS when the API port is (tests, several instances on one host).
+pub fn metrics_listen_for(listen: SocketAddr) -> SocketAddr {
+    if listen.port() == 0 {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    } else {
+        default_metrics_listen()
+    }
+}
+
 fn default_reload_secs() -> u64 {
     2
 }
@@ -152,6 +174,18 @@ impl VaultConfig {
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
     ) -> Result<(), ConfigError> {
+        if let Some(v) = get("RECVAULT_VAULT_METRICS_LISTEN") {
+            self.metrics_listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "RECVAULT_VAULT_METRICS_LISTEN",
+                message: format!("{e}; expected host:port such as 127.0.0.1:9443"),
+            })?;
+        }
+        if let Some(v) = get("RECVAULT_VAULT_HEALTH_LISTEN") {
+            self.health_listen = Some(v.parse().map_err(|e| ConfigError::Env {
+                name: "RECVAULT_VAULT_HEALTH_LISTEN",
+                message: format!("{e}; expected host:port such as 0.0.0.0:7453"),
+            })?);
+        }
         if let Some(v) = get("RECVAULT_VAULT_LISTEN") {
             self.listen = v.parse().map_err(|e| ConfigError::Env {
                 name: "RECVAULT_VAULT_LISTEN",
@@ -206,6 +240,8 @@ impl VaultConfig {
     pub fn for_data_dir(data_dir: &Path, certs_dir: &Path, listen: SocketAddr) -> Self {
         Self {
             listen,
+            metrics_listen: metrics_listen_for(listen),
+            health_listen: None,
             tls: recvault_runtime::devcerts::files(certs_dir, "vault"),
             master_key_file: data_dir.join("master.key"),
             database: data_dir.join("vault.db"),

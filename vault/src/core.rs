@@ -31,6 +31,7 @@ pub struct VaultCore {
     pub audit: AuditLog,
     pub policy: Arc<PolicyFile>,
     pub leases: Arc<Leases>,
+    pub metrics: crate::metrics::VaultMetrics,
 }
 
 /// Who is calling and which RPC: taken once at the start of every handler.
@@ -153,11 +154,17 @@ impl VaultCore {
     ) -> Result<T, Status> {
         let result = result.map_err(Status::from);
         if subject.audited && result.is_ok() {
+            self.metrics.call(call.operation, "OK");
             return result;
         }
         let code = result.as_ref().err().map_or(tonic::Code::Ok, Status::code);
+        self.metrics.call(call.operation, code_name(code));
         let record = Self::record(call, subject, code);
-        if let Err(error) = self.audit.append(record).await {
+        let started = std::time::Instant::now();
+        let appended = self.audit.append(record).await;
+        self.metrics.audit_committed(started.elapsed());
+        if let Err(error) = appended {
+            self.metrics.audit_failures.inc();
             tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
                 "audit write failed; failing the call closed");
             return Err(VaultError::AuditUnavailable(error.to_string()).into());
@@ -177,14 +184,15 @@ impl VaultCore {
     /// this (rare: disk full) is followed by an "error" event for the same call.
     pub fn commit_gate(&self, call: &Call, subject: &Subject) -> Result<(), String> {
         let record = Self::record(call, subject.clone(), tonic::Code::Ok);
-        tokio::runtime::Handle::current()
-            .block_on(self.audit.append(record))
-            .map(|_| ())
-            .map_err(|error| {
-                tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
+        let started = std::time::Instant::now();
+        let appended = tokio::runtime::Handle::current().block_on(self.audit.append(record));
+        self.metrics.audit_committed(started.elapsed());
+        appended.map(|_| ()).map_err(|error| {
+            self.metrics.audit_failures.inc();
+            tracing::error!(%error, operation = call.operation, request_id = %call.request_id,
                     "audit write failed; change rolled back");
-                error.to_string()
-            })
+            error.to_string()
+        })
     }
 
     fn record(call: &Call, subject: Subject, code: tonic::Code) -> AuditRecord {

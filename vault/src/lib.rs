@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod keyring;
 pub mod leases;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;

@@ -78,6 +78,7 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
         audit,
         policy,
         leases: Arc::new(Leases::default()),
+        metrics: crate::metrics::VaultMetrics::new(),
     }))
 }
 
@@ -133,6 +134,25 @@ impl Bound {
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
+        let metrics_addr = recvault_runtime::metrics::serve(
+            core.config.metrics_listen,
+            core.metrics.registry.clone(),
+        )
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: core.config.metrics_listen,
+            source,
+        })?;
+        tracing::info!(%metrics_addr, "metrics on http://{metrics_addr}/metrics");
+        let (probe_stop, probe_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(addr) = core.config.health_listen {
+            let probe_addr = recvault_runtime::probe::serve(addr, health.clone(), async {
+                let _ = probe_stopped.await;
+            })
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+            tracing::info!(%probe_addr, "plaintext health probe port (grpc.health.v1 only)");
+        }
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(recvault_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -165,6 +185,7 @@ impl Bound {
             )
             .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
             .await?;
+        let _ = probe_stop.send(());
         tracing::info!("vault stopped");
         Ok(())
     }

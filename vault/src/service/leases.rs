@@ -193,6 +193,15 @@ impl leases_server::Leases for LeasesService {
         {
             self.core.leases.revoke(&id);
         }
+        let metrics = &self.core.metrics;
+        match &finished {
+            Ok(_) => metrics.leases_granted.inc(),
+            Err(s) if s.code() == tonic::Code::PermissionDenied => metrics.leases_denied.inc(),
+            Err(_) => {}
+        }
+        metrics
+            .leases_active
+            .set(i64::try_from(self.core.leases.active()).unwrap_or(i64::MAX));
         finished.map(Response::new)
     }
 
@@ -205,9 +214,11 @@ impl leases_server::Leases for LeasesService {
             .call(&request, "recvault.vault.v1.Leases/ReleaseLease");
         let mut subject = Subject::default();
         let result = self.release(&mut subject, &call, request.get_ref());
+        let finished = self.core.finish(&call, subject, result).await;
         self.core
-            .finish(&call, subject, result)
-            .await
-            .map(Response::new)
+            .metrics
+            .leases_active
+            .set(i64::try_from(self.core.leases.active()).unwrap_or(i64::MAX));
+        finished.map(Response::new)
     }
 }
