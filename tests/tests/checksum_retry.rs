@@ -1,0 +1,169 @@
+//! A destination that refuses an upload's checksum is detected and retried:
+//! the delivery worker sends a deliberately wrong CRC-32 (the test-only
+//! `corrupt_checksum_for_test` knob), the real S3 server (s3s-fs) answers
+//! 400 BadDigest, the job goes RETRYING with that reason and its backup kept;
+//! the next attempt with the right checksum delivers. The vault is real too,
+//! in process, over mTLS.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../uploader/tests/support/s3.rs"]
+mod s3_server;
+
+use std::{sync::Arc, time::Duration};
+
+use recvault_proto::vault::v1::{
+    CredentialKind, PutCredentialRequest, credentials_client::CredentialsClient,
+};
+use recvault_runtime::devcerts;
+use recvault_uploader::{
+    backup::BackupStore,
+    config::VaultClientConfig,
+    destination::{DestinationConfig, Provider, S3Options},
+    destination_store::DestinationStore,
+    digest::Sha256Digest,
+    jobs::{
+        ContentType, DestinationId, FileName, JobState, JobStore, NewJob, RecordingId, RetryPolicy,
+        TenantId,
+    },
+    lease::VaultLeases,
+    metrics::UploaderMetrics,
+    worker::Worker,
+};
+use recvault_vault::testing::TestVault;
+use sha2::Digest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_checksum_is_retried_and_then_delivered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vault = TestVault::start(&tmp.path().join("vault-root")).await;
+    let s3 = s3_server::S3Server::start().await;
+    s3.create_bucket("media");
+
+    let credential = CredentialsClient::new(vault.channel("manager"))
+        .put_credential(PutCredentialRequest {
+            tenant_id: "acme".into(),
+            name: "s3".into(),
+            kind: CredentialKind::S3 as i32,
+            secret: s3.credential_json().into_bytes(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let db = tmp.path().join("uploader.db");
+    let jobs = JobStore::open(&db).unwrap();
+    let destinations = Arc::new(DestinationStore::open(&db).unwrap());
+    let backups = BackupStore::open(tmp.path().join("backups")).unwrap();
+    let destination_id = destinations
+        .put(
+            "acme",
+            "s3",
+            &DestinationConfig {
+                provider: Provider::S3,
+                endpoint: s3.endpoint.clone(),
+                region: "us-east-1".into(),
+                bucket: "media".into(),
+                prefix: "calls".into(),
+                path_style: true,
+            },
+            &credential.credential_id,
+        )
+        .unwrap();
+
+    // A recording in the backup store, and its job.
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sha = Sha256Digest::new(sha2::Sha256::digest(&data).into());
+    let tenant = TenantId::parse("acme").unwrap();
+    let mut writer = backups.begin(&tenant).unwrap();
+    writer.write_chunk(&data).unwrap();
+    let stored = writer.finish(sha).unwrap();
+    let (job, _) = jobs
+        .create_or_get(NewJob {
+            job_id: stored.id,
+            tenant_id: tenant,
+            recording_id: RecordingId::parse("rec-1").unwrap(),
+            destination_id: DestinationId::parse(destination_id.as_str()).unwrap(),
+            file_name: FileName::parse("call.bin").unwrap(),
+            content_type: ContentType::parse("application/octet-stream").unwrap(),
+            backup_path: stored.path.clone(),
+            sha256: sha,
+            size: stored.size,
+            request_id: Some("checksum-retry".into()),
+        })
+        .await
+        .unwrap();
+
+    let worker = |corrupt: bool| Worker {
+        jobs: jobs.clone(),
+        backups: backups.clone(),
+        destinations: destinations.clone(),
+        vault: VaultLeases::new(&VaultClientConfig {
+            endpoint: vault.addr.to_string(),
+            server_name: "localhost".into(),
+            tls: devcerts::files(&vault.certs, "uploader"),
+            lease_ttl_secs: 30,
+        })
+        .unwrap(),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        s3: S3Options {
+            corrupt_checksum_for_test: corrupt,
+            max_attempts: 1,
+            ..S3Options::default()
+        },
+        concurrency: 1,
+        wake: Arc::default(),
+        metrics: UploaderMetrics::new(),
+    };
+
+    // Attempt 1: wrong CRC-32 on the wire → the server refuses → RETRYING.
+    let claimed = jobs
+        .claim_due(time::OffsetDateTime::now_utc(), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    worker(true)
+        .attempt(claimed.into_iter().next().unwrap())
+        .await;
+    let after = jobs.get(job.job_id).await.unwrap();
+    assert_eq!(after.state, JobState::Retrying, "{after:?}");
+    let reason = after.last_error.clone().unwrap_or_default();
+    assert!(
+        reason.contains("BadDigest") || reason.to_lowercase().contains("checksum"),
+        "{reason}"
+    );
+    assert!(
+        stored.path.exists(),
+        "the backup must be kept while the job retries"
+    );
+    assert!(!s3.requests_of("PutObject").is_empty());
+
+    // Attempt 2, due after the backoff: the right checksum → DELIVERED, backup gone.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let claimed = jobs
+        .claim_due(time::OffsetDateTime::now_utc(), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "the retry is due");
+    worker(false)
+        .attempt(claimed.into_iter().next().unwrap())
+        .await;
+    let done = jobs.get(job.job_id).await.unwrap();
+    assert_eq!(done.state, JobState::Delivered, "{done:?}");
+    assert_eq!(
+        std::fs::read(s3.object_path("media", "calls/call.bin")).unwrap(),
+        data
+    );
+    assert!(
+        !stored.path.exists(),
+        "the backup is deleted only after verified delivery"
+    );
+    vault.stop().await;
+}
