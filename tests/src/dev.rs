@@ -223,15 +223,7 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
         "ready: vault {}, uploader {}; press Ctrl-C to stop",
         addrs.vault, addrs.uploader
     );
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        Ok::<(), String>(())
-    })?;
+    runtime.block_on(recvault_runtime::shutdown::signal());
     drop(children);
     Ok(())
 }

@@ -56,7 +56,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             tls::install_crypto_provider();
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(server::run(config, shutdown_signal()))
+                .block_on(server::run(config, recvault_runtime::shutdown::signal()))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -107,23 +107,4 @@ pub fn verify(file: &std::path::Path, sha256: Option<&str>) -> Result<ExitCode, 
         );
         Ok(ExitCode::from(1))
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use recvault_runtime::{devcerts, hardening, logging, tls};
+use recvault_runtime::{devcerts, logging, tls};
 
 use crate::{
     audit::{self, AuditFilter},
@@ -116,7 +116,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             tls::install_crypto_provider();
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(server::run(config, shutdown_signal()))
+                .block_on(server::run(config, recvault_runtime::shutdown::signal()))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -136,7 +136,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             );
             let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
             runtime
-                .block_on(server::run(config, shutdown_signal()))
+                .block_on(server::run(config, recvault_runtime::shutdown::signal()))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -232,29 +232,5 @@ pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, Str
         abs(&config.tls.ca).display(),
     );
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let _ = hardening::core_dumps_disabled();
     Ok(path)
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }

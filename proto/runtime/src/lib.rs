@@ -10,4 +10,5 @@ pub mod logging;
 pub mod metrics;
 pub mod probe;
 pub mod secret;
+pub mod shutdown;
 pub mod tls;
