@@ -99,13 +99,14 @@ fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9443))
 }
 
-/// The metrics port that goes with an API address: the default 9443, or one
-/// picked by the OS when the API port is (tests, several instances on one host).
+/// The metrics port that goes with an API address in generated configs: the
+/// default 9443 beside the default API port 7443; otherwise (tests, a second
+/// instance on one host) a port picked by the OS, which vaultd logs at start-up.
 pub fn metrics_listen_for(listen: SocketAddr) -> SocketAddr {
-    if listen.port() == 0 {
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    } else {
+    if listen.port() == default_listen().port() {
         default_metrics_listen()
+    } else {
+        SocketAddr::from(([127, 0, 0, 1], 0))
     }
 }
 
