@@ -165,5 +165,26 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
         !stored.path.exists(),
         "the backup is deleted only after verified delivery"
     );
+
+    // The recording's request id reached the vault's audit log: one lease and
+    // its release per attempt, all under the id the recorder's upload carried.
+    let filter = recvault_vault::audit::AuditFilter {
+        request_id: Some("checksum-retry".into()),
+        ..Default::default()
+    };
+    let events = vault.core.audit.query(&filter, 0, 100).await.unwrap();
+    let count = |suffix: &str| {
+        events
+            .iter()
+            .filter(|e| e.record.operation.ends_with(suffix))
+            .count()
+    };
+    assert_eq!(count("Leases/AcquireLease"), 2, "{events:?}");
+    assert_eq!(count("Leases/ReleaseLease"), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.record.identity == "spiffe://recvault.local/uploader")
+    );
     vault.stop().await;
 }
