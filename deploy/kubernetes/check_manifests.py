@@ -7,7 +7,7 @@
       cert-manager resources against a structural schema of cert-manager.io/v1
       (kubernetes-validate has no CRD schemas); then recvault's own rules
       (security context, master-key file mode, identities, config paths,
-      network policy). Exit status 1 and one line per problem if anything fails.
+      kubelet gRPC probes on the plaintext health port, network policy). Exit status 1 and one line per problem if anything fails.
   check_manifests.py tree DIR
       Every kustomization.yaml under DIR lists every manifest next to it, every
       file it names exists, and every config file is used by a generator.
@@ -33,9 +33,23 @@ import yaml
 
 TRUST_DOMAIN = "recvault.local"
 # Workload component label -> expected identity and the binary it runs.
+# `metrics_default`: the metrics port when the config sets none (on loopback).
+# `services`: the names whose health status the binary sets ("" is the whole server).
 WORKLOADS = {
-    "vault": {"binary": "vaultd", "identity": f"spiffe://{TRUST_DOMAIN}/vault"},
-    "uploader": {"binary": "uploaderd", "identity": f"spiffe://{TRUST_DOMAIN}/uploader"},
+    "vault": {
+        "binary": "vaultd",
+        "metrics_default": 9443,
+        "identity": f"spiffe://{TRUST_DOMAIN}/vault",
+        "services": ["", "recvault.vault.v1.Credentials", "recvault.vault.v1.Leases",
+                     "recvault.vault.v1.Keys", "recvault.vault.v1.Audit"],
+    },
+    "uploader": {
+        "binary": "uploaderd",
+        "metrics_default": 9444,
+        "identity": f"spiffe://{TRUST_DOMAIN}/uploader",
+        "services": ["", "recvault.uploader.v1.Recordings", "recvault.uploader.v1.Destinations",
+                     "recvault.uploader.v1.Jobs"],
+    },
 }
 ISSUER_NAME = "recvault-ca"
 CERT_MANAGER_KINDS = {"Certificate", "Issuer", "ClusterIssuer"}
@@ -322,7 +336,8 @@ def check_workload(doc, ctx, problems):
     tmp = mount_for(c, "/tmp")
     problems.check(tmp is not None and tmp["mountPath"] == "/tmp" and "emptyDir" in volumes.get(tmp["name"], {}), cw, "/tmp must be an emptyDir")
 
-    # The API port: listen address, container port, probes, Service.
+    # The ports: API (listen, containerPort, Service), metrics, and the plaintext
+    # health port the kubelet's gRPC probes use.
     listen = str(config.get("listen", ""))
     host, _, port = listen.rpartition(":")
     problems.check(host in ("0.0.0.0", "[::]"), cw, f"listen = {listen!r} must accept connections from the Service (0.0.0.0 or [::])")
@@ -336,15 +351,12 @@ def check_workload(doc, ctx, problems):
                            f"metrics_listen {config['metrics_listen']} is not loopback, so it must be a containerPort")
     problems.check(port in ports.values(), cw, f"the listen port {port} is not a containerPort")
     info["port"] = port
+    mport = str(config.get("metrics_listen", f":{spec['metrics_default']}")).rpartition(":")[2]
+    info["metrics_port"] = int(mport) if mport.isdigit() else None
+    health_port = check_health_port(config, ports, port, info["metrics_port"], cw, problems)
+    info["health_port"] = health_port
     for probe in ("readinessProbe", "livenessProbe"):
-        p = c.get(probe)
-        if not problems.check(p is not None, cw, f"{probe} is missing"):
-            continue
-        target = (p.get("tcpSocket") or p.get("grpc") or p.get("httpGet") or {}).get("port")
-        if "exec" not in p:
-            problems.check(ports.get(target, target) == port or "httpGet" in p, cw, f"{probe} must probe the API port {port}")
-        problems.check("grpc" not in p or p["grpc"].get("port") != port, cw,
-                       f"{probe}: the kubelet's gRPC probe is plaintext and cannot pass the mTLS-only port {port}")
+        check_probe(c.get(probe), probe, port, health_port, spec["services"], cw, problems)
     services = [s for s in ctx["services"] if selector_matches(s["spec"].get("selector"), labels) and s["spec"].get("selector")]
     if problems.check(len(services) >= 1, cw, "no Service selects this workload"):
         svc = services[0]
@@ -384,6 +396,48 @@ def check_workload(doc, ctx, problems):
         if problems.check(pm is not None and "configMap" in volumes.get(pm["name"], {}), cw, f"policy_file {policy} is not on a ConfigMap mount"):
             grants = parse_toml(ctx["configmaps"], volumes[pm["name"]], posixpath.relpath(policy, pm["mountPath"]), cw, problems)
             ctx["policy"] = grants
+
+
+def check_health_port(config, ports, api_port, metrics_port, cw, problems):
+    """health_listen: the plaintext grpc.health.v1-only port the kubelet probes.
+    The kubelet dials the pod IP, so it must not be loopback, and it must be a
+    declared containerPort of its own. Returns the port, or None."""
+    health = config.get("health_listen")
+    if not problems.check(health is not None, cw,
+                          "health_listen must be set: the kubelet's gRPC probes cannot pass the mTLS-only API port"):
+        return None
+    hhost, _, hport = str(health).rpartition(":")
+    problems.check(hhost in ("0.0.0.0", "[::]"), cw,
+                   f"health_listen = {health!r} must accept the kubelet, which probes the pod IP (0.0.0.0 or [::])")
+    if not problems.check(hport.isdigit() and int(hport) not in (0, api_port, metrics_port), cw,
+                          f"health_listen = {health!r} needs a fixed port of its own (not the API port {api_port} or metrics port {metrics_port})"):
+        return None
+    hport = int(hport)
+    problems.check(hport in ports.values(), cw, f"the health_listen port {hport} is not a containerPort")
+    return hport
+
+
+def check_probe(p, probe, api_port, health_port, services, cw, problems):
+    """A native kubelet gRPC probe on the health port, for the whole server or
+    one service the binary reports. Never on the API port: the kubelet's gRPC
+    probe is plaintext without a client certificate, which the API port refuses."""
+    if not problems.check(p is not None, cw, f"{probe} is missing"):
+        return
+    grpc = p.get("grpc")
+    if grpc is not None and grpc.get("port") == api_port:
+        problems.add(cw, f"{probe}: the kubelet's gRPC probe is plaintext and cannot pass the mTLS-only port {api_port}")
+        return
+    if not problems.check(grpc is not None, cw,
+                          f"{probe} must be a kubelet gRPC probe (grpc: {{port: {health_port}}}) on the health port, "
+                          f"got {sorted(set(p) & {'tcpSocket', 'httpGet', 'exec'}) or 'none'}"):
+        return
+    if health_port is not None:
+        problems.check(grpc.get("port") == health_port, cw,
+                       f"{probe}: grpc.port {grpc.get('port')} is not the health_listen port {health_port}")
+    service = grpc.get("service", "")
+    problems.check(service in services, cw,
+                   f"{probe}: grpc.service {service!r} is not a service the binary reports (one of {services}); "
+                   "an unknown one answers NOT_FOUND and the probe never passes")
 
 
 def check_master_key(pod, c, volumes, config, cw, problems):

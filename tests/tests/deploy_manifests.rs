@@ -8,7 +8,9 @@
 //! - systemd: `systemd-analyze verify` (with ExecStart pointed at the built
 //!   binaries, since verify checks that they exist), `systemd-analyze security
 //!   --offline` under an exposure threshold, and the sysusers file.
-//! - The configs the manifests and units ship start the real binaries.
+//! - The configs the manifests and units ship start the real binaries; the
+//!   Kubernetes ones answer the kubelet's probe (plaintext gRPC health check)
+//!   on their health port, and the mTLS API port refuses it.
 //!
 //! Each validator is also fed broken input and must reject it, so none of these
 //! checks can pass by checking nothing. Tools are installed on first use:
@@ -28,7 +30,7 @@ use std::{
     time::Duration,
 };
 
-use recvault_tests::{Daemon, binary, grpcurl_call, served_addr, workspace_root};
+use recvault_tests::{Daemon, binary, grpcurl, grpcurl_call, served_addr, workspace_root};
 
 fn deploy() -> PathBuf {
     workspace_root().join("deploy")
@@ -369,6 +371,46 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "kubelet gRPC probe on the mTLS port",
         "container('recvault-vault')['readinessProbe'] = {'grpc': {'port': 7443}}",
         "cannot pass the mTLS-only port",
+    ),
+    (
+        "a TCP probe instead of a gRPC one (the old stopgap)",
+        "container('recvault-uploader')['livenessProbe'] = {'tcpSocket': {'port': 'health'}}",
+        "livenessProbe must be a kubelet gRPC probe",
+    ),
+    (
+        "health_listen moved, the probes not",
+        "c = cm('recvault-vault-config'); c['data']['vault.toml'] = c['data']['vault.toml'].replace('health_listen = \"0.0.0.0:7453\"', 'health_listen = \"0.0.0.0:7455\"'); next(p for p in container('recvault-vault')['ports'] if p['name'] == 'health')['containerPort'] = 7455",
+        "readinessProbe: grpc.port 7453 is not the health_listen port 7455",
+    ),
+    (
+        "health port not declared as a containerPort",
+        "container('recvault-uploader')['ports'] = [p for p in container('recvault-uploader')['ports'] if p['name'] != 'health']",
+        "the health_listen port 7454 is not a containerPort",
+    ),
+    (
+        "no health_listen in the config",
+        "c = cm('recvault-vault-config'); c['data']['vault.toml'] = ''.join(l for l in c['data']['vault.toml'].splitlines(True) if not l.startswith('health_listen'))",
+        "health_listen must be set",
+    ),
+    (
+        "health port on loopback (the kubelet probes the pod IP)",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('health_listen = \"0.0.0.0:7454\"', 'health_listen = \"127.0.0.1:7454\"')",
+        "must accept the kubelet, which probes the pod IP",
+    ),
+    (
+        "health port shared with metrics",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('health_listen = \"0.0.0.0:7454\"', 'health_listen = \"0.0.0.0:9444\"')",
+        "needs a fixed port of its own",
+    ),
+    (
+        "probe asks for a service the binary does not report",
+        "container('recvault-vault')['readinessProbe']['grpc']['service'] = 'recvault.vault.v1.Vault'",
+        "grpc.service 'recvault.vault.v1.Vault' is not a service the binary reports",
+    ),
+    (
+        "health port published by the Service",
+        "find('Service', 'recvault-vault')['spec']['ports'].append({'name': 'health', 'port': 7453, 'targetPort': 'health', 'protocol': 'TCP'})",
+        "targetPort health is not the API port 7443",
     ),
     (
         "a Secret in the manifests",
@@ -780,6 +822,66 @@ fn serve(bin: &str, config: &Path, env: &[(&str, String)], ready: &str) -> (Daem
     (daemon, addr)
 }
 
+/// `grpc.health.v1.Health/Check` as grpcurl needs it: the probe port serves no
+/// reflection (only the health service), so the schema comes from a file.
+const HEALTH_PROTO: &str = r#"syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health { rpc Check(HealthCheckRequest) returns (HealthCheckResponse); }
+"#;
+
+/// The address a service logged in `field=` on the line containing `needle`
+/// (the plaintext health port logs `probe_addr=`).
+fn logged_addr(daemon: &mut Daemon, needle: &str, field: &str) -> String {
+    let line = daemon.wait_for(needle, Duration::from_secs(30));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(field))
+        .map(|a| a.trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("no {field} in {line:?}"))
+}
+
+/// What the kubelet's native gRPC probe does: Health/Check in plaintext, no
+/// client certificate. Returns (success, output).
+fn plaintext_health_check(proto_dir: &Path, addr: &str, service: &str) -> (bool, String) {
+    let out = run(
+        Command::new(grpcurl())
+            .args(["-plaintext", "-max-time", "10", "-import-path"])
+            .arg(proto_dir)
+            .args(["-proto", "health.proto", "-d"])
+            .arg(format!(r#"{{"service": "{service}"}}"#))
+            .arg(addr)
+            .arg("grpc.health.v1.Health/Check"),
+        "grpcurl",
+    );
+    (out.status.success(), text(&out))
+}
+
+/// The health port of a daemon started with `*_HEALTH_LISTEN=127.0.0.1:0`
+/// answers SERVING in plaintext for the whole server ("", what the manifests'
+/// probes ask) and for `service`; the mTLS API port refuses the same probe.
+fn assert_probe_serving(daemon: &mut Daemon, api_addr: &str, service: &str) {
+    let proto = tempfile::tempdir().unwrap();
+    fs::write(proto.path().join("health.proto"), HEALTH_PROTO).unwrap();
+    let health_addr = logged_addr(daemon, "plaintext health probe port", "probe_addr=");
+    assert_ne!(health_addr, api_addr);
+    for name in ["", service] {
+        let (ok, out) = plaintext_health_check(proto.path(), &health_addr, name);
+        assert!(
+            ok && out.contains("\"SERVING\""),
+            "plaintext health check of {name:?} on the probe port {health_addr}: {out}"
+        );
+    }
+    let (ok, out) = plaintext_health_check(proto.path(), api_addr, "");
+    assert!(
+        !ok,
+        "the mTLS API port {api_addr} answered a plaintext probe: {out}"
+    );
+}
+
 fn assert_serving(pki: &DevPki, identity: &str, addr: &str) {
     let (ok, out, err) = grpcurl_call(
         &pki.certs,
@@ -838,14 +940,17 @@ fn shipped_configs_start_the_real_binaries() {
         text(&out)
     );
     fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+    // Every port on loopback, picked by the OS (the config's health_listen is
+    // 0.0.0.0:7453), so parallel tests never collide.
     let listen = [
         ("RECVAULT_VAULT_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_VAULT_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+        ("RECVAULT_VAULT_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
     ];
     let (mut vault, vault_addr) = serve("vaultd", &config, &listen, "vault serving");
     assert_serving(&pki, "uploader", &vault_addr);
-    // What an exec probe inside the pod would do: the workload's own identity.
-    assert_serving(&pki, "vault", &vault_addr);
+    // What the pod's readiness and liveness probes ask.
+    assert_probe_serving(&mut vault, &vault_addr, "recvault.vault.v1.Leases");
 
     let up_root = Root::new();
     let config = up_root.put(
@@ -862,11 +967,12 @@ fn shipped_configs_start_the_real_binaries() {
     let env = [
         ("RECVAULT_UPLOADER_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
+        ("RECVAULT_UPLOADER_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_VAULT_ENDPOINT", vault_addr.clone()),
     ];
     let (mut uploader, up_addr) = serve("uploaderd", &config, &env, "uploader serving");
     assert_serving(&pki, "recorder", &up_addr);
-    assert_serving(&pki, "uploader", &up_addr);
+    assert_probe_serving(&mut uploader, &up_addr, "recvault.uploader.v1.Recordings");
     uploader.stop();
     vault.stop();
 
