@@ -4,7 +4,7 @@
 //! `rclone copyto` of the same file to the same local S3 server, in the same
 //! run, alternating; the peak RSS of each client process alone; the same for a
 //! larger file (peak RSS must not grow with the file); and the intake hash
-//! (`worker::hash_file`, SHA-256 + CRC-32 in one pass) against
+//! (`digest::hash_file`, SHA-256 + CRC-32 in one pass) against
 //! `openssl dgst -sha256` on the same file.
 //!
 //! ```text
@@ -464,7 +464,8 @@ fn make_random_file(path: &Path, size: u64) -> Res<()> {
 
 fn hash_with_recvault(runtime: &tokio::runtime::Runtime, path: &Path) -> Res<(f64, FileInfo)> {
     let start = Instant::now();
-    let (sha256, crc32, size) = runtime.block_on(recvault_uploader::worker::hash_file(path))?;
+    let d = runtime.block_on(recvault_uploader::digest::hash_file_async(path))?;
+    let (sha256, crc32, size) = (*d.sha256.as_bytes(), d.crc32, d.size);
     let secs = start.elapsed().as_secs_f64();
     Ok((
         secs,
@@ -573,7 +574,7 @@ fn orchestrate() -> Res<()> {
     }
     let (ours_hash, ossl_hash) = (median(ours_h.clone()), median(ossl_h.clone()));
     println!("\nIntake hash of the same file (MiB/s per run: {ours_h:.0?} vs {ossl_h:.0?}):");
-    println!("  worker::hash_file (SHA-256 + CRC-32, one pass)  {ours_hash:7.0} MiB/s");
+    println!("  digest::hash_file (SHA-256 + CRC-32, one pass)  {ours_hash:7.0} MiB/s");
     println!("  openssl dgst -sha256 (SHA-NI)                   {ossl_hash:7.0} MiB/s");
     println!("  ratio {:.2} (target >= 0.90)", ours_hash / ossl_hash);
 

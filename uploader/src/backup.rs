@@ -10,7 +10,7 @@
 //!   from validated ids only, never from the client's file name.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -19,9 +19,6 @@ use sha2::{Digest as _, Sha256};
 use crate::digest::Sha256Digest;
 use crate::jobs::{JobId, TenantId};
 
-/// Buffer for reading a backup back (re-hash, upload): large enough for few
-/// syscalls, small enough that memory does not depend on file size.
-pub const READ_BUFFER_BYTES: usize = 1 << 20;
 /// Write buffer in front of the staging file, so small chunks still become large writes.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
 
@@ -251,23 +248,10 @@ impl BackupStore {
     }
 }
 
-/// Hashes a file in one pass with a bounded buffer. Blocking.
+/// SHA-256 and size of a backup file (blocking; see [`crate::digest::hash_file`]).
 pub fn hash_file(path: &Path) -> Result<(Sha256Digest, u64)> {
-    let mut file = File::open(path).map_err(BackupError::io("open", path))?;
-    let mut buf = vec![0u8; READ_BUFFER_BYTES];
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(BackupError::io("read", path)(e)),
-        };
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((Sha256Digest::from_hasher(hasher), size))
+    let d = crate::digest::hash_file(path).map_err(BackupError::io("read", path))?;
+    Ok((d.sha256, d.size))
 }
 
 /// A backup being written. Hashes as it writes; nothing is held whole in memory.

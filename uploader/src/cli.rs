@@ -86,17 +86,9 @@ pub fn verify(file: &std::path::Path, sha256: Option<&str>) -> Result<ExitCode, 
     if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("expected SHA-256 must be 64 hex characters".into());
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (actual, _, size) = runtime
-        .block_on(async {
-            let f = tokio::fs::File::open(file).await?;
-            drop(f);
-            crate::worker::hash_file(file).await
-        })
+    let digest = crate::digest::hash_file(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let actual = hex::encode(actual);
+    let (actual, size) = (digest.sha256.to_hex(), digest.size);
     if actual == expected {
         println!("{}: OK (sha256 {actual}, {size} bytes)", file.display());
         Ok(ExitCode::SUCCESS)

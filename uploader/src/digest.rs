@@ -1,7 +1,7 @@
-//! The SHA-256 digest type every module uses for a recording's whole-file hash.
-//!
-//! It only names and formats 32 bytes; it never reads files or decides what a
-//! mismatch means (ingest, backup and the worker do that).
+//! The SHA-256 digest type every module uses for a recording's whole-file hash,
+//! and the one function that hashes a file (SHA-256, CRC-32 and size in one
+//! bounded-memory pass). It never decides what a mismatch means (ingest,
+//! backup, the worker and the destinations do that).
 
 use std::fmt;
 use std::str::FromStr;
@@ -108,4 +108,51 @@ mod tests {
         assert!("abc".parse::<Sha256Digest>().is_err());
         assert_eq!(Sha256Digest::from_slice(&[0; 31]), None);
     }
+}
+
+/// What one pass over a file yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileDigest {
+    pub sha256: Sha256Digest,
+    /// CRC-32/IEEE of the whole file, as the S3 `x-amz-checksum-crc32` header wants it.
+    pub crc32: u32,
+    pub size: u64,
+}
+
+/// Bytes read per call while hashing a file.
+const HASH_BUFFER_BYTES: usize = 1 << 20;
+
+/// SHA-256, CRC-32 and size of a file in one pass with a 1 MiB buffer
+/// (blocking: call it from a blocking thread, or use [`hash_file_async`]).
+pub fn hash_file(path: &std::path::Path) -> std::io::Result<FileDigest> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; HASH_BUFFER_BYTES];
+    let mut sha = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha.update(&buf[..n]);
+        crc.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(FileDigest {
+        sha256: Sha256Digest::from_hasher(sha),
+        crc32: crc.finalize(),
+        size,
+    })
+}
+
+/// [`hash_file`] on a blocking thread.
+pub async fn hash_file_async(path: &std::path::Path) -> std::io::Result<FileDigest> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || hash_file(&path))
+        .await
+        .map_err(std::io::Error::other)?
 }

@@ -4,14 +4,10 @@
 //! retry with backoff or, when permanent, leave the job RETAINED with its
 //! backup. Never uploads a backup whose hash changed.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use tokio::{
-    io::AsyncReadExt,
-    sync::{Notify, Semaphore},
-};
+use tokio::sync::{Notify, Semaphore};
 
 use crate::{
     backup::BackupStore,
@@ -56,25 +52,6 @@ pub struct Worker {
     /// Poked by ingest and ResendJob so new work starts at once.
     pub wake: Arc<Notify>,
     pub metrics: Arc<crate::metrics::UploaderMetrics>,
-}
-
-/// SHA-256 and CRC-32 of a file in one streaming pass (bounded buffer).
-pub async fn hash_file(path: &Path) -> std::io::Result<([u8; 32], u32, u64)> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut sha = Sha256::new();
-    let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        crc.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((sha.finalize().into(), crc.finalize(), size))
 }
 
 impl Worker {
@@ -215,18 +192,22 @@ impl Worker {
             })?;
 
         // Integrity at rest: never upload bytes that are not what we took in.
-        let (sha256, crc32, size) = hash_file(&job.backup_path).await.map_err(|e| {
-            Failure::transient(format!(
-                "reading the backup {}: {e}",
-                job.backup_path.display()
-            ))
-        })?;
-        if sha256 != *job.sha256.as_bytes() || size != job.size {
+        let crate::digest::FileDigest {
+            sha256,
+            crc32,
+            size,
+        } = crate::digest::hash_file_async(&job.backup_path)
+            .await
+            .map_err(|e| {
+                Failure::transient(format!(
+                    "reading the backup {}: {e}",
+                    job.backup_path.display()
+                ))
+            })?;
+        if sha256 != job.sha256 || size != job.size {
             let detail = format!(
-                "backup SHA-256 is {} ({size} bytes) but {} ({} bytes) was ingested; not uploading",
-                hex::encode(sha256),
-                job.sha256,
-                job.size
+                "backup SHA-256 is {sha256} ({size} bytes) but {} ({} bytes) was ingested; not uploading",
+                job.sha256, job.size
             );
             let _ = self
                 .jobs
@@ -296,7 +277,7 @@ impl Worker {
         let object = ObjectInfo {
             name: job.file_name.as_str().to_owned(),
             size,
-            sha256,
+            sha256: *sha256.as_bytes(),
             crc32,
             content_type: job.content_type.as_str().to_owned(),
         };

@@ -68,10 +68,15 @@ impl FsDestination {
         write_atomically(&sidecar_target, sidecar.as_bytes()).await?;
 
         // Verify what the file system now returns under the final names.
-        let (len, digest) = hash_file(&target).await.map_err(|e| DeliveryError::Write {
-            path: target.clone(),
-            source: e,
-        })?;
+        let crate::digest::FileDigest {
+            size: len, sha256, ..
+        } = crate::digest::hash_file_async(&target)
+            .await
+            .map_err(|e| DeliveryError::Write {
+                path: target.clone(),
+                source: e,
+            })?;
+        let digest = *sha256.as_bytes();
         if len != object.size || digest != object.sha256 {
             return Err(DeliveryError::Verification {
                 location: target.display().to_string(),
@@ -302,21 +307,4 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-/// Length and SHA-256 of a file, read in bounded chunks.
-async fn hash_file(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut sha = Sha256::new();
-    let mut len: u64 = 0;
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((len, sha.finalize().into()))
 }
