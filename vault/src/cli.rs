@@ -54,13 +54,6 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
     },
-    /// Zero-setup local run: `init` under .dev/ (first run only), then serve on 127.0.0.1:7443.
-    Dev {
-        #[arg(long, default_value = ".dev")]
-        dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        listen: SocketAddr,
-    },
     /// Audit log tools (offline; need the master key file).
     Audit {
         #[command(subcommand)]
@@ -123,21 +116,6 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Init { dir, certs, listen } => {
             let path = init(&dir, &certs, listen)?;
             println!("wrote {}", path.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Dev { dir, listen } => {
-            let path = init(&dir.join("vault"), &dir.join("certs"), listen)?;
-            let config = VaultConfig::load(&path).map_err(|e| e.to_string())?;
-            logging::init(config.log_format);
-            println!(
-                "vault config {}; client certificates in {}",
-                path.display(),
-                dir.join("certs").display()
-            );
-            let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-            runtime
-                .block_on(server::run(config, recvault_runtime::shutdown::signal()))
-                .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DevCerts { dir, force } => {

@@ -15,6 +15,7 @@ pub struct VaultMetrics {
     pub leases_active: Arc<Gauge>,
     pub audit_append: Arc<Histogram>,
     pub audit_failures: Arc<Counter>,
+    calls: std::sync::RwLock<std::collections::HashMap<(&'static str, &'static str), Arc<Counter>>>,
 }
 
 impl VaultMetrics {
@@ -34,20 +35,35 @@ impl VaultMetrics {
                 "Audit writes that failed (the call failed closed with UNAVAILABLE).",
                 &[],
             ),
+            calls: Default::default(),
             registry: r,
         }
     }
 
-    /// Counts one finished call.
-    pub fn call(&self, operation: &str, code: &str) {
+    /// Counts one finished call. Operation and code names are static, so the
+    /// counter handle is looked up once per pair rather than rendered per call.
+    pub fn call(&self, operation: &'static str, code: &'static str) {
+        let key = (operation, code);
+        if let Some(counter) = self
+            .calls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            counter.inc();
+            return;
+        }
         let short = operation.rsplit('.').next().unwrap_or(operation);
-        self.registry
-            .counter(
-                "recvault_vault_calls_total",
-                "Vault API calls by operation and gRPC code.",
-                &[("operation", short), ("code", code)],
-            )
-            .inc();
+        let counter = self.registry.counter(
+            "recvault_vault_calls_total",
+            "Vault API calls by operation and gRPC code.",
+            &[("operation", short), ("code", code)],
+        );
+        counter.inc();
+        self.calls
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, counter);
     }
 
     pub fn audit_committed(&self, took: Duration) {

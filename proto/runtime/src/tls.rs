@@ -50,6 +50,9 @@ pub enum TlsError {
         path: PathBuf,
         expected: &'static str,
     },
+    /// A certificate in the CA file is not a usable trust anchor.
+    #[error("CA file {path} holds a certificate rustls cannot use as a trust anchor: {reason}")]
+    BadCa { path: PathBuf, reason: String },
     /// rustls refused the material (mismatched key, unsupported algorithm, bad CA).
     #[error("TLS configuration from {cert} / {key} / {ca} is not usable: {reason}")]
     Config {
@@ -111,14 +114,9 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs("CA", path)? {
-        roots.add(cert).map_err(|e| TlsError::Empty {
-            what: "CA",
+        roots.add(cert).map_err(|e| TlsError::BadCa {
             path: path.to_owned(),
-            expected: if e.to_string().is_empty() {
-                "valid CA certificate"
-            } else {
-                "valid CA certificate (rustls refused one)"
-            },
+            reason: e.to_string(),
         })?;
     }
     Ok(Arc::new(roots))
