@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use recvault_runtime::config::{env_addr, read_toml, resolve_relative};
 use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
 use serde::Deserialize;
 
@@ -144,47 +145,25 @@ fn default_max_recording() -> u64 {
     64 * 1024 * 1024 * 1024
 }
 
-/// Config loading errors: they name the file or variable and the field.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is invalid: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("environment variable {name} is invalid: {message}")]
-    Env { name: &'static str, message: String },
-}
+pub use recvault_runtime::config::ConfigError;
 
 impl UploaderConfig {
     /// Reads `path`, resolves relative paths against its directory, applies env overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut config.tls.cert,
-            &mut config.tls.key,
-            &mut config.tls.ca,
-            &mut config.vault.tls.cert,
-            &mut config.vault.tls.key,
-            &mut config.vault.tls.ca,
-            &mut config.database,
-            &mut config.backup_dir,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        let mut config: Self = read_toml(path)?;
+        resolve_relative(
+            path,
+            [
+                &mut config.tls.cert,
+                &mut config.tls.key,
+                &mut config.tls.ca,
+                &mut config.vault.tls.cert,
+                &mut config.vault.tls.key,
+                &mut config.vault.tls.ca,
+                &mut config.database,
+                &mut config.backup_dir,
+            ],
+        );
         config.apply_env(|n| std::env::var(n).ok())?;
         Ok(config)
     }
@@ -194,23 +173,14 @@ impl UploaderConfig {
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(v) = get("RECVAULT_UPLOADER_LISTEN") {
-            self.listen = v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_UPLOADER_LISTEN",
-                message: format!("{e}; expected host:port such as 127.0.0.1:7444"),
-            })?;
+        if let Some(a) = env_addr(&get, "RECVAULT_UPLOADER_LISTEN", "127.0.0.1:7444")? {
+            self.listen = a;
         }
-        if let Some(v) = get("RECVAULT_UPLOADER_METRICS_LISTEN") {
-            self.metrics_listen = v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_UPLOADER_METRICS_LISTEN",
-                message: format!("{e}; expected host:port such as 127.0.0.1:9444"),
-            })?;
+        if let Some(a) = env_addr(&get, "RECVAULT_UPLOADER_METRICS_LISTEN", "127.0.0.1:9444")? {
+            self.metrics_listen = a;
         }
-        if let Some(v) = get("RECVAULT_UPLOADER_HEALTH_LISTEN") {
-            self.health_listen = Some(v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_UPLOADER_HEALTH_LISTEN",
-                message: format!("{e}; expected host:port such as 0.0.0.0:7454"),
-            })?);
+        if let Some(a) = env_addr(&get, "RECVAULT_UPLOADER_HEALTH_LISTEN", "0.0.0.0:7454")? {
+            self.health_listen = Some(a);
         }
         if let Some(v) = get("RECVAULT_UPLOADER_VAULT_ENDPOINT") {
             self.vault.endpoint = v;

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use recvault_runtime::config::{env_addr, read_toml, resolve_relative};
 use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
 use serde::Deserialize;
 
@@ -114,38 +115,25 @@ fn default_reload_secs() -> u64 {
     2
 }
 
-/// Config loading errors: they name the file and the field.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or a field is wrong.
-    #[error("config file {path} is invalid: {message}")]
-    Parse { path: PathBuf, message: String },
-    /// An environment override could not be parsed.
-    #[error("environment variable {name} is invalid: {message}")]
-    Env { name: &'static str, message: String },
-}
+pub use recvault_runtime::config::ConfigError;
 
 impl VaultConfig {
     /// Reads `path`, resolves relative paths against the file's directory, then
     /// applies environment overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_relative(base);
+        let mut config: Self = read_toml(path)?;
+        resolve_relative(
+            path,
+            [
+                &mut config.tls.cert,
+                &mut config.tls.key,
+                &mut config.tls.ca,
+                &mut config.master_key_file,
+                &mut config.database,
+                &mut config.audit_database,
+                &mut config.policy_file,
+            ],
+        );
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate().map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
@@ -154,44 +142,19 @@ impl VaultConfig {
         Ok(config)
     }
 
-    fn resolve_relative(&mut self, base: &Path) {
-        for p in [
-            &mut self.tls.cert,
-            &mut self.tls.key,
-            &mut self.tls.ca,
-            &mut self.master_key_file,
-            &mut self.database,
-            &mut self.audit_database,
-            &mut self.policy_file,
-        ] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-    }
-
     /// Applies `RECVAULT_VAULT_*` overrides (ports and paths).
     pub fn apply_env(
         &mut self,
         get: impl Fn(&'static str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        if let Some(v) = get("RECVAULT_VAULT_METRICS_LISTEN") {
-            self.metrics_listen = v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_VAULT_METRICS_LISTEN",
-                message: format!("{e}; expected host:port such as 127.0.0.1:9443"),
-            })?;
+        if let Some(a) = env_addr(&get, "RECVAULT_VAULT_LISTEN", "127.0.0.1:7443")? {
+            self.listen = a;
         }
-        if let Some(v) = get("RECVAULT_VAULT_HEALTH_LISTEN") {
-            self.health_listen = Some(v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_VAULT_HEALTH_LISTEN",
-                message: format!("{e}; expected host:port such as 0.0.0.0:7453"),
-            })?);
+        if let Some(a) = env_addr(&get, "RECVAULT_VAULT_METRICS_LISTEN", "127.0.0.1:9443")? {
+            self.metrics_listen = a;
         }
-        if let Some(v) = get("RECVAULT_VAULT_LISTEN") {
-            self.listen = v.parse().map_err(|e| ConfigError::Env {
-                name: "RECVAULT_VAULT_LISTEN",
-                message: format!("{e}; expected host:port such as 127.0.0.1:7443"),
-            })?;
+        if let Some(a) = env_addr(&get, "RECVAULT_VAULT_HEALTH_LISTEN", "0.0.0.0:7453")? {
+            self.health_listen = Some(a);
         }
         let paths: [(&'static str, &mut PathBuf); 5] = [
             ("RECVAULT_VAULT_MASTER_KEY_FILE", &mut self.master_key_file),

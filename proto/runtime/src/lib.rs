@@ -3,6 +3,7 @@
 //! peer identity from certificates, dev certificates, logging, process
 //! hardening and locked, zeroizing memory for secrets. No key handling lives here.
 
+pub mod config;
 pub mod devcerts;
 pub mod hardening;
 pub mod identity;
