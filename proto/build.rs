@@ -3,6 +3,12 @@
 
 use std::{env, path::PathBuf};
 
+/// Messages with a `secret` field.
+const SECRET_BEARING: [&str; 2] = [
+    ".recvault.vault.v1.PutCredentialRequest",
+    ".recvault.vault.v1.AcquireLeaseResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/recvault/vault/v1/vault.proto",
@@ -18,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // Messages that carry a plaintext secret get a hand-written, redacted
+        // Debug (src/redacted.rs) instead of the derived one.
+        .skip_debug(SECRET_BEARING)
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

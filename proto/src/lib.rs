@@ -1,5 +1,6 @@
 //! Generated code for the recvault wire contract (`proto/recvault/**`).
-//! Nothing here is written by hand except the module tree.
+//! Nothing here is written by hand except the module tree and the redacted
+//! `Debug` of the messages that carry a secret (`redacted.rs`).
 
 #![allow(clippy::all, missing_debug_implementations, unreachable_pub)]
 
@@ -18,3 +19,5 @@ pub mod uploader {
         tonic::include_proto!("recvault.uploader.v1");
     }
 }
+
+mod redacted;
