@@ -222,6 +222,28 @@ fn process_cpu() -> Option<Duration> {
     Some(Duration::from_millis((utime + stime) * 10))
 }
 
+/// User + system CPU time of this process's threads named `name` (Linux
+/// `/proc/self/task/*/stat`), or `None` elsewhere.
+fn threads_cpu(name: &str) -> Option<Duration> {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        let mut fields = stat[close + 2..].split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        ticks += utime + stime;
+    }
+    Some(Duration::from_millis(ticks * 10))
+}
+
 async fn phase<C: Caller>(callers: &[C], concurrency: usize, length: Duration) -> Phase {
     let cpu_start = process_cpu();
     let start = Instant::now();
@@ -394,11 +416,12 @@ async fn run(settings: Settings) {
     );
     println!(
         "vault: mTLS (TLS 1.3, client cert) on {}, audit log {} (WAL, synchronous=FULL, group \
-         commit max_batch={} max_delay={:?})",
+         commit max_batch={}, linger {:?} once a commit carries {} events)",
         vault.addr,
         vault.config.audit_database.display(),
         group.max_batch,
-        group.max_delay,
+        group.linger,
+        group.busy_batch,
     );
     println!(
         "baseline: grpc.health.v1.Health/Check on {baseline_addr}, same certificates and TLS set-up"
@@ -428,16 +451,26 @@ async fn run(settings: Settings) {
         let b = phase(&baseline, settings.concurrency, length).await;
         println!("round {round} baseline Health/Check       {}", b.line());
         let before = vault.core.audit.stats();
+        let writer_before = threads_cpu("audit-writer");
+        let wait_before = vault.core.metrics.audit_append.count_and_sum();
         let v = phase(&acquire, settings.concurrency, length).await;
+        let writer_cpu = writer_before
+            .zip(threads_cpu("audit-writer"))
+            .map_or(Duration::ZERO, |(a, b)| b.saturating_sub(a));
         let after = vault.core.audit.stats();
+        let wait_after = vault.core.metrics.audit_append.count_and_sum();
+        let audit_wait = (wait_after.1 - wait_before.1).as_secs_f64() * 1e3
+            / (wait_after.0 - wait_before.0).max(1) as f64;
         let (e, c) = (after.events - before.events, after.commits - before.commits);
         println!("round {round} vault    Leases/AcquireLease {}", v.line());
         println!(
             "round {round} ratio {:.3}; audit {e} events in {c} commits: {:.1} events/fsync, \
-             one commit every {:.2} ms",
+             one commit every {:.2} ms, writer thread {:.1} µs CPU/event, mean wait for durability {:.2} ms",
             v.rps / b.rps,
             e as f64 / c.max(1) as f64,
             length.as_secs_f64() * 1e3 / c.max(1) as f64,
+            writer_cpu.as_secs_f64() * 1e6 / e.max(1) as f64,
+            audit_wait,
         );
         events += e;
         commits += c;

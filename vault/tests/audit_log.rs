@@ -146,13 +146,17 @@ async fn concurrent_appends_are_group_committed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_delay_gathers_a_batch() {
+async fn a_busy_log_lingers_to_gather_the_next_batch() {
     let dir = TempDir::new().unwrap();
     let options = GroupCommitOptions {
         max_batch: 512,
-        max_delay: std::time::Duration::from_millis(50),
+        linger: std::time::Duration::from_millis(200),
+        busy_batch: 1,
     };
     let log = Arc::new(AuditLog::open(&db(&dir), key(7), options).unwrap());
+    // One commit of one event: with busy_batch = 1 the log is now busy, so
+    // the writer sleeps before the next batch and all 8 appends meet there.
+    log.append(record(0)).await.unwrap();
     let tasks: Vec<_> = (1..=8)
         .map(|i| {
             let log = Arc::clone(&log);
@@ -163,9 +167,29 @@ async fn max_delay_gathers_a_batch() {
         task.await.unwrap();
     }
     let stats = log.stats();
-    assert_eq!(stats.events, 8);
-    assert!(stats.commits <= 2, "{stats:?}");
+    assert_eq!(stats.events, 9);
+    assert!(stats.commits <= 3, "{stats:?}");
     assert!(log.verify().await.ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_log_commits_at_once() {
+    let dir = TempDir::new().unwrap();
+    let options = GroupCommitOptions {
+        max_batch: 512,
+        linger: std::time::Duration::from_secs(30),
+        busy_batch: 2,
+    };
+    let log = AuditLog::open(&db(&dir), key(7), options).unwrap();
+    // One event per commit never makes the log busy: 30 s of linger would
+    // show up as a timeout here.
+    for i in 0..5 {
+        tokio::time::timeout(std::time::Duration::from_secs(10), log.append(record(i)))
+            .await
+            .expect("an idle log must not linger")
+            .unwrap();
+    }
+    assert_eq!(log.stats().commits, 5);
 }
 
 #[tokio::test]

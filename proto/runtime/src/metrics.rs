@@ -72,6 +72,14 @@ impl Histogram {
             Ordering::Relaxed,
         );
     }
+
+    /// Observations so far and their total duration.
+    pub fn count_and_sum(&self) -> (u64, Duration) {
+        (
+            self.count.load(Ordering::Relaxed),
+            Duration::from_micros(self.sum_micros.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 #[derive(Debug, Clone)]

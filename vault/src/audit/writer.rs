@@ -6,7 +6,6 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
     mpsc,
 };
-use std::time::Instant;
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{broadcast, oneshot};
@@ -50,25 +49,21 @@ impl Writer {
     /// Runs until every sender is gone, i.e. the log was dropped.
     pub fn run(mut self, rx: &mpsc::Receiver<Pending>) {
         let max_batch = self.options.max_batch.max(1);
+        let mut busy = false;
         while let Ok(first) = rx.recv() {
+            if busy && !self.options.linger.is_zero() {
+                // A plain sleep, not a wait on the queue: appends arriving
+                // meanwhile do not wake this thread one by one.
+                std::thread::sleep(self.options.linger);
+            }
             let mut batch = vec![first];
-            let deadline = Instant::now() + self.options.max_delay;
             while batch.len() < max_batch {
-                let next = match rx.try_recv() {
-                    Ok(p) => Ok(p),
-                    Err(mpsc::TryRecvError::Empty) if !self.options.max_delay.is_zero() => {
-                        match deadline.checked_duration_since(Instant::now()) {
-                            Some(left) => rx.recv_timeout(left).map_err(|_| ()),
-                            None => Err(()),
-                        }
-                    }
-                    Err(_) => Err(()),
-                };
-                match next {
+                match rx.try_recv() {
                     Ok(p) => batch.push(p),
-                    Err(()) => break,
+                    Err(_) => break,
                 }
             }
+            busy = batch.len() >= self.options.busy_batch.max(1);
             self.commit(batch);
         }
     }
