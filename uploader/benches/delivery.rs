@@ -15,8 +15,9 @@
 //! Environment (all optional): `BENCH_SIZE_MIB` (1024), `BENCH_RUNS` (3 pairs;
 //! 0: intake hash only),
 //! `BENCH_BIG_MIB` (4096; 0 skips), `BENCH_BIG_RUNS` (2), `BENCH_HASH_RUNS` (3),
-//! `BENCH_DIR` (`target/tmp/bench-upload`), `BENCH_PART_MIB` and
-//! `BENCH_CONCURRENCY` (default: uploaderd's defaults, 8 MiB × 4).
+//! `BENCH_DIR` (`target/tmp/bench-upload`), `BENCH_PART_MIB`,
+//! `BENCH_CONCURRENCY` and `BENCH_READ_BACK_STREAMS` (default: uploaderd's
+//! defaults, 8 MiB parts × 4, 16 read-back streams).
 //!
 //! One binary, three roles chosen by the first argument: none (or cargo's
 //! `--bench`) runs the benchmark; `__serve ROOT` hosts s3s-fs 0.14.1 on
@@ -168,6 +169,10 @@ fn client(args: &[String]) -> Res<()> {
     let options = S3Options {
         part_size: env_u64("BENCH_PART_MIB", defaults.part_size / MIB) * MIB,
         concurrency: usize::try_from(env_u64("BENCH_CONCURRENCY", defaults.concurrency as u64))?,
+        read_back_streams: usize::try_from(env_u64(
+            "BENCH_READ_BACK_STREAMS",
+            defaults.read_back_streams as u64,
+        ))?,
         ..defaults
     };
     let secret = serde_json::json!({
@@ -543,13 +548,16 @@ fn orchestrate() -> Res<()> {
     let defaults = S3Options::default();
     println!(
         "recvault delivery benchmark: {} MiB file, {runs} alternating pairs; server s3s-fs 0.14.1 \
-         (own process, 127.0.0.1); ours: part {} MiB x {} (BENCH_PART_MIB/BENCH_CONCURRENCY \
-         override uploaderd's {} MiB x {}); {rclone_version} with its defaults",
+         (own process, 127.0.0.1); ours: part {} MiB x {}, {} read-back streams \
+         (BENCH_PART_MIB/BENCH_CONCURRENCY/BENCH_READ_BACK_STREAMS override uploaderd's {} MiB x {}, {}); \
+         {rclone_version} with its defaults",
         size / MIB,
         env_u64("BENCH_PART_MIB", defaults.part_size / MIB),
         env_u64("BENCH_CONCURRENCY", defaults.concurrency as u64),
+        env_u64("BENCH_READ_BACK_STREAMS", defaults.read_back_streams as u64),
         defaults.part_size / MIB,
         defaults.concurrency,
+        defaults.read_back_streams,
     );
     let runtime = tokio::runtime::Runtime::new()?;
 

@@ -96,6 +96,8 @@ pub struct DeliverySettings {
     pub multipart_threshold_bytes: u64,
     pub part_size_bytes: u64,
     pub part_concurrency: usize,
+    /// S3 read-back verification: ranged GETs kept in flight.
+    pub read_back_streams: usize,
 }
 
 impl Default for DeliverySettings {
@@ -109,6 +111,7 @@ impl Default for DeliverySettings {
             multipart_threshold_bytes: 16 * 1024 * 1024,
             part_size_bytes: 8 * 1024 * 1024,
             part_concurrency: 4,
+            read_back_streams: 16,
         }
     }
 }

@@ -82,6 +82,7 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         multipart_threshold: d.multipart_threshold_bytes,
         part_size: d.part_size_bytes,
         concurrency: d.part_concurrency.max(1),
+        read_back_streams: d.read_back_streams.max(1),
         ..S3Options::default()
     };
     let wake = Arc::new(Notify::new());

@@ -3,7 +3,6 @@
 //! then verified (provider checksum, else read-back). It never logs or formats
 //! a request, a response dump or the credential, and never buffers a whole file.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
@@ -41,13 +41,18 @@ const CRC_BUFFER: usize = 256 * 1024;
 /// Read buffer for the SDK's file body.
 const BODY_BUFFER: usize = 256 * 1024;
 /// Read-backs of objects up to this size use one GET; larger ones use
-/// parallel ranged GETs (see `S3Destination::read_back`).
+/// ranged GETs requested ahead (see `S3Destination::read_back_ranged`).
 const READ_BACK_SINGLE_MAX: u64 = 64 * 1024 * 1024;
+/// Size of each ranged GET of a read-back. Small enough that a range
+/// requested ahead fits in the socket buffers while it waits its turn (8 MiB
+/// ranges made the server stall and halved read-back speed from s3s-fs).
+const READ_BACK_RANGE: u64 = 4 * 1024 * 1024;
 /// The `x-amz-meta-*` key that carries the SHA-256 (hex).
 const SHA256_METADATA: &str = "sha256";
 
-/// Transfer settings. Memory use is about `part_size × concurrency`
-/// (plus small buffers), whatever the file size.
+/// Transfer settings. Parts are streamed from disk and read-backs are hashed
+/// as they arrive, so memory stays a few MiB per connection whatever the
+/// file size or part size.
 #[derive(Debug, Clone)]
 pub struct S3Options {
     /// Files of at least this size go multipart. Default 16 MiB.
@@ -55,8 +60,11 @@ pub struct S3Options {
     /// Part size; raised automatically to stay within 10 000 parts and to at
     /// least 5 MiB. Default 8 MiB.
     pub part_size: u64,
-    /// Parts in flight at once (and ranged GETs of a read-back). Default 4.
+    /// Parts in flight at once. Default 4.
     pub concurrency: usize,
+    /// Ranged GETs a read-back keeps requested ahead of the one it is
+    /// hashing (one connection each). Default 16.
+    pub read_back_streams: usize,
     /// TCP (and TLS) connect timeout. Default 10 s.
     pub connect_timeout: Duration,
     /// Time from sending a request until its response starts, body upload
@@ -77,6 +85,7 @@ impl Default for S3Options {
             multipart_threshold: 16 * 1024 * 1024,
             part_size: 8 * 1024 * 1024,
             concurrency: 4,
+            read_back_streams: 16,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(300),
             max_attempts: 3,
@@ -674,9 +683,8 @@ impl S3Destination {
     }
 
     /// Reads the object back and compares its size and SHA-256. Objects up to
-    /// [`READ_BACK_SINGLE_MAX`] come in one GET; larger ones in ranged GETs
-    /// of the configured part size, `concurrency` at once, hashed in order
-    /// (memory: part size × concurrency, whatever the file size).
+    /// [`READ_BACK_SINGLE_MAX`] come in one GET; larger ones in ranged GETs,
+    /// several requested ahead and read in order (see [`Self::read_back_ranged`]).
     /// One stream is slow on many servers (s3s-fs serves a GET in 4 KiB
     /// reads, about 60 MiB/s here; one connection to AWS S3 is limited too),
     /// so a large read-back would otherwise take far longer than the upload.
@@ -688,14 +696,9 @@ impl S3Destination {
     ) -> Result<(), DeliveryError> {
         let mut ranged = None;
         if size > READ_BACK_SINGLE_MAX {
-            // The configured part size, not the one raised for very large
-            // files: read-back memory stays independent of the file size.
-            // (Twice as many half-size ranges read 1 GiB back from s3s-fs
-            // ~15% faster, but the connections' receive buffers then kept
-            // growing: peak RSS was 9% higher for 4 GiB than for 1 GiB.)
-            let range = self.options.part_size.max(MIN_PART_SIZE);
-            let streams = self.options.concurrency.max(1);
-            ranged = self.read_back_ranged(key, size, range, streams).await?;
+            ranged = self
+                .read_back_ranged(key, size, READ_BACK_RANGE, self.options.read_back_streams)
+                .await?;
         }
         // Also the fallback when the server ignored the Range header.
         let (read, digest) = match ranged {
@@ -715,7 +718,7 @@ impl S3Destination {
         Ok(())
     }
 
-    /// GetObject, streamed through SHA-256 (memory: one network chunk).
+    /// GetObject, streamed through SHA-256.
     async fn read_back_whole(&self, key: &str) -> Result<(u64, [u8; 32]), DeliveryError> {
         let out = self
             .client
@@ -725,99 +728,99 @@ impl S3Destination {
             .send()
             .await
             .map_err(|e| self.sdk_error(e, "GetObject", key))?;
-        let mut body = out.body;
-        let mut hasher = Sha256::new();
-        let mut read: u64 = 0;
-        loop {
-            match body.try_next().await {
-                Ok(Some(chunk)) => {
-                    hasher.update(&chunk);
-                    read += chunk.len() as u64;
-                }
-                Ok(None) => break,
-                Err(e) => return Err(read_back_failed(&e, self.location_with_endpoint(key))),
-            }
-        }
-        Ok((read, hasher.finalize().into()))
+        let mut hasher = OrderedHasher::default();
+        let read = hash_body(
+            out.body,
+            u64::MAX,
+            &mut hasher,
+            &self.location_with_endpoint(key),
+        )
+        .await?;
+        Ok((read, hasher.finish().await))
     }
 
-    /// Ranged GETs of `range` bytes, `concurrency` in flight or waiting to be
-    /// hashed at any time, hashed in order on a blocking thread. Each range
-    /// lands in one of `concurrency` buffers reused for the whole object, so
-    /// memory is exactly those (fresh multi-MiB allocations per range left
-    /// the allocator holding about twice as much). `None` if the server
-    /// ignored the Range header (the caller reads it whole).
+    /// Ranged GETs of `range` bytes with up to `ahead` requested at once, their
+    /// bodies read strictly in order through one SHA-256. A range requested
+    /// ahead is not read by us until its turn: the server starts sending it
+    /// at once and the bytes wait in the kernel's socket buffers (HTTP flow
+    /// control stops the server when those are full), so the server works on
+    /// several ranges in parallel while this process holds no range in its
+    /// own memory. `None` if the server ignored the Range header (the caller
+    /// reads the object whole).
     async fn read_back_ranged(
         &self,
         key: &str,
         size: u64,
         range: u64,
-        concurrency: usize,
+        ahead: usize,
     ) -> Result<Option<(u64, [u8; 32])>, DeliveryError> {
         let count = size.div_ceil(range);
         let location = self.location_with_endpoint(key);
-        let mut tasks = JoinSet::new();
-        let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let (mut next, mut hashed, mut read) = (0u64, 0u64, 0u64);
-        let mut hasher = Sha256::new();
-        let mut free: Vec<Vec<u8>> = Vec::with_capacity(concurrency);
-        while hashed < count {
-            // The range to hash next is always in flight or ready, so this
-            // window never stalls.
-            while next < count && tasks.len() + ready.len() < concurrency {
-                let start = next * range;
-                let len = range.min(size - start);
-                let request = self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .range(format!("bytes={start}-{}", start + len - 1));
-                let location = location.clone();
-                let index = next;
-                let buffer = free
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(usize::try_from(range).unwrap_or(0)));
-                tasks
-                    .spawn(async move { (index, get_range(request, len, location, buffer).await) });
-                next += 1;
-            }
-            let Some(joined) = tasks.join_next().await else {
-                break;
-            };
-            let (index, result) = match joined {
-                Ok(r) => r,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => {
-                    return Err(DeliveryError::Connection {
-                        location,
-                        operation: "GetObject",
-                        step: super::ProbeStep::Other,
-                        message: "the read-back was cancelled".into(),
-                        hint: "the uploader is shutting down; it will be retried",
+        let mut requested: std::collections::VecDeque<
+            tokio::task::JoinHandle<Result<GetObjectOutput, DeliveryError>>,
+        > = std::collections::VecDeque::new();
+        let mut hasher = OrderedHasher::default();
+        let (mut next, mut read) = (0u64, 0u64);
+        let result = async {
+            for index in 0..count {
+                while next < count && requested.len() < ahead.max(1) {
+                    let start = next * range;
+                    let len = range.min(size - start);
+                    let request = self
+                        .client
+                        .get_object()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .range(format!("bytes={start}-{}", start + len - 1));
+                    let location = location.clone();
+                    requested.push_back(tokio::spawn(async move {
+                        request
+                            .send()
+                            .await
+                            .map_err(|e| sdk_error(e, "GetObject", location))
+                    }));
+                    next += 1;
+                }
+                let Some(handle) = requested.pop_front() else {
+                    break;
+                };
+                let out = match handle.await {
+                    Ok(out) => out?,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => {
+                        return Err(DeliveryError::Connection {
+                            location: location.clone(),
+                            operation: "GetObject",
+                            step: super::ProbeStep::Other,
+                            message: "the read-back was cancelled".into(),
+                            hint: "the uploader is shutting down; it will be retried",
+                        });
+                    }
+                };
+                if out.content_range().is_none() {
+                    return Ok(None);
+                }
+                let len = range.min(size - index * range);
+                let got = hash_body(out.body, len, &mut hasher, &location).await?;
+                if got != len {
+                    return Err(DeliveryError::Verification {
+                        location: location.clone(),
+                        detail: format!("a ranged read-back of {len} bytes returned {got}"),
                     });
                 }
-            };
-            let Some(data) = result? else {
-                return Ok(None);
-            };
-            ready.insert(index, data);
-            while let Some(data) = ready.remove(&hashed) {
-                read += data.len() as u64;
-                // SHA-256 of a part takes milliseconds: keep it off the runtime.
-                let mut h = hasher;
-                let (h, data) = tokio::task::spawn_blocking(move || {
-                    h.update(&data);
-                    (h, data)
-                })
-                .await
-                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-                hasher = h;
-                free.push(data);
-                hashed += 1;
+                read += got;
             }
+            Ok(Some(()))
         }
-        Ok(Some((read, hasher.finalize().into())))
+        .await;
+        // Requests still out (after an error) are dropped with their connections.
+        for handle in requested {
+            handle.abort();
+        }
+        Ok(match result? {
+            Some(()) => Some((read, hasher.finish().await)),
+            None => None,
+        })
     }
 
     /// Writes and deletes a small probe object under the prefix.
@@ -1065,46 +1068,101 @@ async fn upload_part(
     })
 }
 
-/// One ranged GET of a read-back, copied into `data` (cleared first; its
-/// capacity is at least `len`) as it arrives, so network chunks are released
-/// at once and memory is the buffer alone. `None` if the server answered without a Content-Range,
-/// i.e. ignored the Range header (the body, the whole object, is then not read).
-async fn get_range(
-    request: aws_sdk_s3::operation::get_object::builders::GetObjectFluentBuilder,
-    len: u64,
-    location: String,
-    mut data: Vec<u8>,
-) -> Result<Option<Vec<u8>>, DeliveryError> {
-    let out = request
-        .send()
-        .await
-        .map_err(|e| sdk_error(e, "GetObject", location.clone()))?;
-    if out.content_range().is_none() {
-        return Ok(None);
-    }
-    let wrong_length = |got: u64| DeliveryError::Verification {
-        location: location.clone(),
-        detail: format!("a ranged read-back of {len} bytes returned {got} or more"),
-    };
-    data.clear();
-    let mut body = out.body;
+/// Feeds a GET body through `hasher`; returns its length. More than `max`
+/// bytes is an error (reading stops there).
+async fn hash_body(
+    mut body: ByteStream,
+    max: u64,
+    hasher: &mut OrderedHasher,
+    location: &str,
+) -> Result<u64, DeliveryError> {
+    let mut read = 0u64;
     loop {
         match body.try_next().await {
             Ok(Some(chunk)) => {
-                let got = (data.len() + chunk.len()) as u64;
-                if got > len {
-                    return Err(wrong_length(got));
+                read += chunk.len() as u64;
+                if read > max {
+                    return Err(DeliveryError::Verification {
+                        location: location.to_owned(),
+                        detail: format!(
+                            "a ranged read-back of {max} bytes returned {read} or more"
+                        ),
+                    });
                 }
-                data.extend_from_slice(&chunk);
+                hasher.update(&chunk).await;
             }
-            Ok(None) => break,
-            Err(e) => return Err(read_back_failed(&e, location.clone())),
+            Ok(None) => return Ok(read),
+            Err(e) => return Err(read_back_failed(&e, location.to_owned())),
         }
     }
-    if data.len() as u64 != len {
-        return Err(wrong_length(data.len() as u64));
+}
+
+/// SHA-256 of a byte stream, hashed on a blocking thread in blocks of
+/// [`HASH_BLOCK`] while the next block fills (hashing a block takes about a
+/// millisecond, too long for the async runtime). Memory: two blocks.
+struct OrderedHasher {
+    filling: Vec<u8>,
+    hashing: Option<tokio::task::JoinHandle<(Sha256, Vec<u8>)>>,
+    idle: Option<Sha256>,
+}
+
+/// Bytes hashed per blocking call of [`OrderedHasher`].
+const HASH_BLOCK: usize = 1024 * 1024;
+
+impl Default for OrderedHasher {
+    fn default() -> Self {
+        Self {
+            filling: Vec::with_capacity(HASH_BLOCK),
+            hashing: None,
+            idle: Some(Sha256::new()),
+        }
     }
-    Ok(Some(data))
+}
+
+impl OrderedHasher {
+    async fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let take = (HASH_BLOCK - self.filling.len()).min(data.len());
+            self.filling.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.filling.len() == HASH_BLOCK {
+                self.hand_off().await;
+            }
+        }
+    }
+
+    /// Waits for the block being hashed, then starts on the filled one.
+    async fn hand_off(&mut self) {
+        let (mut hasher, spare) = self.wait().await;
+        let block = std::mem::replace(&mut self.filling, spare);
+        self.hashing = Some(tokio::task::spawn_blocking(move || {
+            hasher.update(&block);
+            (hasher, block)
+        }));
+        self.filling.clear();
+    }
+
+    async fn wait(&mut self) -> (Sha256, Vec<u8>) {
+        match self.hashing.take() {
+            Some(handle) => {
+                let (hasher, mut block) = handle
+                    .await
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                block.clear();
+                (hasher, block)
+            }
+            None => (
+                self.idle.take().unwrap_or_default(),
+                Vec::with_capacity(HASH_BLOCK),
+            ),
+        }
+    }
+
+    async fn finish(mut self) -> [u8; 32] {
+        let (mut hasher, _) = self.wait().await;
+        hasher.update(&self.filling);
+        hasher.finalize().into()
+    }
 }
 
 fn read_back_failed(e: &(dyn std::error::Error + 'static), location: String) -> DeliveryError {
@@ -1167,6 +1225,25 @@ mod tests {
         let huge = 200 * 1024 * MIB; // 200 GiB
         let p = effective_part_size(huge, 8 * MIB);
         assert!(huge.div_ceil(p) <= MAX_PARTS);
+    }
+
+    /// Hashing in blocks on a blocking thread gives the plain SHA-256,
+    /// whatever the chunk sizes (across, at and inside block boundaries).
+    #[tokio::test]
+    async fn ordered_hasher_matches_plain_sha256() {
+        let data: Vec<u8> = (0..3 * HASH_BLOCK + 17)
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        for chunk in [4093, HASH_BLOCK - 1, HASH_BLOCK, HASH_BLOCK + 5, data.len()] {
+            let mut hasher = OrderedHasher::default();
+            for piece in data.chunks(chunk) {
+                hasher.update(piece).await;
+            }
+            let expected: [u8; 32] = Sha256::digest(&data).into();
+            assert_eq!(hasher.finish().await, expected, "chunk size {chunk}");
+        }
+        let empty = OrderedHasher::default().finish().await;
+        assert_eq!(empty, <[u8; 32]>::from(Sha256::digest(b"")));
     }
 
     /// Ranged read-back: every byte once, in order, `concurrency` at a time,
