@@ -141,7 +141,19 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     "audit chain intact: {} events checked",
                     report.events_checked
                 );
+                if !audit::has_anchor(&config.audit_database) {
+                    println!(
+                        "note: no anchor file beside the log, so a cut-off tail cannot be ruled out; \
+                         the vault writes one when it starts"
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
+            } else if report.first_broken_sequence == 0 {
+                println!(
+                    "audit anchor BROKEN ({} events checked, chain intact): {}",
+                    report.events_checked, report.reason
+                );
+                Ok(ExitCode::from(1))
             } else {
                 println!(
                     "audit chain BROKEN at sequence {} ({} events checked): {}",

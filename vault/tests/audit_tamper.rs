@@ -137,3 +137,68 @@ async fn edited_last_event_stops_the_vault_from_starting() {
         other => panic!("the vault must refuse to start on a tampered head: {other:?}"),
     }
 }
+
+/// A log cut short at the end is still a valid chain; the anchor file beside
+/// it (the head the vault committed, MAC'd under the audit key) is what shows
+/// the missing events, offline and at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_tail_is_detected_offline_and_at_start() {
+    let (dir, vault) = start().await;
+    some_traffic(&vault).await;
+    let db = vault.config.audit_database.clone();
+    vault.stop().await;
+    let last = u64::try_from(
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("SELECT MAX(sequence) FROM audit_events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(offline_verify(&dir).ok);
+
+    // Drop the last two events: what remains verifies as a chain.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let removed = conn
+        .execute(
+            &format!("DELETE FROM audit_events WHERE sequence > {}", last - 2),
+            [],
+        )
+        .unwrap();
+    assert_eq!(removed, 2);
+    drop(conn);
+    let report = offline_verify(&dir);
+    assert_broken_at(&report, last - 1);
+    assert!(report.reason.contains("missing"), "{report:?}");
+    match server::bind(prepare(dir.path())).await {
+        Err(StartError::Audit(AuditError::Tampered { sequence, reason })) => {
+            assert_eq!(sequence, last - 1, "{reason}");
+            assert!(reason.contains("missing"), "{reason}");
+        }
+        other => panic!("the vault must refuse to start on a truncated log: {other:?}"),
+    }
+
+    // A forged anchor (say, rewritten to name the shorter head) does not
+    // authenticate without the audit key.
+    let anchor = db.with_file_name(format!(
+        "{}.anchor",
+        db.file_name().unwrap().to_str().unwrap()
+    ));
+    let text = std::fs::read_to_string(&anchor).unwrap();
+    std::fs::write(
+        &anchor,
+        text.replace(
+            &format!("sequence={last}"),
+            &format!("sequence={}", last - 2),
+        ),
+    )
+    .unwrap();
+    let report = offline_verify(&dir);
+    assert!(!report.ok, "{report:?}");
+    assert!(report.reason.contains("anchor"), "{report:?}");
+    assert!(matches!(
+        server::bind(prepare(dir.path())).await,
+        Err(StartError::Audit(AuditError::Tampered { .. }))
+    ));
+}

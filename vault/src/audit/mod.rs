@@ -5,6 +5,7 @@
 //! Fail closed: a service that gets *any* error from [`AuditLog::append`] must
 //! answer its RPC with gRPC `UNAVAILABLE` and must not release plaintext.
 
+mod anchor;
 mod chain;
 mod error;
 mod filter;
@@ -328,7 +329,8 @@ pub struct VerifyReport {
     /// Events whose hash and link checked out before the first break.
     pub events_checked: u64,
     /// The first expected sequence that is missing, edited, forged or
-    /// unlinked; 0 when `ok`.
+    /// unlinked; 0 when `ok`, or when the chain is intact but its anchor
+    /// file does not authenticate.
     pub first_broken_sequence: u64,
     /// Why, for the operator; empty when `ok`.
     pub reason: String,
@@ -368,6 +370,23 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         let conn = store::open_writer(path)?;
         let head = store::load_head(&conn, &key)?;
+        check_anchor(path, &conn, &key, head)?;
+        // (Re)anchor at the verified head: this also covers a log that had no
+        // anchor yet (created by an older version, or the anchor was removed).
+        anchor::write(
+            path,
+            &key,
+            anchor::Anchor {
+                sequence: head.0,
+                hash: head.1,
+            },
+        )
+        .map_err(|e| AuditError::Unavailable {
+            reason: format!(
+                "cannot write the audit anchor {}: {e}",
+                anchor::path_for(path).display()
+            ),
+        })?;
         let key = Arc::new(key);
         let shared = Arc::new(Shared {
             head: Mutex::new(head),
@@ -382,6 +401,8 @@ impl AuditLog {
             shared: Arc::clone(&shared),
             events_tx: events_tx.clone(),
             head: Some(head),
+            database: path.to_owned(),
+            anchored: (head.0, std::time::Instant::now()),
         };
         let writer = thread::Builder::new()
             .name("audit-writer".into())
@@ -534,7 +555,76 @@ impl Drop for AuditLog {
 /// It cannot see events removed from the end of the log; the running vault's
 /// [`AuditLog::verify`] can, against the head it committed.
 pub fn verify_path(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
-    verify_conn(&store::open_reader(path)?, key, None)
+    let conn = store::open_reader(path)?;
+    match anchor::read(path, key) {
+        Ok(anchored) => verify_conn(&conn, key, anchored.map(|a| (a.sequence, a.hash))),
+        Err(AuditError::Tampered { reason, .. }) => {
+            // A broken chain (say, the wrong key) is the better answer; an
+            // intact chain with a forged anchor is reported as such.
+            let report = verify_conn(&conn, key, None)?;
+            Ok(if report.ok {
+                VerifyReport {
+                    ok: false,
+                    first_broken_sequence: 0,
+                    reason,
+                    ..report
+                }
+            } else {
+                report
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` has an anchor file (see [`verify_path`]); without one, a
+/// truncated tail cannot be told from a shorter log.
+pub fn has_anchor(path: &Path) -> bool {
+    anchor::path_for(path).exists()
+}
+
+/// At start-up: the log must still reach the head its anchor names, with the
+/// same hash there. A missing anchor is only a warning (logs from before
+/// anchors, or a removed file); the caller writes a fresh one.
+fn check_anchor(
+    path: &Path,
+    conn: &Connection,
+    key: &AuditKey,
+    head: (u64, [u8; 32]),
+) -> Result<(), AuditError> {
+    let Some(anchored) = anchor::read(path, key)? else {
+        if head.0 > 0 {
+            tracing::warn!(
+                anchor = %anchor::path_for(path).display(),
+                head = head.0,
+                "the audit log has no anchor file: a truncated tail cannot be ruled out for events before now"
+            );
+        }
+        return Ok(());
+    };
+    if anchored.sequence > head.0 {
+        return Err(AuditError::Tampered {
+            sequence: head.0 + 1,
+            reason: format!(
+                "events {}..={} were committed (the anchor names {}) but are missing: the log was truncated or restored from an older copy",
+                head.0 + 1,
+                anchored.sequence,
+                anchored.sequence
+            ),
+        });
+    }
+    if anchored.sequence > 0 {
+        let stored = store::stored_hash(conn, anchored.sequence)?;
+        if stored.as_deref() != Some(&anchored.hash[..]) {
+            return Err(AuditError::Tampered {
+                sequence: anchored.sequence,
+                reason:
+                    "the stored event differs from the one the anchor names (replaced or rewritten)"
+                        .into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn verify_conn(

@@ -139,6 +139,22 @@ pub(crate) fn load_head(conn: &Connection, key: &AuditKey) -> Result<(u64, [u8; 
     Ok((sequence, hash))
 }
 
+/// The stored hash of the event at `sequence`, if there is such a row.
+pub(crate) fn stored_hash(conn: &Connection, sequence: u64) -> Result<Option<Vec<u8>>, AuditError> {
+    let sequence = i64::try_from(sequence).map_err(|_| AuditError::Tampered {
+        sequence,
+        reason: "sequence out of range".into(),
+    })?;
+    let mut stmt = conn
+        .prepare_cached("SELECT hash FROM audit_events WHERE sequence = ?1")
+        .map_err(AuditError::read)?;
+    let mut rows = stmt.query([sequence]).map_err(AuditError::read)?;
+    match rows.next().map_err(AuditError::read)? {
+        Some(row) => Ok(Some(row.get(0).map_err(AuditError::read)?)),
+        None => Ok(None),
+    }
+}
+
 /// Inserts one event inside the writer's transaction.
 pub(crate) fn insert(
     tx: &Transaction<'_>,

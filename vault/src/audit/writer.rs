@@ -43,6 +43,10 @@ pub(crate) struct Writer {
     /// `None` after a failed commit: reloaded from the database before the
     /// next batch, because only the database knows what was committed.
     pub head: Option<(u64, [u8; 32])>,
+    /// The database path; its anchor file sits beside it.
+    pub database: std::path::PathBuf,
+    /// The sequence the anchor file names, and when it was written.
+    pub anchored: (u64, std::time::Instant),
 }
 
 impl Writer {
@@ -65,6 +69,33 @@ impl Writer {
             }
             busy = batch.len() >= self.options.busy_batch.max(1);
             self.commit(batch);
+            if self.anchored.1.elapsed() >= super::anchor::ANCHOR_INTERVAL {
+                self.anchor();
+            }
+        }
+        // The log is closing: anchor the final head.
+        self.anchor();
+    }
+
+    /// Records the committed head in the anchor file (if it moved). A failure
+    /// is logged and retried after the next commit; the events themselves
+    /// are durable already.
+    fn anchor(&mut self) {
+        let Some((sequence, hash)) = self.head else {
+            return;
+        };
+        if sequence == self.anchored.0 {
+            self.anchored.1 = std::time::Instant::now();
+            return;
+        }
+        match super::anchor::write(
+            &self.database,
+            &self.key,
+            super::anchor::Anchor { sequence, hash },
+        ) {
+            Ok(()) => self.anchored = (sequence, std::time::Instant::now()),
+            Err(error) => tracing::error!(%error, sequence,
+                "cannot write the audit anchor; a truncated tail would go unnoticed until it is written"),
         }
     }
 
