@@ -606,10 +606,12 @@ fn check_anchor(
         return Err(AuditError::Tampered {
             sequence: head.0 + 1,
             reason: format!(
-                "events {}..={} were committed (the anchor names {}) but are missing: the log was truncated or restored from an older copy",
+                "events {}..={} were committed (the anchor names {}) but are missing: the log was truncated or restored from an older copy \
+                 (if you restored it from a backup on purpose, move {} aside; the vault then warns and anchors the restored head)",
                 head.0 + 1,
                 anchored.sequence,
-                anchored.sequence
+                anchored.sequence,
+                anchor::path_for(path).display()
             ),
         });
     }
