@@ -54,6 +54,14 @@ fn edit(db: &Path, sql: &str) {
     assert_eq!(changed, 1, "{sql}");
 }
 
+fn last_sequence(db: &Path) -> u64 {
+    let last: i64 = rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row("SELECT MAX(sequence) FROM audit_events", [], |r| r.get(0))
+        .unwrap();
+    u64::try_from(last).unwrap()
+}
+
 fn offline_verify(dir: &TempDir) -> VerifyReport {
     let config = prepare(dir.path());
     let key = server::audit_key(&MasterKey::load(&config.master_key_file).unwrap()).unwrap();
@@ -124,11 +132,7 @@ async fn edited_last_event_stops_the_vault_from_starting() {
         "UPDATE audit_events SET identity = 'spiffe://recvault.local/nobody' \
          WHERE sequence = (SELECT MAX(sequence) FROM audit_events)",
     );
-    let last: i64 = rusqlite::Connection::open(&db)
-        .unwrap()
-        .query_row("SELECT MAX(sequence) FROM audit_events", [], |r| r.get(0))
-        .unwrap();
-    let last = u64::try_from(last).unwrap();
+    let last = last_sequence(&db);
     assert_broken_at(&offline_verify(&dir), last);
     match server::bind(prepare(dir.path())).await {
         Err(StartError::Audit(AuditError::Tampered { sequence, .. })) => {
@@ -147,15 +151,7 @@ async fn truncated_tail_is_detected_offline_and_at_start() {
     some_traffic(&vault).await;
     let db = vault.config.audit_database.clone();
     vault.stop().await;
-    let last = u64::try_from(
-        rusqlite::Connection::open(&db)
-            .unwrap()
-            .query_row("SELECT MAX(sequence) FROM audit_events", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .unwrap(),
-    )
-    .unwrap();
+    let last = last_sequence(&db);
     assert!(offline_verify(&dir).ok);
 
     // Drop the last two events: what remains verifies as a chain.
