@@ -4,16 +4,22 @@
 //! retry with backoff or, when permanent, leave the job RETAINED with its
 //! backup. Never uploads a backup whose hash changed.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore};
 
 use crate::{
     backup::BackupStore,
-    destination::{self, DeliveryHooks, Destination, ObjectInfo, S3Options},
+    destination::{self, DeliveryHooks, Destination, HookFuture, ObjectInfo, S3Options},
     destination_store::DestinationStore,
-    jobs::{Job, JobStore, RetryPolicy, VerifiedBy},
+    jobs::{Job, JobId, JobStore, RetryPolicy, VerifiedBy},
     lease::VaultLeases,
 };
 
@@ -248,27 +254,11 @@ impl Worker {
             message: e.to_string(),
         })?;
 
-        let (upload_ids, mut upload_id_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let jobs = self.jobs.clone();
-        let job_id = job.job_id;
-        let persist = tokio::spawn(async move {
-            while let Some(id) = upload_id_rx.recv().await {
-                if let Err(error) = jobs.set_multipart_upload_id(job_id, Some(id)).await {
-                    tracing::error!(%job_id, %error, "saving the multipart upload id failed");
-                }
-            }
-        });
         let progress_jobs = self.jobs.clone();
         let progress_job = job.clone();
         let progress = move |sent: u64| progress_jobs.publish_progress(&progress_job, sent);
-        let started_multipart = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let started_flag = started_multipart.clone();
-        let on_started = move |id: &str| -> Result<(), destination::HookError> {
-            started_flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            upload_ids
-                .send(id.to_owned())
-                .map_err(|e| e.to_string().into())
-        };
+        let started_multipart = Arc::new(AtomicBool::new(false));
+        let on_started = record_upload_id(self.jobs.clone(), job.job_id, started_multipart.clone());
         let hooks = DeliveryHooks {
             progress: &progress,
             on_multipart_started: &on_started,
@@ -282,9 +272,6 @@ impl Worker {
             content_type: job.content_type.as_str().to_owned(),
         };
         let delivered = destination.deliver(&job.backup_path, &object, &hooks).await;
-        // Dropping the hook closes the channel, which ends the persisting task.
-        drop(on_started);
-        let _ = persist.await;
         drop(destination);
         if let Some(lease) = lease {
             lease.release().await;
@@ -297,9 +284,7 @@ impl Worker {
             message: e.to_string(),
         })?;
         // A completed multipart upload must not be "resumed" by a later resend.
-        if job.multipart_upload_id.is_some()
-            || started_multipart.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if job.multipart_upload_id.is_some() || started_multipart.load(Ordering::Acquire) {
             let _ = self.jobs.set_multipart_upload_id(job.job_id, None).await;
         }
         let verified_by = match delivery.verified_by {
@@ -307,5 +292,229 @@ impl Worker {
             _ => VerifiedBy::ReadBack,
         };
         Ok((delivery.location, verified_by))
+    }
+}
+
+/// The `on_multipart_started` hook of one attempt: commits the new upload id
+/// to the job row (a SQLite transaction with a full fsync, run on the blocking
+/// pool by [`JobStore`]) and resolves only once it is durable, so the
+/// destination sends no part of an upload a restart would not know about.
+/// A failed commit fails the hook: the destination aborts the new upload and
+/// the attempt fails as transient. `started` is set once an id was recorded.
+fn record_upload_id(
+    jobs: JobStore,
+    job_id: JobId,
+    started: Arc<AtomicBool>,
+) -> impl Fn(String) -> HookFuture + Send + Sync {
+    move |upload_id: String| -> HookFuture {
+        let jobs = jobs.clone();
+        let started = started.clone();
+        Box::pin(async move {
+            // Set before the write: if the commit's outcome is unknown, the
+            // row is cleared after a successful delivery all the same.
+            started.store(true, Ordering::Release);
+            match jobs.set_multipart_upload_id(job_id, Some(upload_id)).await {
+                Ok(_) => Ok(()),
+                Err(error) => {
+                    tracing::error!(%job_id, %error, "saving the multipart upload id failed; aborting the upload");
+                    Err(error.into())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::destination::s3::s3_server::{
+        RecordedRequest, RequestHook, S3Server, S3ServerOptions,
+    };
+    use crate::destination::{DeliveryError, DestinationConfig, Provider};
+    use crate::digest::Sha256Digest;
+    use crate::jobs::{ContentType, DestinationId, FileName, NewJob, RecordingId, TenantId};
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// What the server saw of each UploadPart: when it arrived, its upload
+    /// id, and the id the job row held at that moment.
+    type PartsSeen = Vec<(Instant, String, Option<String>)>;
+
+    fn s3_destination(server: &S3Server) -> Destination {
+        let config = DestinationConfig {
+            provider: Provider::S3,
+            endpoint: server.endpoint.clone(),
+            region: String::new(),
+            bucket: "media".into(),
+            prefix: String::new(),
+            path_style: true,
+        };
+        Destination::new(&config, Some(server.credential_json().as_bytes())).unwrap()
+    }
+
+    /// A 17 MiB recording (three parts at the default 8 MiB) and its job.
+    async fn job_with_recording(dir: &std::path::Path, jobs: &JobStore) -> (Job, ObjectInfo) {
+        let data: Vec<u8> = (0..17 * MIB).map(|i| (i * 13 % 251) as u8).collect();
+        let path = dir.join("backup.bin");
+        std::fs::write(&path, &data).unwrap();
+        let sha256 = Sha256Digest::of(&data);
+        let (job, _) = jobs
+            .create_or_get(NewJob {
+                job_id: JobId::new_random(),
+                tenant_id: TenantId::parse("t1").unwrap(),
+                recording_id: RecordingId::parse("rec-1").unwrap(),
+                destination_id: DestinationId::parse("dest-1").unwrap(),
+                file_name: FileName::parse("call.mp4").unwrap(),
+                content_type: ContentType::parse("video/mp4").unwrap(),
+                backup_path: path,
+                sha256,
+                size: data.len() as u64,
+                request_id: None,
+            })
+            .await
+            .unwrap();
+        let object = ObjectInfo {
+            name: "call.mp4".into(),
+            size: data.len() as u64,
+            sha256: *sha256.as_bytes(),
+            crc32: crc32fast::hash(&data),
+            content_type: "video/mp4".into(),
+        };
+        (job, object)
+    }
+
+    fn stored_upload_id(db: &std::path::Path, job_id: JobId) -> Option<String> {
+        let conn =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.query_row(
+            "SELECT multipart_upload_id FROM jobs WHERE job_id = ?1",
+            [job_id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    /// The worker's hook commits the upload id before any part is sent. The
+    /// job store is made slow on purpose: when CreateMultipartUpload arrives,
+    /// another connection takes SQLite's write lock for 400 ms, so the
+    /// commit cannot happen before then. Each UploadPart, as the server sees
+    /// it arrive, is checked against the database read through a separate
+    /// connection (what a restarted process would read): the id must already
+    /// be committed. A hook that is not awaited (the id persisted in the
+    /// background, as before) would let the parts through during those 400 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upload_id_is_committed_before_the_first_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("jobs.db");
+        let jobs = JobStore::open(&db).unwrap();
+        let (job, object) = job_with_recording(dir.path(), &jobs).await;
+        let job_id = job.job_id;
+
+        let released: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let seen: Arc<Mutex<PartsSeen>> = Arc::default();
+        let hook = {
+            let (db, released, seen) = (db.clone(), released.clone(), seen.clone());
+            move |request: &RecordedRequest| match request.operation.as_str() {
+                "CreateMultipartUpload" => {
+                    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+                    let (db, released) = (db.clone(), released.clone());
+                    std::thread::spawn(move || {
+                        let conn = rusqlite::Connection::open(&db).unwrap();
+                        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                        locked_tx.send(()).unwrap();
+                        std::thread::sleep(Duration::from_millis(400));
+                        *released.lock().unwrap() = Some(Instant::now());
+                        conn.execute_batch("COMMIT").unwrap();
+                    });
+                    locked_rx.recv().unwrap();
+                }
+                "UploadPart" => {
+                    let id = request.query_param("uploadId").unwrap().to_owned();
+                    let stored = stored_upload_id(&db, job_id);
+                    seen.lock().unwrap().push((Instant::now(), id, stored));
+                }
+                _ => {}
+            }
+        };
+        let server = S3Server::start_with(S3ServerOptions {
+            on_request: Some(RequestHook(Arc::new(hook))),
+            ..S3ServerOptions::default()
+        })
+        .await;
+        server.create_bucket("media");
+
+        let started = Arc::new(AtomicBool::new(false));
+        let on_started = record_upload_id(jobs.clone(), job_id, started.clone());
+        let hooks = DeliveryHooks {
+            on_multipart_started: &on_started,
+            ..DeliveryHooks::default()
+        };
+        let destination = s3_destination(&server);
+        destination
+            .deliver(&job.backup_path, &object, &hooks)
+            .await
+            .unwrap();
+
+        let upload_id = server.requests_of("UploadPart")[0]
+            .query_param("uploadId")
+            .unwrap()
+            .to_owned();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        let released = released.lock().unwrap().unwrap();
+        for (arrived, id, stored) in &seen {
+            assert_eq!(id, &upload_id);
+            assert_eq!(stored.as_deref(), Some(upload_id.as_str()));
+            assert!(
+                *arrived > released,
+                "a part arrived while the store was locked"
+            );
+        }
+        assert!(started.load(Ordering::Acquire));
+        let history = jobs.history(job_id).await.unwrap();
+        assert!(
+            history
+                .iter()
+                .any(|e| e.message == format!("multipart upload {upload_id} started")),
+            "{history:?}"
+        );
+    }
+
+    /// An id that cannot be committed (here: the job row is gone) fails the
+    /// hook: the new upload is aborted, no part is sent, and the attempt's
+    /// error is transient.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upload_id_that_cannot_be_committed_aborts_the_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = JobStore::open(dir.path().join("jobs.db")).unwrap();
+        let (job, object) = job_with_recording(dir.path(), &jobs).await;
+        let server = S3Server::start().await;
+        server.create_bucket("media");
+
+        let started = Arc::new(AtomicBool::new(false));
+        let on_started = record_upload_id(jobs.clone(), JobId::new_random(), started);
+        let hooks = DeliveryHooks {
+            on_multipart_started: &on_started,
+            ..DeliveryHooks::default()
+        };
+        let err = s3_destination(&server)
+            .deliver(&job.backup_path, &object, &hooks)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DeliveryError::Hook { .. }), "{err:?}");
+        assert!(!err.is_permanent());
+        let created = server.requests_of("CreateMultipartUpload");
+        assert_eq!(created.len(), 1);
+        let aborted = server.requests_of("AbortMultipartUpload");
+        assert_eq!(aborted.len(), 1);
+        assert!(server.requests_of("UploadPart").is_empty());
+        let id = aborted[0].query_param("uploadId").unwrap();
+        assert!(!server.root().join(format!(".upload-{id}.json")).exists());
     }
 }

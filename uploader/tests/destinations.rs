@@ -9,13 +9,13 @@ mod s3_server;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use recvault_uploader::credential::{CredentialError, S3Credential};
 use recvault_uploader::destination::{
-    DeliveryError, DeliveryHooks, Destination, DestinationConfig, ObjectInfo, ProbeStep, Provider,
-    S3Options, VerifiedBy,
+    DeliveryError, DeliveryHooks, Destination, DestinationConfig, HookFuture, ObjectInfo,
+    ProbeStep, Provider, S3Options, VerifiedBy,
 };
 use s3_server::{S3Server, S3ServerOptions};
 use sha2::{Digest as _, Sha256};
@@ -278,10 +278,11 @@ async fn large_file_goes_multipart_and_is_verified_by_read_back() {
     };
     let destination = s3_destination(&server, "media", options);
 
-    let started = Mutex::new(Vec::new());
-    let on_started = |id: &str| {
-        started.lock().unwrap().push(id.to_owned());
-        Ok(())
+    let started = Arc::new(Mutex::new(Vec::new()));
+    let started_ids = Arc::clone(&started);
+    let on_started = move |id: String| -> HookFuture {
+        started_ids.lock().unwrap().push(id);
+        Box::pin(async { Ok(()) })
     };
     let seen = Mutex::new(Vec::new());
     let progress = |n: u64| seen.lock().unwrap().push(n);
@@ -455,9 +456,7 @@ async fn multipart_resumes_an_upload_started_earlier() {
             ..S3Options::default()
         },
     );
-    let on_started = |_: &str| -> Result<(), recvault_uploader::destination::HookError> {
-        panic!("must resume, not start a new upload")
-    };
+    let on_started = |_: String| -> HookFuture { panic!("must resume, not start a new upload") };
     let hooks = DeliveryHooks {
         on_multipart_started: &on_started,
         resume_upload_id: Some(&upload_id),
@@ -477,9 +476,8 @@ async fn failing_upload_id_hook_aborts_the_upload() {
     let work = tempfile::tempdir().unwrap();
     let (source, info) = recording(work.path(), "hook.mp4", 17 * MIB, 4);
     let destination = s3_destination(&server, "media", S3Options::default());
-    let on_started = |_: &str| -> Result<(), recvault_uploader::destination::HookError> {
-        Err("job store is read-only".into())
-    };
+    let on_started =
+        |_: String| -> HookFuture { Box::pin(async { Err("job store is read-only".into()) }) };
     let hooks = DeliveryHooks {
         on_multipart_started: &on_started,
         ..DeliveryHooks::default()
@@ -493,6 +491,222 @@ async fn failing_upload_id_hook_aborts_the_upload() {
     assert!(err.to_string().contains("job store is read-only"), "{err}");
     assert_eq!(server.requests_of("AbortMultipartUpload").len(), 1);
     assert!(server.requests_of("UploadPart").is_empty());
+}
+
+/// Uploads in progress for `bucket`, as (key, upload id), listed by the
+/// test's own client (every page).
+async fn uploads_in_progress(server: &S3Server, bucket: &str) -> Vec<(String, String)> {
+    let client = server.client();
+    let mut uploads = Vec::new();
+    let (mut key_marker, mut id_marker) = (None, None);
+    loop {
+        let out = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .set_key_marker(key_marker)
+            .set_upload_id_marker(id_marker)
+            .send()
+            .await
+            .unwrap();
+        for u in out.uploads() {
+            uploads.push((
+                u.key().unwrap().to_owned(),
+                u.upload_id().unwrap().to_owned(),
+            ));
+        }
+        if out.is_truncated() != Some(true) {
+            break;
+        }
+        key_marker = out.next_key_marker().map(str::to_owned);
+        id_marker = out.next_upload_id_marker().map(str::to_owned);
+    }
+    uploads.sort();
+    uploads
+}
+
+async fn create_upload(server: &S3Server, bucket: &str, key: &str) -> String {
+    server
+        .client()
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id
+        .unwrap()
+}
+
+/// The crash window the job store cannot close: the provider created an
+/// upload but the uploader died before committing its id. A fresh delivery
+/// of that key finds such uploads with ListMultipartUploads (every page,
+/// exact key only) and aborts them before it creates its own.
+///
+/// s3s-fs 0.14.1 does not implement ListMultipartUploads (it answers 501);
+/// the test server serves it from s3s-fs's upload files, written from the
+/// S3 API reference (`S3ServerOptions::list_multipart_uploads`), with pages
+/// of 2 so paging is exercised. This proves our side of the protocol against
+/// a real HTTP server and the real SDK; it cannot prove how a given
+/// provider's listing behaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_multipart_aborts_uploads_left_for_its_key() {
+    let server = S3Server::start_with(S3ServerOptions {
+        list_multipart_uploads: Some(2),
+        ..S3ServerOptions::default()
+    })
+    .await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (source, info) = recording(work.path(), "crash.mp4", 17 * MIB, 21);
+    let key = "recordings/2024/crash.mp4";
+
+    // Three uploads for the key whose ids were never recorded (one with a
+    // part already sent), one for a longer key sharing the prefix, one for
+    // another key.
+    let mut stale = Vec::new();
+    for _ in 0..3 {
+        stale.push(create_upload(&server, "media", key).await);
+    }
+    let with_part = stale[0].clone();
+    server
+        .client()
+        .upload_part()
+        .bucket("media")
+        .key(key)
+        .upload_id(&with_part)
+        .part_number(1)
+        .body(vec![9u8; 1024].into())
+        .send()
+        .await
+        .unwrap();
+    let longer = create_upload(&server, "media", "recordings/2024/crash.mp4.old").await;
+    let other = create_upload(&server, "media", "recordings/2024/other.mp4").await;
+    assert_eq!(uploads_in_progress(&server, "media").await.len(), 5);
+    server.clear_requests();
+
+    let destination = s3_destination(&server, "media", S3Options::default());
+    let delivery = destination
+        .deliver(&source, &info, &DeliveryHooks::default())
+        .await
+        .unwrap();
+    assert_eq!(delivery.key, key);
+    assert_eq!(sha256_file(&server.object_path("media", key)), info.sha256);
+
+    // Listed with prefix = the key, page after page (4 entries, pages of 2).
+    let lists = server.requests_of("ListMultipartUploads");
+    assert!(lists.len() >= 2, "{lists:?}");
+    for list in &lists {
+        assert_eq!(
+            list.query_param("prefix"),
+            Some("recordings%2F2024%2Fcrash.mp4")
+        );
+    }
+    assert!(lists[1].query_param("key-marker").is_some(), "{lists:?}");
+
+    // Exactly the three uploads for the key were aborted, before ours was created.
+    let requests = server.requests();
+    let position = |op: &str| requests.iter().position(|r| r.operation == op).unwrap();
+    let mut aborted: Vec<String> = requests
+        .iter()
+        .filter(|r| r.operation == "AbortMultipartUpload")
+        .map(|r| r.query_param("uploadId").unwrap().to_owned())
+        .collect();
+    aborted.sort();
+    stale.sort();
+    assert_eq!(aborted, stale);
+    let last_abort = requests
+        .iter()
+        .rposition(|r| r.operation == "AbortMultipartUpload")
+        .unwrap();
+    assert!(last_abort < position("CreateMultipartUpload"));
+    assert!(position("ListMultipartUploads") < position("CreateMultipartUpload"));
+
+    // Nothing is left for the key; the other keys' uploads are untouched.
+    let mut left = uploads_in_progress(&server, "media").await;
+    left.sort();
+    let mut expected = vec![
+        ("recordings/2024/crash.mp4.old".to_owned(), longer),
+        ("recordings/2024/other.mp4".to_owned(), other),
+    ];
+    expected.sort();
+    assert_eq!(left, expected);
+    let for_key = server
+        .client()
+        .list_multipart_uploads()
+        .bucket("media")
+        .prefix(key)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        for_key.uploads().iter().all(|u| u.key() != Some(key)),
+        "{for_key:?}"
+    );
+    // The stale upload's part is gone from the server's disk too.
+    let part_files = std::fs::read_dir(server.root())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!(".upload_id-{with_part}"))
+        })
+        .count();
+    assert_eq!(part_files, 0);
+}
+
+/// Against s3s-fs as it is (ListMultipartUploads answers 501 NotImplemented)
+/// and against a credential refused the listing (403), a fresh multipart
+/// delivery still succeeds. What this cannot do is find the upload left for
+/// the key: it stays, for the bucket's AbortIncompleteMultipartUpload
+/// lifecycle rule to clean up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_multipart_delivers_when_uploads_cannot_be_listed() {
+    for deny in [vec![], vec!["ListMultipartUploads"]] {
+        let server = S3Server::start_with(S3ServerOptions {
+            deny: deny.iter().copied().collect(),
+            ..S3ServerOptions::default()
+        })
+        .await;
+        server.create_bucket("media");
+        let work = tempfile::tempdir().unwrap();
+        let (source, info) = recording(work.path(), "unlisted.mp4", 17 * MIB, 22);
+        let key = "recordings/2024/unlisted.mp4";
+        let orphan = create_upload(&server, "media", key).await;
+        // The listing really is refused, with the code the uploader tolerates.
+        let refused = server
+            .client()
+            .list_multipart_uploads()
+            .bucket("media")
+            .prefix(key)
+            .send()
+            .await
+            .unwrap_err();
+        let status = refused.raw_response().unwrap().status().as_u16();
+        assert_eq!(status, if deny.is_empty() { 501 } else { 403 });
+        server.clear_requests();
+
+        let destination = s3_destination(&server, "media", S3Options::default());
+        let delivery = destination
+            .deliver(&source, &info, &DeliveryHooks::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            sha256_file(&server.object_path("media", &delivery.key)),
+            info.sha256
+        );
+        let lists = server.requests_of("ListMultipartUploads");
+        assert_eq!(lists.len(), 1, "{deny:?}");
+        assert!(server.requests_of("AbortMultipartUpload").is_empty());
+        // The limit of what can be shown here: the orphan is still there.
+        assert!(
+            server
+                .root()
+                .join(format!(".upload-{orphan}.json"))
+                .exists(),
+            "{deny:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -673,7 +887,11 @@ async fn missing_bucket_is_permanent_and_not_created() {
 async fn access_denied_is_permanent_permission_error() {
     let mut deny = std::collections::HashSet::new();
     deny.insert("PutObject");
-    let server = S3Server::start_with(S3ServerOptions { deny }).await;
+    let server = S3Server::start_with(S3ServerOptions {
+        deny,
+        ..S3ServerOptions::default()
+    })
+    .await;
     server.create_bucket("media");
     let work = tempfile::tempdir().unwrap();
     let (source, info) = recording(work.path(), "denied.mp4", 1000, 9);
@@ -753,7 +971,11 @@ async fn probe_passes_and_names_the_failing_step() {
     // Can write but not delete.
     let mut deny = std::collections::HashSet::new();
     deny.insert("DeleteObject");
-    let strict = S3Server::start_with(S3ServerOptions { deny }).await;
+    let strict = S3Server::start_with(S3ServerOptions {
+        deny,
+        ..S3ServerOptions::default()
+    })
+    .await;
     strict.create_bucket("media");
     let err = s3_destination(&strict, "media", S3Options::default())
         .probe()

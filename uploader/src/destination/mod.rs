@@ -9,8 +9,10 @@ pub mod s3;
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::str::FromStr;
 
 pub use self::fs::FsDestination;
@@ -139,14 +141,23 @@ pub struct Delivery {
 /// The error type a hook may return.
 pub type HookError = Box<dyn StdError + Send + Sync>;
 
+/// What [`DeliveryHooks::on_multipart_started`] returns: the work of making
+/// the upload id durable, awaited before any part is sent. It owns what it
+/// needs (`'static`), so it can be handed to other tasks.
+pub type HookFuture = Pin<Box<dyn Future<Output = Result<(), HookError>> + Send + 'static>>;
+
 /// Callbacks and resume state for one delivery.
 pub struct DeliveryHooks<'a> {
     /// Called with the number of bytes uploaded so far (per part for multipart).
     pub progress: &'a (dyn Fn(u64) + Send + Sync),
-    /// Called with a multipart upload id as soon as it is created, before any
-    /// part is sent, so the caller can persist it (and resume or abort it after
-    /// a crash). An error aborts the upload and fails the delivery (transient).
-    pub on_multipart_started: &'a (dyn Fn(&str) -> Result<(), HookError> + Send + Sync),
+    /// Called with a multipart upload id as soon as it is created. Its future
+    /// is awaited to completion before the first part is sent: it must have
+    /// made the id durable (committed to the job store) by the time it
+    /// resolves, so that after a crash the upload is resumed or aborted,
+    /// never orphaned. An error aborts the new upload and fails the delivery
+    /// (transient). Blocking work (a SQLite commit) belongs on the blocking
+    /// pool, not on the async runtime's worker threads.
+    pub on_multipart_started: &'a (dyn Fn(String) -> HookFuture + Send + Sync),
     /// A multipart upload id persisted by an earlier attempt: parts already
     /// uploaded with the right size (and CRC-32 when the provider reports one)
     /// are kept. If the upload no longer exists a new one is started.
@@ -155,8 +166,8 @@ pub struct DeliveryHooks<'a> {
 
 fn no_progress(_: u64) {}
 
-fn no_multipart_hook(_: &str) -> Result<(), HookError> {
-    Ok(())
+fn no_multipart_hook(_: String) -> HookFuture {
+    Box::pin(std::future::ready(Ok(())))
 }
 
 impl Default for DeliveryHooks<'_> {

@@ -418,8 +418,10 @@ impl S3Destination {
         let upload_id = match upload_id {
             Some(id) => id,
             None => {
+                self.abort_unrecorded_uploads(key).await?;
                 let id = self.create_multipart(object, key).await?;
-                if let Err(e) = (hooks.on_multipart_started)(&id) {
+                // Durable before any part is sent (the hook commits the id).
+                if let Err(e) = (hooks.on_multipart_started)(id.clone()).await {
                     self.abort_quietly(key, &id).await;
                     return Err(DeliveryError::Hook {
                         location: self.location(key),
@@ -440,6 +442,106 @@ impl S3Destination {
             self.abort_quietly(key, &upload_id).await;
         }
         result
+    }
+
+    /// Aborts every multipart upload still in progress for exactly `key`,
+    /// before a new one is created for it (there is no recorded upload to
+    /// resume). It closes the one window the job store cannot: a crash after
+    /// the provider created an upload but before its id was committed, which
+    /// leaves an upload nobody knows about and whose parts are billed for
+    /// ever. The key is the recording's own, so any upload for it is one of
+    /// ours that was interrupted.
+    ///
+    /// ListMultipartUploads (prefix = the key, every page; only entries whose
+    /// key equals it exactly), then AbortMultipartUpload for each. A provider
+    /// that does not implement the listing (NotImplemented / 501, s3s-fs for
+    /// one) or a credential not allowed to list (`s3:ListBucketMultipartUploads`)
+    /// does not fail the delivery: it is logged and the delivery goes on.
+    /// Other failures (a busy provider, a broken connection) fail the attempt
+    /// as transient, so it is retried instead of leaving an upload behind.
+    ///
+    /// This is best effort by nature: the operator's safety net remains an S3
+    /// lifecycle rule `AbortIncompleteMultipartUpload` on the bucket
+    /// (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/mpu-abort-incomplete-mpu-lifecycle-config.html>).
+    async fn abort_unrecorded_uploads(&self, key: &str) -> Result<(), DeliveryError> {
+        let location = self.location(key);
+        let stale = match self.list_uploads_for_key(key).await {
+            Ok(ids) => ids,
+            Err(e)
+                if e.http_status() == Some(501) || e.provider_code() == Some("NotImplemented") =>
+            {
+                tracing::info!(
+                    %location,
+                    "the provider does not implement ListMultipartUploads, so an upload left by a crash before its id was recorded cannot be found; an AbortIncompleteMultipartUpload lifecycle rule on the bucket cleans such uploads up"
+                );
+                return Ok(());
+            }
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(
+                    %location,
+                    error = %e,
+                    "cannot list in-progress multipart uploads (grant s3:ListBucketMultipartUploads to find uploads left by a crash); delivering anyway"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for upload_id in stale {
+            tracing::info!(
+                %location,
+                %upload_id,
+                "aborting a multipart upload left by an interrupted attempt"
+            );
+            match self.abort_multipart(key, &upload_id).await {
+                Ok(()) => {}
+                Err(e) if e.is_permanent() => tracing::warn!(
+                    %location,
+                    %upload_id,
+                    error = %e,
+                    "could not abort a multipart upload left by an interrupted attempt; delivering anyway"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids of the multipart uploads in progress for exactly `key`, from
+    /// every page of ListMultipartUploads with prefix `key`.
+    async fn list_uploads_for_key(&self, key: &str) -> Result<Vec<String>, DeliveryError> {
+        let mut ids = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut upload_id_marker: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(key)
+                .set_key_marker(key_marker.clone())
+                .set_upload_id_marker(upload_id_marker.clone())
+                .send()
+                .await
+                .map_err(|e| self.sdk_error(e, "ListMultipartUploads", key))?;
+            for upload in out.uploads() {
+                if upload.key() == Some(key)
+                    && let Some(id) = upload.upload_id()
+                    && !ids.iter().any(|known| known == id)
+                {
+                    ids.push(id.to_owned());
+                }
+            }
+            let next_key = out.next_key_marker().map(str::to_owned);
+            let next_id = out.next_upload_id_marker().map(str::to_owned);
+            let progressed =
+                next_key.is_some() && (next_key != key_marker || next_id != upload_id_marker);
+            if out.is_truncated() != Some(true) || !progressed {
+                break;
+            }
+            key_marker = next_key;
+            upload_id_marker = next_id;
+        }
+        Ok(ids)
     }
 
     async fn create_multipart(
@@ -1201,10 +1303,10 @@ fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
     Ok(hasher.finalize())
 }
 
-// The crate's in-process s3s-fs test host, for the read-back test below.
+// The crate's in-process s3s-fs test host, for the tests below and the worker's.
 #[cfg(test)]
 #[path = "../../tests/support/s3.rs"]
-mod s3_server;
+pub(crate) mod s3_server;
 
 #[cfg(test)]
 mod tests {

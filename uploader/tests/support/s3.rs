@@ -8,7 +8,10 @@
 //! root and PutObject creates it if missing; multipart part checksums are
 //! ignored and no whole-object checksum is kept; an unknown access key gets
 //! `NotSignedUp` (not `InvalidAccessKeyId`); an unknown multipart upload id
-//! gets 403 AccessDenied (not 404 NoSuchUpload) and ListParts lists it empty.
+//! gets 403 AccessDenied (not 404 NoSuchUpload) and ListParts lists it empty;
+//! ListMultipartUploads is not implemented (501 NotImplemented, the s3s
+//! default). [`S3ServerOptions::list_multipart_uploads`] adds it here, as a
+//! custom route over s3s-fs's own upload files (see [`ListUploadsRoute`]).
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashSet;
@@ -24,6 +27,7 @@ use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
+use tonic::codegen::http;
 
 /// One request as the server saw it, after authentication.
 #[derive(Debug, Clone)]
@@ -64,6 +68,24 @@ impl RecordedRequest {
 pub struct S3ServerOptions {
     /// Operations (e.g. `"DeleteObject"`) answered with 403 AccessDenied.
     pub deny: HashSet<&'static str>,
+    /// `Some(page)`: serve ListMultipartUploads (which s3s-fs lacks) with at
+    /// most `page` uploads per response, so paging is exercised. `None`: the
+    /// s3s-fs behaviour, 501 NotImplemented.
+    pub list_multipart_uploads: Option<usize>,
+    /// Called with each request as it arrives, after it is recorded and
+    /// before the operation runs (for ListMultipartUploads served here:
+    /// after authentication).
+    pub on_request: Option<RequestHook>,
+}
+
+/// A test's callback on incoming requests (see [`S3ServerOptions::on_request`]).
+#[derive(Clone)]
+pub struct RequestHook(pub Arc<dyn Fn(&RecordedRequest) + Send + Sync>);
+
+impl std::fmt::Debug for RequestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RequestHook")
+    }
 }
 
 /// A running s3s-fs server. Stops when dropped.
@@ -92,11 +114,47 @@ impl std::fmt::Debug for S3Server {
 struct Recorder {
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     deny: HashSet<&'static str>,
+    on_request: Option<RequestHook>,
 }
+
+impl Recorder {
+    fn record(&self, request: RecordedRequest) {
+        self.requests.lock().unwrap().push(request.clone());
+        if let Some(hook) = &self.on_request {
+            (hook.0)(&request);
+        }
+    }
+}
+
+fn record_of(
+    operation: String,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> RecordedRequest {
+    RecordedRequest {
+        operation,
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+        query: uri.query().unwrap_or_default().to_owned(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// The recorder as s3s's access check (shared with [`ListUploadsRoute`]).
+struct SharedRecorder(Arc<Recorder>);
 
 // `S3Access` is an `#[async_trait]` trait; this is the signature the macro
 // generates, written out so the tests need no async-trait dependency.
-impl S3Access for Recorder {
+impl S3Access for SharedRecorder {
     fn check<'life0, 'life1, 'life2, 'async_trait>(
         &'life0 self,
         cx: &'life1 mut S3AccessContext<'life2>,
@@ -109,29 +167,219 @@ impl S3Access for Recorder {
     {
         let operation = cx.s3_op().name().to_owned();
         let authenticated = cx.credentials().is_some();
-        let denied = self.deny.contains(operation.as_str());
-        self.requests.lock().unwrap().push(RecordedRequest {
-            operation,
-            method: cx.method().to_string(),
-            path: cx.uri().path().to_owned(),
-            query: cx.uri().query().unwrap_or_default().to_owned(),
-            headers: cx
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-        });
+        let denied = self.0.deny.contains(operation.as_str());
+        self.0
+            .record(record_of(operation, cx.method(), cx.uri(), cx.headers()));
         Box::pin(async move {
             if authenticated && !denied {
                 Ok(())
             } else {
                 Err(s3s::s3_error!(AccessDenied))
             }
+        })
+    }
+}
+
+/// ListMultipartUploads for s3s-fs 0.14.1, which does not implement it:
+/// served as an s3s custom route (after SigV4 authentication) from the files
+/// s3s-fs keeps per upload in its root: `.upload-{id}.json` while the upload
+/// is in progress (removed by complete and abort) and
+/// `.bucket-{b64(bucket)}.object-{b64(key)}.upload-{id}.metadata.json`
+/// naming its bucket and key (URL-safe base64 without padding). Honours
+/// `prefix`, `key-marker`, `upload-id-marker` and `max-uploads`, ordered by
+/// key then upload id, as
+/// <https://docs.aws.amazon.com/AmazonS3/latest/API/API_ListMultipartUploads.html>
+/// describes. Written from that page, so it shows that the uploader's
+/// client side works against a server speaking the documented protocol, not
+/// how any particular provider behaves.
+struct ListUploadsRoute {
+    root: PathBuf,
+    page: usize,
+    recorder: Arc<Recorder>,
+}
+
+fn query_pairs(uri: &http::Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+impl ListUploadsRoute {
+    /// (key, upload id) of every upload in progress in `bucket`.
+    fn in_progress(&self, bucket: &str) -> Vec<(String, String)> {
+        use base64::Engine as _;
+        let decode = |s: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(s)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let mut uploads = Vec::new();
+        for entry in std::fs::read_dir(&self.root).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name
+                .strip_prefix(".bucket-")
+                .and_then(|r| r.strip_suffix(".metadata.json"))
+            else {
+                continue;
+            };
+            let Some((b, rest)) = rest.split_once(".object-") else {
+                continue;
+            };
+            let Some((k, id)) = rest.split_once(".upload-") else {
+                continue;
+            };
+            let in_progress = self.root.join(format!(".upload-{id}.json")).exists();
+            if let (Some(b), Some(k)) = (decode(b), decode(k))
+                && b == bucket
+                && in_progress
+            {
+                uploads.push((k, id.to_owned()));
+            }
+        }
+        uploads.sort();
+        uploads
+    }
+
+    fn respond(&self, uri: &http::Uri) -> String {
+        let bucket = uri.path().trim_matches('/').to_owned();
+        let params = query_pairs(uri);
+        let param = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let prefix = param("prefix").unwrap_or_default();
+        let key_marker = param("key-marker").unwrap_or_default();
+        let id_marker = param("upload-id-marker").unwrap_or_default();
+        let max = param("max-uploads")
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(1000)
+            .min(self.page)
+            .max(1);
+        let after_marker = |(k, id): &(String, String)| {
+            if key_marker.is_empty() {
+                true
+            } else if id_marker.is_empty() {
+                *k > key_marker
+            } else {
+                *k > key_marker || (*k == key_marker && *id > id_marker)
+            }
+        };
+        let matching: Vec<(String, String)> = self
+            .in_progress(&bucket)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter(after_marker)
+            .collect();
+        let truncated = matching.len() > max;
+        let page = &matching[..matching.len().min(max)];
+        let mut xml = String::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+             <ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">",
+        );
+        xml.push_str(&format!(
+            "<Bucket>{}</Bucket><KeyMarker>{}</KeyMarker><UploadIdMarker>{}</UploadIdMarker>\
+             <Prefix>{}</Prefix><MaxUploads>{max}</MaxUploads><IsTruncated>{truncated}</IsTruncated>",
+            xml_escape(&bucket),
+            xml_escape(&key_marker),
+            xml_escape(&id_marker),
+            xml_escape(&prefix),
+        ));
+        if truncated && let Some((k, id)) = page.last() {
+            xml.push_str(&format!(
+                "<NextKeyMarker>{}</NextKeyMarker><NextUploadIdMarker>{}</NextUploadIdMarker>",
+                xml_escape(k),
+                xml_escape(id)
+            ));
+        }
+        for (k, id) in page {
+            xml.push_str(&format!(
+                "<Upload><Key>{}</Key><UploadId>{}</UploadId>\
+                 <Initiated>2024-01-01T00:00:00.000Z</Initiated></Upload>",
+                xml_escape(k),
+                xml_escape(id)
+            ));
+        }
+        xml.push_str("</ListMultipartUploadsResult>");
+        xml
+    }
+}
+
+// `S3Route` is an `#[async_trait]` trait too; `call` is written out the same way.
+impl s3s::route::S3Route for ListUploadsRoute {
+    fn is_match(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        _headers: &http::HeaderMap,
+        _extensions: &mut http::Extensions,
+    ) -> bool {
+        // GET /bucket?uploads (path-style), not GET /bucket/key?uploadId=….
+        *method == http::Method::GET
+            && uri.path().trim_matches('/').split('/').count() == 1
+            && !uri.path().trim_matches('/').is_empty()
+            && query_pairs(uri).iter().any(|(k, _)| k == "uploads")
+    }
+
+    fn call<'life0, 'async_trait>(
+        &'life0 self,
+        req: s3s::S3Request<s3s::Body>,
+    ) -> Pin<
+        Box<dyn Future<Output = s3s::S3Result<s3s::S3Response<s3s::Body>>> + Send + 'async_trait>,
+    >
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.recorder.record(record_of(
+            "ListMultipartUploads".to_owned(),
+            &req.method,
+            &req.uri,
+            &req.headers,
+        ));
+        let xml = self.respond(&req.uri);
+        Box::pin(async move {
+            let mut response = s3s::S3Response::new(s3s::Body::from(xml));
+            response.headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/xml"),
+            );
+            Ok(response)
         })
     }
 }
@@ -160,10 +408,19 @@ impl S3Server {
                 access_key.clone(),
                 secret_key.clone(),
             ));
-            b.set_access(Recorder {
+            let recorder = Arc::new(Recorder {
                 requests: Arc::clone(&requests),
                 deny: options.deny,
+                on_request: options.on_request,
             });
+            if let Some(page) = options.list_multipart_uploads {
+                b.set_route(ListUploadsRoute {
+                    root: root.path().to_owned(),
+                    page,
+                    recorder: Arc::clone(&recorder),
+                });
+            }
+            b.set_access(SharedRecorder(recorder));
             b.build()
         };
 
