@@ -13,6 +13,7 @@ use recvault_runtime::config::{env_addr, read_toml, resolve_relative};
 use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
 use serde::Deserialize;
 
+use crate::ingest::IngestLimits;
 use crate::jobs::RetryPolicy;
 
 /// The whole uploaderd configuration.
@@ -53,6 +54,11 @@ pub struct UploaderConfig {
     /// Largest recording accepted, bytes.
     #[serde(default = "default_max_recording")]
     pub max_recording_bytes: u64,
+    /// An Upload stream that sends nothing for this long (no header, chunk,
+    /// trailer or end of stream) fails with DEADLINE_EXCEEDED; its staging
+    /// file is removed and no job is created. Seconds, at least 1.
+    #[serde(default = "default_ingest_idle_timeout")]
+    pub ingest_idle_timeout_secs: u64,
 }
 
 /// How the uploader reaches the vault (mTLS with the `uploader` identity).
@@ -147,6 +153,9 @@ fn default_max_chunk() -> usize {
 fn default_max_recording() -> u64 {
     64 * 1024 * 1024 * 1024
 }
+fn default_ingest_idle_timeout() -> u64 {
+    60
+}
 
 pub use recvault_runtime::config::ConfigError;
 
@@ -200,6 +209,15 @@ impl UploaderConfig {
     pub fn reload_interval(&self) -> Duration {
         Duration::from_secs(self.reload_interval_secs.max(1))
     }
+
+    /// The ingest limits: chunk and recording sizes, and the idle timeout.
+    pub fn ingest_limits(&self) -> IngestLimits {
+        IngestLimits {
+            max_chunk_bytes: self.max_chunk_bytes,
+            max_total_bytes: self.max_recording_bytes,
+            idle_timeout: Duration::from_secs(self.ingest_idle_timeout_secs.max(1)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +233,7 @@ mod tests {
             config.delivery.max_attempts,
             DeliverySettings::default().max_attempts
         );
+        assert_eq!(config.ingest_limits(), IngestLimits::default());
         assert!(
             config
                 .access

@@ -4,7 +4,11 @@
 //!
 //! Chunks are CRC-checked on the calling task while a blocking thread hashes
 //! and writes the previous ones, so intake uses two cores and memory stays
-//! bounded by [`IngestLimits::max_chunk_bytes`] × [`PIPELINE_DEPTH`].
+//! bounded by [`IngestLimits::max_chunk_bytes`] × [`PIPELINE_DEPTH`]. A
+//! stream that stops sending is ended after [`IngestLimits::idle_timeout`],
+//! so a stalled recorder does not hold a staging file and a call for ever.
+
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
 use recvault_proto::uploader::v1::{UploadHeader, UploadRequest, upload_request::Part};
@@ -21,13 +25,18 @@ use crate::jobs::{
 /// Chunks in flight between the stream and the writing thread.
 pub const PIPELINE_DEPTH: usize = 2;
 
-/// Size limits for one Upload call.
+/// Limits for one Upload call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IngestLimits {
     /// Largest chunk payload. Default 4 MiB, tonic's default message limit.
     pub max_chunk_bytes: usize,
     /// Largest recording. Default 64 GiB.
     pub max_total_bytes: u64,
+    /// Longest wait for the stream's next message (the header, a chunk, the
+    /// trailer, or the end of the stream after the trailer). Past it the call
+    /// fails with DEADLINE_EXCEEDED and nothing is stored. Default 60 s
+    /// (config `ingest_idle_timeout_secs`).
+    pub idle_timeout: Duration,
 }
 
 impl Default for IngestLimits {
@@ -35,6 +44,7 @@ impl Default for IngestLimits {
         Self {
             max_chunk_bytes: 4 << 20,
             max_total_bytes: 64 << 30,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -140,6 +150,18 @@ pub enum IngestError {
         "a message followed the trailer; the trailer must be the last message; nothing was stored"
     )]
     AfterTrailer,
+    /// No message arrived within [`IngestLimits::idle_timeout`].
+    #[error(
+        "no message arrived for {} after {bytes} bytes (the uploader's ingest_idle_timeout_secs); \
+         nothing was stored; resend the recording without pausing the stream",
+        humantime(*.idle)
+    )]
+    Idle {
+        /// The idle timeout that passed.
+        idle: Duration,
+        /// Bytes received before.
+        bytes: u64,
+    },
     /// The transport failed (client cancelled, connection reset).
     #[error("the upload stream failed after {bytes} bytes ({}); nothing was stored; resend the recording", .status.message())]
     Stream {
@@ -167,6 +189,7 @@ impl From<IngestError> for Status {
             IngestError::ChunkCrcMismatch { .. }
             | IngestError::Sha256Mismatch { .. }
             | IngestError::EndedBeforeTrailer { .. } => Code::DataLoss,
+            IngestError::Idle { .. } => Code::DeadlineExceeded,
             IngestError::Stream { status, .. } => status.code(),
             IngestError::Storage(b) if b.io_kind() == Some(std::io::ErrorKind::StorageFull) => {
                 Code::ResourceExhausted
@@ -175,6 +198,33 @@ impl From<IngestError> for Status {
         };
         Status::new(code, e.to_string())
     }
+}
+
+/// "60 s", "300 ms": the idle timeout as a person reads it.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// The stream's next message, waiting at most [`IngestLimits::idle_timeout`]
+/// ([`IngestError::Idle`] after that). `bytes` received so far, for the error.
+pub async fn next_message<S>(
+    stream: &mut S,
+    limits: &IngestLimits,
+    bytes: u64,
+) -> Result<Option<Result<UploadRequest, Status>>, IngestError>
+where
+    S: Stream<Item = Result<UploadRequest, Status>> + Unpin,
+{
+    tokio::time::timeout(limits.idle_timeout, stream.next())
+        .await
+        .map_err(|_| IngestError::Idle {
+            idle: limits.idle_timeout,
+            bytes,
+        })
 }
 
 /// A header whose every field passed validation.
@@ -276,8 +326,9 @@ impl Received {
 /// Receives one Upload stream into `store`.
 ///
 /// Returns once the recording is fsynced and renamed into the backup store
-/// and its SHA-256 matched the trailer. On every error the staging file has
-/// already been removed when this returns. If the future is dropped midway
+/// and its SHA-256 matched the trailer. Waits at most
+/// [`IngestLimits::idle_timeout`] for each message. On every error the
+/// staging file has already been removed when this returns. If the future is dropped midway
 /// the writing thread removes it shortly after (and `BackupStore::open` at
 /// the next start, whatever happens).
 pub async fn receive<S>(
@@ -288,7 +339,7 @@ pub async fn receive<S>(
 where
     S: Stream<Item = Result<UploadRequest, Status>> + Unpin,
 {
-    let header = match stream.next().await {
+    let header = match next_message(&mut stream, limits, 0).await? {
         None => {
             return Err(IngestError::MissingHeader {
                 got: "the end of the stream",
@@ -335,7 +386,7 @@ where
     let mut index = 0u64; // message index; the header was 0
     loop {
         index += 1;
-        let msg = match stream.next().await {
+        let msg = match next_message(stream, limits, bytes).await? {
             None => return Err(IngestError::EndedBeforeTrailer { chunks, bytes }),
             Some(Err(status)) => return Err(IngestError::Stream { status, bytes }),
             Some(Ok(msg)) => msg,
@@ -380,7 +431,7 @@ where
                     Sha256Digest::from_slice(&trailer.sha256).ok_or(IngestError::BadTrailer {
                         len: trailer.sha256.len(),
                     })?;
-                return match stream.next().await {
+                return match next_message(stream, limits, bytes).await? {
                     None => Ok(sent),
                     Some(Ok(_)) => Err(IngestError::AfterTrailer),
                     Some(Err(status)) => Err(IngestError::Stream { status, bytes }),

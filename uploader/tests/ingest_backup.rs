@@ -1,5 +1,6 @@
 //! Ingest into the backup store with real files: the happy path, every refusal
-//! (and that each leaves no file behind), and a 20 MiB recording.
+//! (and that each leaves no file behind), a 20 MiB recording, and the idle
+//! timeout, also through the real `Recordings/Upload` service over mTLS.
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -261,6 +262,195 @@ async fn dropped_call_removes_the_staging_file() {
     panic!("files left behind: {:?}", files_under(&f.root));
 }
 
+/// A stream that stops sending (header and one chunk, then nothing, the
+/// stream left open) is ended after the idle timeout with DEADLINE_EXCEEDED,
+/// naming the setting, and its staging file is gone when `receive` returns.
+/// Silence before the header and after the trailer counts the same.
+#[tokio::test]
+async fn silent_stream_times_out_and_leaves_nothing() {
+    let f = fixture();
+    let limits = IngestLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..IngestLimits::default()
+    };
+    let data = [7u8; 10_000];
+    let msgs = upload(&data, 4096);
+    // (case, what is sent before the silence, bytes received, staging files meanwhile)
+    let cases = [
+        ("after a chunk", msgs[..2].to_vec(), 4096u64, 1usize),
+        ("before the header", Vec::new(), 0, 0),
+        ("after the trailer", msgs.clone(), data.len() as u64, 1),
+    ];
+    for (case, sent, bytes, staged) in cases {
+        let silent = stream::iter(sent).chain(stream::pending());
+        let started = std::time::Instant::now();
+        let call = tokio::time::timeout(Duration::from_secs(5), receive(silent, &f.store, &limits));
+        let during = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            files_under(f.store.staging_dir()).len()
+        };
+        let (result, staging_files) = tokio::join!(call, during);
+        let err = result.expect("the call must end on its own").unwrap_err();
+        let waited = started.elapsed();
+        // The cleanup below has something to remove.
+        assert_eq!(staging_files, staged, "{case}");
+        assert!(
+            matches!(err, IngestError::Idle { bytes: b, .. } if b == bytes),
+            "{case}: {err:?}"
+        );
+        assert!(waited >= Duration::from_millis(300), "{case}: {waited:?}");
+        assert!(waited < Duration::from_secs(5), "{case}: {waited:?}");
+        let status = Status::from(err);
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{case}");
+        assert!(
+            status.message().contains("ingest_idle_timeout_secs")
+                && status.message().contains("300 ms"),
+            "{case}: {}",
+            status.message()
+        );
+        assert_eq!(
+            files_under(&f.root),
+            Vec::<PathBuf>::new(),
+            "{case}: files left behind"
+        );
+    }
+}
+
+/// The same through the real service: uploaderd's server over mTLS (dev
+/// certificates), `ingest_idle_timeout_secs = 1`. One recorder sends the
+/// header and one chunk and then nothing, another sends nothing at all;
+/// both keep their streams open. Both calls end with DEADLINE_EXCEEDED, no
+/// job exists, and the backup directory holds no file (no staging file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
+    use recvault_proto::uploader::v1::recordings_client::RecordingsClient;
+    use recvault_runtime::{devcerts, tls};
+    use recvault_uploader::config::UploaderConfig;
+    use recvault_uploader::destination::{DestinationConfig, Provider};
+    use recvault_uploader::jobs::JobFilter;
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    devcerts::generate(&certs, &["uploader", "recorder"]).unwrap();
+    let backup_dir = dir.path().join("backups");
+    let config_path = dir.path().join("uploader.toml");
+    let cert = |n: &str| certs.join(n).display().to_string();
+    std::fs::write(
+        &config_path,
+        format!(
+            "listen = \"127.0.0.1:0\"\n\
+             metrics_listen = \"127.0.0.1:0\"\n\
+             database = \"{db}\"\n\
+             backup_dir = \"{backups}\"\n\
+             ingest_idle_timeout_secs = 1\n\n\
+             [tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
+             [vault]\nendpoint = \"127.0.0.1:9\"\n\n\
+             [vault.tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
+             [access]\nrecorder = [\"{recorder}\"]\n",
+            db = dir.path().join("uploader.db").display(),
+            backups = backup_dir.display(),
+            crt = cert("uploader.crt"),
+            key = cert("uploader.key"),
+            ca = cert("ca.crt"),
+            recorder = devcerts::spiffe_id("recorder"),
+        ),
+    )
+    .unwrap();
+    let config = UploaderConfig::load(&config_path).unwrap();
+    assert_eq!(config.ingest_limits().idle_timeout, Duration::from_secs(1));
+    let bound = recvault_uploader::server::bind(config).await.unwrap();
+    let addr = bound.local_addr;
+    let shared = bound.shared.clone();
+    let target = dir.path().join("delivered");
+    std::fs::create_dir_all(&target).unwrap();
+    let destination_id = shared
+        .destinations
+        .put(
+            "acme",
+            "local",
+            &DestinationConfig {
+                provider: Provider::Fs,
+                endpoint: String::new(),
+                region: String::new(),
+                bucket: target.display().to_string(),
+                prefix: String::new(),
+                path_style: false,
+            },
+            "",
+        )
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bound.serve(async {
+        let _ = stopped.await;
+    }));
+
+    let channel = tls::channel(
+        &addr.to_string(),
+        "localhost",
+        &devcerts::files(&certs, "recorder"),
+    )
+    .unwrap();
+    let data = [3u8; 10_000];
+    let mut first = upload(&data, 4096);
+    if let Ok(UploadRequest {
+        part: Some(Part::Header(h)),
+    }) = &mut first[0]
+    {
+        h.destination_id = destination_id;
+    }
+    // Each call's sender stays alive (held below) so its stream stays open.
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<UploadRequest>(4);
+    chunk_tx.send(first[0].clone().unwrap()).await.unwrap();
+    chunk_tx.send(first[1].clone().unwrap()).await.unwrap();
+    let (_quiet_tx, quiet_rx) = tokio::sync::mpsc::channel::<UploadRequest>(4);
+    let started = std::time::Instant::now();
+    let mut one = RecordingsClient::new(channel.clone());
+    let mut two = RecordingsClient::new(channel);
+    let calls = async {
+        tokio::join!(
+            one.upload(tokio_stream::wrappers::ReceiverStream::new(chunk_rx)),
+            two.upload(tokio_stream::wrappers::ReceiverStream::new(quiet_rx)),
+        )
+    };
+    let staging = backup_dir.join("staging");
+    let during = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        files_under(&staging).len()
+    };
+    let (calls, staging_files) =
+        tokio::join!(tokio::time::timeout(Duration::from_secs(10), calls), during);
+    let (after_chunk, before_header) = calls.expect("the calls must end on their own");
+    let waited = started.elapsed();
+    // While the first recorder was silent, its staging file existed.
+    assert_eq!(staging_files, 1);
+    for (case, result) in [
+        ("after a chunk", after_chunk),
+        ("before the header", before_header),
+    ] {
+        let status = result.expect_err(case);
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{case}: {status:?}");
+        assert!(
+            status.message().contains("ingest_idle_timeout_secs"),
+            "{case}: {}",
+            status.message()
+        );
+    }
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert!(
+        shared
+            .jobs
+            .list(JobFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(files_under(&backup_dir), Vec::<PathBuf>::new());
+    drop(chunk_tx);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn header_must_come_first() {
     let f = fixture();
@@ -460,6 +650,7 @@ async fn size_limits() {
     let limits = IngestLimits {
         max_chunk_bytes: 1024,
         max_total_bytes: 4096,
+        ..IngestLimits::default()
     };
     let err = receive(stream::iter(upload(&[0u8; 2048], 2048)), &f.store, &limits)
         .await

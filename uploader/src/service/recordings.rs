@@ -34,9 +34,12 @@ impl recordings_server::Recordings for RecordingsService {
         let request_id = logging::request_id(&request);
         let mut stream = request.into_inner();
         // Check the destination before taking any bytes, so a wrong id fails fast.
-        let first = stream.next().await.ok_or_else(|| {
-            Status::invalid_argument("empty stream: send an UploadHeader first")
-        })??;
+        let limits = &self.shared.ingest_limits;
+        let first = ingest::next_message(&mut stream, limits, 0)
+            .await?
+            .ok_or_else(|| {
+                Status::invalid_argument("empty stream: send an UploadHeader first")
+            })??;
         if let Some(Part::Header(header)) = &first.part {
             let destination = self
                 .shared
@@ -53,12 +56,7 @@ impl recordings_server::Recordings for RecordingsService {
             }
         }
         let rest = futures_util::stream::iter([Ok(first)]).chain(stream);
-        let received = ingest::receive(
-            Box::pin(rest),
-            &self.shared.backups,
-            &self.shared.ingest_limits,
-        )
-        .await?;
+        let received = ingest::receive(Box::pin(rest), &self.shared.backups, limits).await?;
         let new_job = received.new_job(Some(request_id.clone()));
         let (job, created) = match self.shared.jobs.create_or_get(new_job).await {
             Ok(r) => r,
