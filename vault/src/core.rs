@@ -88,6 +88,14 @@ impl VaultCore {
 
     /// Reads who is calling. Never fails: an anonymous peer is still audited.
     pub fn call<T>(&self, request: &Request<T>, operation: &'static str) -> Call {
+        if let Some(reached) = request
+            .extensions()
+            .get::<crate::refusals::HandlerReached>()
+        {
+            // This call gets its audit event from the handler, not from the
+            // refusals layer.
+            reached.mark();
+        }
         let peer = identity::peer_identity(request);
         Call {
             operation,
@@ -175,6 +183,21 @@ impl VaultCore {
                 code = code_name(code), message = status.message(), "call refused");
         }
         result
+    }
+
+    /// The event of a call refused before any handler ran (see
+    /// [`crate::refusals`]). Nothing was served, so a failed write is logged
+    /// and counted, and the refusal goes out as it is.
+    pub async fn audit_refusal(&self, record: AuditRecord) {
+        tracing::info!(operation = %record.operation, request_id = %record.request_id,
+            identity = %record.identity, code = %record.code, "call refused before its handler");
+        let started = std::time::Instant::now();
+        let appended = self.audit.append(record).await;
+        self.metrics.audit_committed(started.elapsed());
+        if let Err(error) = appended {
+            self.metrics.audit_failures.inc();
+            tracing::error!(%error, "audit write for a refused call failed");
+        }
     }
 
     /// The success event of a state change, written durably from inside the

@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod leases;
 pub mod metrics;
 pub mod policy;
+pub mod refusals;
 pub mod server;
 pub mod service;
 pub mod store;

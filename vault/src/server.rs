@@ -167,6 +167,7 @@ impl Bound {
         tracing::info!(%local_addr, "vault serving (mTLS, TLS 1.3)");
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(crate::refusals::AuditRefusalsLayer::new(core.clone()))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

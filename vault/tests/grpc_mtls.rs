@@ -927,3 +927,106 @@ async fn tail_events_follows_calls_made_after_subscribing() {
     assert_eq!(denied.identity, spiffe("stranger"));
     assert_eq!(denied.code, "PERMISSION_DENIED");
 }
+
+/// Calls that never reach a handler are still vault accesses: an oversized
+/// message (refused by tonic's decoder) and a method that does not exist
+/// (refused by the router) each get exactly one audit event, with the peer's
+/// identity, the request id and the code. Calls that do reach a handler,
+/// allowed or denied, keep exactly their one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_refused_before_a_handler_are_audited_once() {
+    let (_dir, vault) = start().await;
+    let by_request = |id: &str| {
+        let vault = &vault;
+        let id = id.to_owned();
+        async move {
+            query(
+                vault,
+                AuditFilter {
+                    request_id: id,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    fn with_id<T>(id: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("x-request-id", id.parse().unwrap());
+        request
+    }
+
+    // Over the 64 KiB cap: OUT_OF_RANGE from the decoder.
+    expect_code(
+        credentials(&vault, "manager")
+            .put_credential(with_id(
+                "refused-oversized",
+                put_request(
+                    "acme",
+                    "huge",
+                    CredentialKind::Generic,
+                    &vec![b'x'; 70 * 1024],
+                ),
+            ))
+            .await,
+        Code::OutOfRange,
+    );
+    let events = by_request("refused-oversized").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(
+        events[0].operation,
+        "recvault.vault.v1.Credentials/PutCredential"
+    );
+    assert_eq!(events[0].identity, "spiffe://recvault.local/manager");
+    assert_eq!(events[0].outcome, "error");
+    assert_eq!(events[0].code, "OUT_OF_RANGE");
+
+    // A method the vault does not have, from an identity with no grant.
+    let mut grpc = tonic::client::Grpc::new(vault.channel("stranger"));
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .unary::<_, GetCredentialRequest, _>(
+            with_id("refused-unknown", GetCredentialRequest::default()),
+            "/recvault.vault.v1.Credentials/ExportEverything"
+                .parse()
+                .unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    let events = by_request("refused-unknown").await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(
+        events[0].operation,
+        "recvault.vault.v1.Credentials/ExportEverything"
+    );
+    assert_eq!(events[0].identity, "spiffe://recvault.local/stranger");
+    assert_eq!(events[0].code, "UNIMPLEMENTED");
+    assert!(!events[0].cert_fingerprint.is_empty());
+
+    // Handled calls, allowed and denied, are not audited a second time.
+    credentials(&vault, "manager")
+        .put_credential(with_id(
+            "handled-allowed",
+            put_request("acme", "small", CredentialKind::Generic, b"s3cr3t"),
+        ))
+        .await
+        .unwrap();
+    expect_code(
+        credentials(&vault, "stranger")
+            .put_credential(with_id(
+                "handled-denied",
+                put_request("acme", "nope", CredentialKind::Generic, b"s3cr3t"),
+            ))
+            .await,
+        Code::PermissionDenied,
+    );
+    assert_eq!(by_request("handled-allowed").await.len(), 1);
+    let denied = by_request("handled-denied").await;
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0].outcome, "denied");
+    assert!(verify_chain(&vault).await.ok);
+}

@@ -37,7 +37,16 @@ pub fn request_id<T>(request: &tonic::Request<T>) -> String {
         .metadata()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+        .filter(|v| valid_request_id(v))
+        .map_or_else(new_request_id, str::to_owned)
+}
+
+/// Whether a caller's request id is kept: 1 to 128 visible ASCII characters.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A new request id (UUIDv7).
+pub fn new_request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }

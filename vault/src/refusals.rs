@@ -1,0 +1,155 @@
+//! Audits vault RPCs that end before any handler runs.
+//!
+//! Every handler writes its own audit event (see [`crate::core::VaultCore::finish`]).
+//! Some calls never reach a handler: tonic refuses a message over the size cap
+//! (`OUT_OF_RANGE`) or one that does not decode (`INTERNAL`), and a method that
+//! does not exist gets `UNIMPLEMENTED` from the router. They are still accesses
+//! to the vault, so this layer, around every service, writes the event for
+//! them: operation from the request path, the peer's identity and certificate
+//! fingerprint, the request id, and the gRPC code, with outcome `error`.
+//!
+//! How it knows: it puts a [`HandlerReached`] flag into the request's
+//! extensions; [`crate::core::VaultCore::call`], which every handler runs first,
+//! sets it. A response that carries a non-OK `grpc-status` in its headers
+//! (tonic's "trailers-only" error answer) for a request whose flag is still
+//! clear was refused before a handler: that is the one this layer audits.
+//! Health and reflection (outside `recvault.vault.v1`) are not audited.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use recvault_runtime::{identity, logging::REQUEST_ID_HEADER};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::{
+    audit::{AuditRecord, Outcome},
+    core::VaultCore,
+    error::code_name,
+};
+
+/// Path prefix of the vault's own services.
+const VAULT_PATH_PREFIX: &str = "/recvault.vault.v1.";
+
+/// Set by [`VaultCore::call`] when a handler starts on the request.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerReached(Arc<AtomicBool>);
+
+impl HandlerReached {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn reached(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The layer; add it with `Server::builder().layer(...)`.
+#[derive(Debug, Clone)]
+pub struct AuditRefusalsLayer {
+    core: Arc<VaultCore>,
+}
+
+impl AuditRefusalsLayer {
+    pub fn new(core: Arc<VaultCore>) -> Self {
+        Self { core }
+    }
+}
+
+impl<S> tower::Layer<S> for AuditRefusalsLayer {
+    type Service = AuditRefusals<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuditRefusals {
+            inner,
+            core: self.core.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct AuditRefusals<S> {
+    inner: S,
+    core: Arc<VaultCore>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for AuditRefusals<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was polled ready serves this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(operation) = request.uri().path().strip_prefix('/') else {
+            return Box::pin(inner.call(request));
+        };
+        if !request.uri().path().starts_with(VAULT_PATH_PREFIX) {
+            return Box::pin(inner.call(request));
+        }
+        let operation = operation.to_owned();
+        let reached = HandlerReached::default();
+        request.extensions_mut().insert(reached.clone());
+        let peer = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let core = self.core.clone();
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            if !reached.reached()
+                && let Some(code) = refused_with(&response)
+            {
+                let leaf = peer.as_ref().and_then(|certs| certs.first());
+                let record = AuditRecord {
+                    identity: leaf
+                        .and_then(|c| identity::identity_of_certificate(c))
+                        .unwrap_or_else(|| "unauthenticated".into()),
+                    cert_fingerprint: leaf.map(|c| identity::fingerprint(c)).unwrap_or_default(),
+                    request_id: request_id
+                        .filter(|v| recvault_runtime::logging::valid_request_id(v))
+                        .unwrap_or_else(recvault_runtime::logging::new_request_id),
+                    detail: "refused before the handler ran".into(),
+                    ..AuditRecord::now(operation.as_str(), Outcome::Error, code_name(code))
+                };
+                core.audit_refusal(record).await;
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The gRPC code of a trailers-only error answer (`grpc-status` in the
+/// headers), if that is what `response` is.
+fn refused_with<R>(response: &http::Response<R>) -> Option<tonic::Code> {
+    let status = response.headers().get("grpc-status")?.to_str().ok()?;
+    let code = tonic::Code::from(status.parse::<i32>().ok()?);
+    (code != tonic::Code::Ok).then_some(code)
+}
