@@ -19,7 +19,7 @@ use crate::{
     backup::BackupStore,
     destination::{self, DeliveryHooks, Destination, HookFuture, ObjectInfo, S3Options},
     destination_store::DestinationStore,
-    jobs::{Job, JobId, JobStore, RetryPolicy, VerifiedBy},
+    jobs::{Job, JobId, JobStore, JobStoreError, RetryPolicy, VerifiedBy},
     lease::VaultLeases,
 };
 
@@ -196,6 +196,24 @@ impl Worker {
                     job.destination_id
                 ))
             })?;
+
+        // Never overwrite another recording: the key this attempt writes must
+        // be the job's registered key. It differs when the destination's
+        // prefix changed since ingest or the job predates keys; registering
+        // it is refused while another job holds it.
+        if let Ok(key) = destination::object_key(&record.config.prefix, job.file_name.as_str())
+            && job.object_key.as_deref() != Some(key.as_str())
+        {
+            self.jobs
+                .register_object_key(job.job_id, key)
+                .await
+                .map_err(|e| match e {
+                    JobStoreError::KeyTaken { .. } => {
+                        Failure::permanent(format!("not delivered: {e}"))
+                    }
+                    e => Failure::transient(format!("registering the object key: {e}")),
+                })?;
+        }
 
         // Integrity at rest: never upload bytes that are not what we took in.
         let crate::digest::FileDigest {

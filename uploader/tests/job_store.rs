@@ -10,7 +10,7 @@ use recvault_uploader::backup::{BackupStore, StoredBackup};
 use recvault_uploader::digest::Sha256Digest;
 use recvault_uploader::jobs::{
     ContentType, DestinationId, FileName, JobFilter, JobState, JobStore, JobStoreError, NewJob,
-    RecordingId, RetryPolicy, TenantId, VerifiedBy,
+    RecordingId, Resend, RetryPolicy, TenantId, VerifiedBy,
 };
 use recvault_uploader::scrub::scrub_once;
 use time::OffsetDateTime;
@@ -499,4 +499,277 @@ async fn scrub_marks_a_flipped_byte_and_deletes_nothing() {
     // The worker's pre-attempt check uses the same call.
     let (sha, _) = f.backups.rehash(&bad.backup_path).await.unwrap();
     assert_ne!(sha, bad.sha256);
+}
+
+/// A job for `recording` named `name` at `destination`.
+fn named_job(f: &Fixture, recording: &str, destination: &str, name: &str) -> NewJob {
+    NewJob {
+        destination_id: DestinationId::parse(destination).unwrap(),
+        file_name: FileName::parse(name).unwrap(),
+        ..f.new_job("acme", recording, recording.as_bytes())
+    }
+}
+
+/// One recording per object key and destination: another recording with the
+/// key is NameTaken (ALREADY_EXISTS) and gets no job, the same key at
+/// another destination is fine, the same recording id is still a replay;
+/// twenty concurrent creations of one key yield one job. An attempt
+/// (`register_object_key`) and a resend (`resend_to`) onto a taken key are
+/// KeyTaken (FAILED_PRECONDITION) and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_keys_are_unique_per_destination() {
+    let f = Fixture::new();
+    let key = || Some("rec/call.mp4".to_owned());
+    let (first, created) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-1", "dest-1", "call.mp4"), key())
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(first.object_key, key());
+
+    let err = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-2", "dest-1", "call.mp4"), key())
+        .await
+        .unwrap_err();
+    let JobStoreError::NameTaken { conflict, .. } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(conflict.other_job_id, first.job_id);
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(
+        f.jobs
+            .find_by_recording(
+                TenantId::parse("acme").unwrap(),
+                RecordingId::parse("rec-2").unwrap()
+            )
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let check = f
+        .jobs
+        .check_object_key(
+            TenantId::parse("acme").unwrap(),
+            RecordingId::parse("rec-2").unwrap(),
+            FileName::parse("call.mp4").unwrap(),
+            DestinationId::parse("dest-1").unwrap(),
+            "rec/call.mp4".into(),
+        )
+        .await;
+    assert!(matches!(check, Err(JobStoreError::NameTaken { .. })));
+
+    let (replay, created) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-1", "dest-1", "call.mp4"), key())
+        .await
+        .unwrap();
+    assert!(!created);
+    assert_eq!(replay.job_id, first.job_id);
+    let (elsewhere, created) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-3", "dest-2", "call.mp4"), key())
+        .await
+        .unwrap();
+    assert!(created);
+
+    let racers = (0..20).map(|i| {
+        let jobs = f.jobs.clone();
+        let new = named_job(&f, &format!("race-{i}"), "dest-3", "call.mp4");
+        tokio::spawn(async move { jobs.create_or_get_with_key(new, key()).await })
+    });
+    let mut created = 0;
+    for racer in racers.collect::<Vec<_>>() {
+        match racer.await.unwrap() {
+            Ok((_, true)) => created += 1,
+            Ok((job, false)) => panic!("no replay here: {job:?}"),
+            Err(JobStoreError::NameTaken { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(created, 1);
+
+    // An attempt whose key (after a prefix change) is taken.
+    let (unkeyed, _) = f
+        .jobs
+        .create_or_get(named_job(&f, "rec-4", "dest-1", "call.mp4"))
+        .await
+        .unwrap();
+    assert_eq!(unkeyed.object_key, None);
+    let err = f
+        .jobs
+        .register_object_key(unkeyed.job_id, "rec/call.mp4".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JobStoreError::KeyTaken { .. }), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), Code::FailedPrecondition);
+    assert_eq!(f.jobs.get(unkeyed.job_id).await.unwrap().object_key, None);
+    let registered = f
+        .jobs
+        .register_object_key(unkeyed.job_id, "new/call.mp4".into())
+        .await
+        .unwrap();
+    assert_eq!(registered.object_key.as_deref(), Some("new/call.mp4"));
+
+    // A resend onto the taken key.
+    f.jobs.claim_due(now(), 100).await.unwrap();
+    f.jobs
+        .mark_retained(elsewhere.job_id, "NoSuchBucket".into())
+        .await
+        .unwrap();
+    let err = f
+        .jobs
+        .resend_to(
+            elsewhere.job_id,
+            Resend {
+                destination: Some(DestinationId::parse("dest-1").unwrap()),
+                object_key: key(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, JobStoreError::KeyTaken { .. }), "{err}");
+    let unchanged = f.jobs.get(elsewhere.job_id).await.unwrap();
+    assert_eq!(unchanged.state, JobState::Retained);
+    assert_eq!(unchanged.destination_id.as_str(), "dest-2");
+    assert_eq!(unchanged.object_key, key());
+}
+
+/// The first job schema, as version 1 wrote it.
+const SCHEMA_V1: &str = "
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, recording_id TEXT NOT NULL,
+    destination_id TEXT NOT NULL, file_name TEXT NOT NULL, content_type TEXT NOT NULL,
+    backup_path TEXT NOT NULL, sha256 BLOB NOT NULL CHECK (length(sha256) = 32),
+    size INTEGER NOT NULL CHECK (size >= 0),
+    state TEXT NOT NULL CHECK (state IN
+        ('STORED','UPLOADING','VERIFYING','DELIVERED','RETRYING','RETAINED')),
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, location TEXT, verified_by TEXT,
+    next_attempt_at INTEGER, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+    backup_corrupt INTEGER NOT NULL DEFAULT 0, backup_deleted INTEGER NOT NULL DEFAULT 0,
+    multipart_upload_id TEXT, request_id TEXT,
+    UNIQUE (tenant_id, recording_id)
+) STRICT;
+CREATE INDEX jobs_due ON jobs (state, next_attempt_at);
+CREATE INDEX jobs_by_tenant ON jobs (tenant_id, created_at);
+CREATE TABLE job_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL REFERENCES jobs (job_id),
+    time INTEGER NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL
+) STRICT;
+CREATE INDEX job_events_by_job ON job_events (job_id, id);
+PRAGMA user_version = 1;
+";
+
+/// A version 1 database (no object keys; two recordings already share a
+/// name, one job's destination is gone) opens as version 2: the older of the
+/// two keeps the key computed from its destination's prefix, the newer and
+/// the orphan have none, and a new recording with that key is refused.
+#[tokio::test]
+async fn version_1_database_is_migrated_with_object_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("uploader.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE destinations (destination_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL,
+                 name TEXT NOT NULL, provider TEXT NOT NULL, endpoint TEXT NOT NULL,
+                 region TEXT NOT NULL, bucket TEXT NOT NULL, prefix TEXT NOT NULL,
+                 path_style INTEGER NOT NULL, credential_id TEXT NOT NULL);
+             INSERT INTO destinations VALUES ('dst-1', 'acme', 'd', 'fs', '', '', '/tmp', '/rec//', 0, '');",
+        )
+        .unwrap();
+        for (i, (job_id, recording, destination, name)) in [
+            (
+                "11111111-1111-4111-8111-111111111111",
+                "old",
+                "dst-1",
+                "x.mp4",
+            ),
+            (
+                "22222222-2222-4222-8222-222222222222",
+                "new",
+                "dst-1",
+                "x.mp4",
+            ),
+            (
+                "33333333-3333-4333-8333-333333333333",
+                "orphan",
+                "dst-gone",
+                "y.mp4",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            conn.execute(
+                "INSERT INTO jobs (job_id, tenant_id, recording_id, destination_id, file_name,
+                     content_type, backup_path, sha256, size, state, created_at, updated_at)
+                 VALUES (?1, 'acme', ?2, ?3, ?4, 'video/mp4', '/nowhere', zeroblob(32), 0,
+                     'DELIVERED', ?5, ?5)",
+                rusqlite::params![job_id, recording, destination, name, i as i64],
+            )
+            .unwrap();
+        }
+    }
+    let jobs = JobStore::open(&db).unwrap();
+    let key_of = |id: &str| {
+        let jobs = jobs.clone();
+        let id = recvault_uploader::jobs::JobId::parse(id).unwrap();
+        async move { jobs.get(id).await.unwrap().object_key }
+    };
+    assert_eq!(
+        key_of("11111111-1111-4111-8111-111111111111")
+            .await
+            .as_deref(),
+        Some("rec/x.mp4")
+    );
+    assert_eq!(key_of("22222222-2222-4222-8222-222222222222").await, None);
+    assert_eq!(key_of("33333333-3333-4333-8333-333333333333").await, None);
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+
+    let backups = BackupStore::open(dir.path().join("backups")).unwrap();
+    let mut w = backups.begin(&TenantId::parse("acme").unwrap()).unwrap();
+    w.write_chunk(b"z").unwrap();
+    let b = w.finish(Sha256Digest::of(b"z")).unwrap();
+    let err = jobs
+        .create_or_get_with_key(
+            NewJob {
+                job_id: b.id,
+                tenant_id: TenantId::parse("acme").unwrap(),
+                recording_id: RecordingId::parse("newest").unwrap(),
+                destination_id: DestinationId::parse("dst-1").unwrap(),
+                file_name: FileName::parse("x.mp4").unwrap(),
+                content_type: ContentType::parse("video/mp4").unwrap(),
+                backup_path: b.path,
+                sha256: b.sha256,
+                size: b.size,
+                request_id: None,
+            },
+            Some("rec/x.mp4".into()),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("recording old"), "{err}");
+    drop(jobs);
+    // Opening again is a no-op.
+    let again = JobStore::open(&db).unwrap();
+    assert_eq!(
+        again
+            .get(
+                recvault_uploader::jobs::JobId::parse("11111111-1111-4111-8111-111111111111")
+                    .unwrap()
+            )
+            .await
+            .unwrap()
+            .object_key
+            .as_deref(),
+        Some("rec/x.mp4")
+    );
 }

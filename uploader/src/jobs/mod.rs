@@ -13,4 +13,6 @@ pub use ids::{
 };
 pub use retry::RetryPolicy;
 pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
-pub use store::{Job, JobEvent, JobFilter, JobStore, JobStoreError, NewJob};
+pub use store::{
+    Clash, Job, JobEvent, JobFilter, JobStore, JobStoreError, KeyConflict, NewJob, Resend,
+};

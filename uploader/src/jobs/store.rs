@@ -17,8 +17,14 @@ use super::ids::{
 use super::state::{IllegalTransition, JobState, VerifiedBy, check_transition};
 use crate::digest::Sha256Digest;
 
-/// Bump when the schema changes; [`JobStore::open`] refuses a newer database.
-const SCHEMA_VERSION: i64 = 1;
+/// Bump when the schema changes; [`JobStore::open`] refuses a newer database
+/// and migrates an older one (see [`migrate`]).
+///
+/// 1. The first schema.
+/// 2. `jobs.object_key` (the recording's key at its destination) and the
+///    unique index `jobs_by_object_key`: two recordings never get the same
+///    key at one destination.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -44,10 +50,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     backup_deleted      INTEGER NOT NULL DEFAULT 0,
     multipart_upload_id TEXT,               -- kept across a crash so it is resumed or aborted
     request_id          TEXT,
+    object_key          TEXT,               -- key at destination_id; NULL = registered at the next attempt
     UNIQUE (tenant_id, recording_id)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs (tenant_id, created_at);
+-- One recording per key and destination (NULLs do not collide), and the
+-- index the name check at ingest, resend and each attempt looks up.
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_object_key ON jobs (destination_id, object_key);
 CREATE TABLE IF NOT EXISTS job_events (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id  TEXT NOT NULL REFERENCES jobs (job_id),
@@ -96,6 +106,37 @@ pub enum JobStoreError {
         /// SHA-256 of the new one.
         sent: Sha256Digest,
     },
+    /// Another recording already uses the file name at the destination: the
+    /// new one would overwrite it there (or be overwritten). Nothing is stored.
+    #[error(
+        "file_name {:?} of recording {recording_id} cannot be used: {conflict}; delivering both \
+         would overwrite one with the other at the destination. Nothing was stored: send the \
+         recording again with a unique file_name (one no other recording uses at that \
+         destination), e.g. one that includes the recording id (\"{recording_id}-{file_name}\")",
+        .file_name.as_str()
+    )]
+    NameTaken {
+        /// The recording being ingested.
+        recording_id: RecordingId,
+        /// Its file name.
+        file_name: FileName,
+        /// Who holds the key.
+        conflict: Box<KeyConflict>,
+    },
+    /// The job cannot go to this destination (resend, or an attempt after the
+    /// destination's prefix changed): another recording holds the key there.
+    #[error(
+        "job {job_id} cannot be delivered to destination {}: {conflict}; delivering it there \
+         would overwrite that recording. Resend it to a destination where no other recording \
+         uses its file_name (ResendJob with destination_id)",
+        conflict.destination_id
+    )]
+    KeyTaken {
+        /// The job.
+        job_id: JobId,
+        /// Who holds the key.
+        conflict: Box<KeyConflict>,
+    },
     /// The change is legal in general but not for this job now (no backup to
     /// resend, an unfinished multipart upload elsewhere).
     #[error("job {job_id}: {reason}")]
@@ -122,10 +163,15 @@ impl From<JobStoreError> for tonic::Status {
         let msg = e.to_string();
         match e {
             JobStoreError::NotFound(_) => Status::not_found(msg),
-            JobStoreError::IllegalTransition { .. } | JobStoreError::FailedPrecondition { .. } => {
-                Status::failed_precondition(msg)
+            // A resend (or attempt) names no object: the job exists, its
+            // target is the problem, and the fix is another destination.
+            JobStoreError::IllegalTransition { .. }
+            | JobStoreError::FailedPrecondition { .. }
+            | JobStoreError::KeyTaken { .. } => Status::failed_precondition(msg),
+            // An Upload asks to create an object under this name, and it exists.
+            JobStoreError::RecordingConflict { .. } | JobStoreError::NameTaken { .. } => {
+                Status::already_exists(msg)
             }
-            JobStoreError::RecordingConflict { .. } => Status::already_exists(msg),
             JobStoreError::Database(_) | JobStoreError::Unavailable(_) => Status::unavailable(msg),
             JobStoreError::Corrupt(_) => Status::internal(msg),
         }
@@ -133,6 +179,67 @@ impl From<JobStoreError> for tonic::Status {
 }
 
 type Result<T, E = JobStoreError> = std::result::Result<T, E>;
+
+/// How a delivery under one key would collide with another job's at the same
+/// destination. Every delivery writes two objects: the recording under its
+/// key and its checksum sidecar under `<key>.sha256`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Clash {
+    /// Both recordings have the same key.
+    SameKey,
+    /// This recording's sidecar key is the other recording's key.
+    SidecarOverwritesRecording,
+    /// This recording's key is the other recording's sidecar key.
+    RecordingOverwritesSidecar,
+}
+
+/// Another job whose objects a delivery under `key` would overwrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyConflict {
+    /// The destination.
+    pub destination_id: DestinationId,
+    /// The key the refused delivery would write its recording under.
+    pub key: String,
+    /// How they collide.
+    pub clash: Clash,
+    /// The job that holds the key.
+    pub other_job_id: JobId,
+    /// Its recording.
+    pub other_recording_id: RecordingId,
+    /// Its file name.
+    pub other_file_name: FileName,
+    /// Its state (DELIVERED: the object is at the customer's and its backup is gone).
+    pub other_state: JobState,
+}
+
+impl std::fmt::Display for KeyConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let other = format!(
+            "recording {} (job {}, file_name {:?}, {})",
+            self.other_recording_id,
+            self.other_job_id,
+            self.other_file_name.as_str(),
+            self.other_state
+        );
+        let (key, destination) = (&self.key, &self.destination_id);
+        match self.clash {
+            Clash::SameKey => write!(
+                f,
+                "{other} already uses object key {key:?} at destination {destination}"
+            ),
+            Clash::SidecarOverwritesRecording => write!(
+                f,
+                "its checksum sidecar {:?} would overwrite {other}, stored under that key at destination {destination}",
+                crate::destination::sidecar_name(key)
+            ),
+            Clash::RecordingOverwritesSidecar => write!(
+                f,
+                "object key {key:?} at destination {destination} is the checksum sidecar of {other}"
+            ),
+        }
+    }
+}
 
 /// What ingest hands over to create a job.
 #[derive(Debug, Clone)]
@@ -204,6 +311,10 @@ pub struct Job {
     pub multipart_upload_id: Option<String>,
     /// `x-request-id` of the Upload call.
     pub request_id: Option<String>,
+    /// The recording's key at `destination_id` (`prefix/file_name`), unique
+    /// per destination. `None` until registered (by ingest, a resend or the
+    /// next attempt, each of which refuses a key another job holds).
+    pub object_key: Option<String>,
     /// Progress of the running attempt. Not persisted: only set on updates
     /// published with [`JobStore::publish_progress`]; 0 when read from the store.
     pub bytes_sent: u64,
@@ -255,6 +366,17 @@ pub struct JobEvent {
     pub message: String,
 }
 
+/// What [`JobStore::resend_to`] does besides moving the job back to STORED.
+#[derive(Debug, Clone, Default)]
+pub struct Resend {
+    /// Another destination; `None` keeps the current one.
+    pub destination: Option<DestinationId>,
+    /// The recording's key at the destination it is resent to, checked
+    /// against every other job there. `None`: kept when the destination
+    /// stays, otherwise registered at the next attempt.
+    pub object_key: Option<String>,
+}
+
 /// Which jobs `list` returns.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
@@ -302,7 +424,10 @@ impl JobStore {
                 "schema version {version} is newer than this uploader's {SCHEMA_VERSION}; run a newer uploader"
             )));
         }
-        let tx = conn.transaction()?;
+        // IMMEDIATE: a second process opening the same file waits instead of
+        // migrating beside us.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        migrate(&tx)?;
         tx.execute_batch(SCHEMA)?;
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         tx.commit()?;
@@ -365,7 +490,28 @@ impl JobStore {
     /// when `(tenant_id, recording_id)` was ingested before with the same
     /// SHA-256 (`created == false`; the caller then deletes its new backup).
     /// A different SHA-256 is [`JobStoreError::RecordingConflict`].
+    ///
+    /// The job's object key is left unregistered: its first attempt registers
+    /// it (refusing a key another job holds). Ingest uses
+    /// [`JobStore::create_or_get_with_key`].
     pub async fn create_or_get(&self, new: NewJob) -> Result<(Job, bool)> {
+        self.create_or_get_with_key(new, None).await
+    }
+
+    /// As [`JobStore::create_or_get`], registering `object_key` (the key the
+    /// destination will write the recording under) in the same transaction
+    /// as the insert: if another recording's delivery at that destination
+    /// would overwrite this one's or be overwritten by it (see
+    /// [`KeyConflict`]), nothing is inserted and the error is
+    /// [`JobStoreError::NameTaken`]. Two concurrent calls with the same key
+    /// cannot both pass: the check and the insert run in one IMMEDIATE
+    /// transaction, and `jobs_by_object_key` is a unique index besides.
+    /// A replay of the same recording id is answered as before, without a check.
+    pub async fn create_or_get_with_key(
+        &self,
+        new: NewJob,
+        object_key: Option<String>,
+    ) -> Result<(Job, bool)> {
         let (job, created) = self
             .run(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -384,12 +530,21 @@ impl JobStore {
                     }
                     return Ok((existing, false));
                 }
+                if let Some(key) = &object_key
+                    && let Some(conflict) = key_conflict(&tx, &new.destination_id, key, None)?
+                {
+                    return Err(JobStoreError::NameTaken {
+                        recording_id: new.recording_id,
+                        file_name: new.file_name,
+                        conflict,
+                    });
+                }
                 let now = now_ms();
                 tx.execute(
                     "INSERT INTO jobs (job_id, tenant_id, recording_id, destination_id, file_name,
                         content_type, backup_path, sha256, size, state, attempts, next_attempt_at,
-                        created_at, updated_at, request_id)
-                     VALUES (:id, :t, :r, :d, :f, :ct, :p, :sha, :size, 'STORED', 0, :now, :now, :now, :req)",
+                        created_at, updated_at, request_id, object_key)
+                     VALUES (:id, :t, :r, :d, :f, :ct, :p, :sha, :size, 'STORED', 0, :now, :now, :now, :req, :key)",
                     named_params! {
                         ":id": new.job_id.to_string(),
                         ":t": new.tenant_id.as_str(),
@@ -403,6 +558,7 @@ impl JobStore {
                             .map_err(|_| JobStoreError::Corrupt(format!("size {} too large", new.size)))?,
                         ":now": now,
                         ":req": new.request_id,
+                        ":key": object_key,
                     },
                 )?;
                 add_event(
@@ -421,6 +577,88 @@ impl JobStore {
             let _ = self.inner.changes.send(job.clone());
         }
         Ok((job, created))
+    }
+
+    /// Ingest's check before it takes any byte: `Err(NameTaken)` when a job
+    /// of another recording holds `object_key` at `destination_id` (or its
+    /// sidecar would collide; see [`KeyConflict`]). `Ok` when the key is free,
+    /// and when `(tenant_id, recording_id)` was ingested before: a replay is
+    /// answered by [`JobStore::create_or_get_with_key`], idempotently.
+    ///
+    /// Advisory: [`JobStore::create_or_get_with_key`] checks again in the
+    /// transaction that inserts, so a concurrent upload cannot slip through.
+    pub async fn check_object_key(
+        &self,
+        tenant_id: TenantId,
+        recording_id: RecordingId,
+        file_name: FileName,
+        destination_id: DestinationId,
+        object_key: String,
+    ) -> Result<()> {
+        self.run(move |conn| {
+            let replay = select_one(
+                conn,
+                "tenant_id = :t AND recording_id = :r",
+                named_params! { ":t": tenant_id.as_str(), ":r": recording_id.as_str() },
+            )?;
+            if replay.is_some() {
+                return Ok(());
+            }
+            match key_conflict(conn, &destination_id, &object_key, None)? {
+                Some(conflict) => Err(JobStoreError::NameTaken {
+                    recording_id,
+                    file_name,
+                    conflict,
+                }),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Registers `object_key` as the job's key at its current destination,
+    /// before an attempt writes there (the destination's prefix may have
+    /// changed since ingest, or the job may predate keys). A no-op when it
+    /// already holds that key; [`JobStoreError::KeyTaken`] when another job's
+    /// objects would be overwritten, and then nothing changes.
+    pub async fn register_object_key(&self, job_id: JobId, object_key: String) -> Result<Job> {
+        let mut jobs = self
+            .run_publish(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let job = get_tx(&tx, job_id)?;
+                if job.object_key.as_deref() == Some(object_key.as_str()) {
+                    return Ok(Vec::new());
+                }
+                if let Some(conflict) =
+                    key_conflict(&tx, &job.destination_id, &object_key, Some(job_id))?
+                {
+                    return Err(JobStoreError::KeyTaken { job_id, conflict });
+                }
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE jobs SET object_key = :k, updated_at = :now WHERE job_id = :id",
+                    named_params! { ":k": object_key, ":now": now, ":id": job_id.to_string() },
+                )?;
+                let message = match &job.object_key {
+                    Some(old) => format!(
+                        "object key at destination {} is now {object_key:?} (was {old:?}: the destination changed)",
+                        job.destination_id
+                    ),
+                    None => format!(
+                        "object key {object_key:?} registered at destination {}",
+                        job.destination_id
+                    ),
+                };
+                add_event(&tx, job_id, now, job.state, &message)?;
+                let job = get_tx(&tx, job_id)?;
+                tx.commit()?;
+                Ok(vec![job])
+            })
+            .await?;
+        match jobs.pop() {
+            Some(job) => Ok(job),
+            None => self.get(job_id).await,
+        }
     }
 
     /// One job.
@@ -646,11 +884,32 @@ impl JobStore {
 
     /// RETAINED | RETRYING → STORED, due now, attempts reset, optionally to
     /// another destination (the caller checks it belongs to the tenant).
-    ///
-    /// Refused when the backup is gone or corrupt (nothing to send) and when a
-    /// multipart upload at the old destination is still open (it would be orphaned).
+    /// Shorthand for [`JobStore::resend_to`] without an object key.
     pub async fn resend(&self, job_id: JobId, destination: Option<DestinationId>) -> Result<Job> {
+        self.resend_to(
+            job_id,
+            Resend {
+                destination,
+                ..Resend::default()
+            },
+        )
+        .await
+    }
+
+    /// RETAINED | RETRYING → STORED, due now, attempts reset, optionally to
+    /// another destination (the caller checks it belongs to the tenant).
+    ///
+    /// Refused when the backup is gone or corrupt (nothing to send), when a
+    /// multipart upload at the old destination is still open (it would be
+    /// orphaned), and, with [`JobStoreError::KeyTaken`], when another job
+    /// holds the object key at the destination (its recording would be
+    /// overwritten there). Nothing changes when refused.
+    pub async fn resend_to(&self, job_id: JobId, resend: Resend) -> Result<Job> {
         self.single(move |tx, now| {
+            let Resend {
+                destination,
+                object_key,
+            } = resend;
             let job = get_tx(tx, job_id)?;
             check_transition(job.state, JobState::Stored)
                 .map_err(|source| JobStoreError::IllegalTransition { job_id, source })?;
@@ -683,6 +942,17 @@ impl JobStore {
                 );
             }
             let destination = destination.unwrap_or(job.destination_id);
+            // A key at the old destination means nothing at the new one.
+            let object_key = match object_key {
+                Some(key) => Some(key),
+                None if changes_destination => None,
+                None => job.object_key,
+            };
+            if let Some(key) = &object_key
+                && let Some(conflict) = key_conflict(tx, &destination, key, Some(job_id))?
+            {
+                return Err(JobStoreError::KeyTaken { job_id, conflict });
+            }
             let message = if changes_destination {
                 format!("resend requested to destination {destination}")
             } else {
@@ -694,8 +964,9 @@ impl JobStore {
                 JobState::Stored,
                 now,
                 &message,
-                "attempts = 0, last_error = NULL, next_attempt_at = :now, destination_id = :d",
-                named_params! { ":d": destination.as_str() },
+                "attempts = 0, last_error = NULL, next_attempt_at = :now, destination_id = :d,
+                 object_key = :k",
+                named_params! { ":d": destination.as_str(), ":k": object_key },
             )
         })
         .await
@@ -854,6 +1125,123 @@ impl JobStore {
     }
 }
 
+/// Brings a database written by an older uploader up to [`SCHEMA`] (which
+/// then only adds what is missing). Runs inside `open`'s transaction, so a
+/// failed migration changes nothing.
+fn migrate(tx: &Transaction<'_>) -> Result<()> {
+    if !table_exists(tx, "jobs")? {
+        return Ok(()); // a new database: SCHEMA creates everything
+    }
+    let has_object_key = tx
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'object_key'")?
+        .exists([])?;
+    if !has_object_key {
+        migrate_object_keys(tx)?;
+    }
+    Ok(())
+}
+
+/// Version 1 → 2: adds `jobs.object_key` and fills it for existing jobs from
+/// their destination's current prefix. The destinations table lives in the
+/// same database file (`server::bind` opens both on `database`); a job whose
+/// destination is gone keeps NULL (nothing can be sent there any more), as
+/// does a job whose key an older job already holds (ingested before names
+/// were checked): the older one keeps the key, and the newer one's next
+/// attempt or resend registers a key again, which is refused while it is
+/// taken.
+fn migrate_object_keys(tx: &Transaction<'_>) -> Result<()> {
+    tx.execute_batch("ALTER TABLE jobs ADD COLUMN object_key TEXT")?;
+    if !table_exists(tx, "destinations")? {
+        return Ok(());
+    }
+    let rows: Vec<(String, String, String, String)> = {
+        let mut stmt = tx.prepare(
+            "SELECT j.job_id, j.destination_id, j.file_name, d.prefix
+             FROM jobs j JOIN destinations d ON d.destination_id = j.destination_id
+             ORDER BY j.created_at, j.rowid",
+        )?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut holders = std::collections::HashMap::new();
+    for (job_id, destination_id, file_name, prefix) in rows {
+        let Ok(key) = crate::destination::object_key(&prefix, &file_name) else {
+            continue; // a name or prefix no delivery can use; it never reaches the destination
+        };
+        match holders.entry((destination_id, key)) {
+            std::collections::hash_map::Entry::Occupied(held) => {
+                let (destination_id, key) = held.key();
+                tracing::warn!(
+                    %job_id,
+                    holder = %held.get(),
+                    %destination_id,
+                    %key,
+                    "two jobs were ingested with the same object key; the older keeps it, and this job cannot be delivered there (it would overwrite the other) until it is resent elsewhere"
+                );
+            }
+            std::collections::hash_map::Entry::Vacant(free) => {
+                tx.execute(
+                    "UPDATE jobs SET object_key = :k WHERE job_id = :id",
+                    named_params! { ":k": free.key().1, ":id": job_id },
+                )?;
+                free.insert(job_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table_exists(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?
+        .exists([name])?)
+}
+
+/// Jobs other than `:except` holding key `:k` at destination `:d`: a probe
+/// of the unique index `jobs_by_object_key`.
+const KEY_CONDITION: &str =
+    "destination_id = :d AND object_key = :k AND (:except IS NULL OR job_id <> :except)";
+
+/// The first job other than `except` whose objects a delivery under `key`
+/// to `destination` would overwrite, or that would overwrite its objects:
+/// the same key, or one's key being the other's `<key>.sha256` sidecar.
+/// Each lookup is one probe of `jobs_by_object_key`. Call it inside the
+/// IMMEDIATE transaction that then writes the key, so no other writer can
+/// take the key in between.
+fn key_conflict(
+    conn: &Connection,
+    destination: &DestinationId,
+    key: &str,
+    except: Option<JobId>,
+) -> Result<Option<Box<KeyConflict>>> {
+    let sidecar = crate::destination::sidecar_name(key);
+    let mut probes = vec![(key.to_owned(), Clash::SameKey)];
+    probes.push((sidecar, Clash::SidecarOverwritesRecording));
+    if let Some(recording) = key.strip_suffix(".sha256") {
+        probes.push((recording.to_owned(), Clash::RecordingOverwritesSidecar));
+    }
+    let except = except.map(|id| id.to_string());
+    for (probe, clash) in probes {
+        let other = select_one(
+            conn,
+            KEY_CONDITION,
+            named_params! { ":d": destination.as_str(), ":k": probe, ":except": except },
+        )?;
+        if let Some(other) = other {
+            return Ok(Some(Box::new(KeyConflict {
+                destination_id: destination.clone(),
+                key: key.to_owned(),
+                clash,
+                other_job_id: other.job_id,
+                other_recording_id: other.recording_id,
+                other_file_name: other.file_name,
+                other_state: other.state,
+            })));
+        }
+    }
+    Ok(None)
+}
+
 /// Checks and applies `→ to`, sets `set` (extra `col = :param` assignments
 /// using `params`), and writes the history line. Returns the updated job.
 fn transition(
@@ -914,7 +1302,7 @@ fn add_event(
 const COLUMNS: &str = "job_id, tenant_id, recording_id, destination_id, file_name, content_type,
     backup_path, sha256, size, state, attempts, last_error, location, verified_by,
     next_attempt_at, created_at, updated_at, backup_corrupt, backup_deleted,
-    multipart_upload_id, request_id";
+    multipart_upload_id, request_id, object_key";
 
 fn get_tx(conn: &Connection, job_id: JobId) -> Result<Job> {
     select_one(
@@ -1013,6 +1401,7 @@ fn job_from_row(row: &Row<'_>) -> Result<Job> {
         backup_deleted: row.get("backup_deleted")?,
         multipart_upload_id: row.get("multipart_upload_id")?,
         request_id: row.get("request_id")?,
+        object_key: row.get("object_key")?,
         bytes_sent: 0,
     })
 }
@@ -1045,4 +1434,33 @@ fn now_ms() -> i64 {
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The name check is an index probe, not a scan of every job.
+    #[test]
+    fn key_lookup_uses_the_object_key_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path().join("jobs.db")).unwrap();
+        let conn = store.inner.conn.lock().unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN SELECT {COLUMNS} FROM jobs WHERE {KEY_CONDITION}");
+        let mut stmt = conn.prepare(&sql).unwrap();
+        let plan: Vec<String> = stmt
+            .query_map(
+                named_params! { ":d": "d", ":k": "k", ":except": None::<String> },
+                |r| r.get(3),
+            )
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("USING INDEX jobs_by_object_key")),
+            "{plan:?}"
+        );
+    }
 }

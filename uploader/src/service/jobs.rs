@@ -9,7 +9,8 @@ use tokio::{io::AsyncReadExt, sync::broadcast::error::RecvError};
 use tonic::{Request, Response, Status};
 
 use super::{Role, Shared};
-use crate::jobs::{DestinationId, JobFilter, JobId, JobState, TenantId};
+use crate::destination::object_key;
+use crate::jobs::{DestinationId, JobFilter, JobId, JobState, Resend, TenantId};
 
 /// FetchBackup chunk size (well under the 4 MiB gRPC message default).
 const FETCH_CHUNK: usize = 1024 * 1024;
@@ -134,8 +135,8 @@ impl pb::jobs_server::Jobs for JobsService {
         self.shared.authorize(&request, Role::Manager)?;
         let r = request.into_inner();
         let id = job_id(&r.job_id)?;
-        let destination = match r.destination_id.as_str() {
-            "" => None,
+        let resend = match r.destination_id.as_str() {
+            "" => Resend::default(),
             d => {
                 let job = self.shared.jobs.get(id).await?;
                 let record = self
@@ -143,18 +144,26 @@ impl pb::jobs_server::Jobs for JobsService {
                     .destinations
                     .get(d)
                     .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
-                if record.is_none_or(|rec| rec.tenant_id != job.tenant_id.as_str()) {
+                let Some(record) = record.filter(|rec| rec.tenant_id == job.tenant_id.as_str())
+                else {
                     return Err(Status::failed_precondition(format!(
                         "destination_id {d:?} is not a destination of tenant {}",
                         job.tenant_id
                     )));
-                }
-                Some(DestinationId::parse(d).map_err(|e| {
+                };
+                let destination = DestinationId::parse(d).map_err(|e| {
                     Status::invalid_argument(format!("destination_id: {}", e.problem()))
-                })?)
+                })?;
+                // The key there, checked against the other recordings there in
+                // the transaction that moves the job (FAILED_PRECONDITION if
+                // taken). An unusable prefix is left to the attempt to report.
+                Resend {
+                    destination: Some(destination),
+                    object_key: object_key(&record.config.prefix, job.file_name.as_str()).ok(),
+                }
             }
         };
-        let job = self.shared.jobs.resend(id, destination).await?;
+        let job = self.shared.jobs.resend_to(id, resend).await?;
         self.shared.wake.notify_one();
         Ok(Response::new(job.to_proto()))
     }

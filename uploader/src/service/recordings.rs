@@ -5,13 +5,16 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use recvault_proto::uploader::v1::{
-    UploadRequest, UploadResponse, recordings_server, upload_request::Part,
+    UploadHeader, UploadRequest, UploadResponse, recordings_server, upload_request::Part,
 };
 use recvault_runtime::logging;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Role, Shared};
+use crate::destination::object_key;
+use crate::destination_store::DestinationRecord;
 use crate::ingest;
+use crate::jobs::{DestinationId, FileName, RecordingId, TenantId};
 
 #[derive(Debug, Clone)]
 pub struct RecordingsService {
@@ -21,6 +24,40 @@ pub struct RecordingsService {
 impl RecordingsService {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// The key `destination` would write this recording under, once checked
+    /// that no other recording holds it there (ALREADY_EXISTS otherwise).
+    /// `None` when a header field is invalid or the key cannot be formed:
+    /// `ingest::receive` refuses the former, the first attempt the latter.
+    async fn check_name(
+        &self,
+        header: &UploadHeader,
+        destination: &DestinationRecord,
+    ) -> Result<Option<String>, Status> {
+        let parsed = (
+            TenantId::parse(header.tenant_id.clone()),
+            RecordingId::parse(header.recording_id.clone()),
+            FileName::parse(header.file_name.clone()),
+            DestinationId::parse(header.destination_id.clone()),
+        );
+        let (Ok(tenant_id), Ok(recording_id), Ok(file_name), Ok(destination_id)) = parsed else {
+            return Ok(None);
+        };
+        let Ok(key) = object_key(&destination.config.prefix, file_name.as_str()) else {
+            return Ok(None);
+        };
+        self.shared
+            .jobs
+            .check_object_key(
+                tenant_id,
+                recording_id,
+                file_name,
+                destination_id,
+                key.clone(),
+            )
+            .await?;
+        Ok(Some(key))
     }
 }
 
@@ -33,20 +70,25 @@ impl recordings_server::Recordings for RecordingsService {
         self.shared.authorize(&request, Role::Recorder)?;
         let request_id = logging::request_id(&request);
         let mut stream = request.into_inner();
-        // Check the destination before taking any bytes, so a wrong id fails fast.
+        // Check the destination, and that no other recording uses the file
+        // name there, before taking any bytes, so a refusal comes at once
+        // and nothing is stored.
         let limits = &self.shared.ingest_limits;
         let first = ingest::next_message(&mut stream, limits, 0)
             .await?
             .ok_or_else(|| {
                 Status::invalid_argument("empty stream: send an UploadHeader first")
             })??;
+        let mut object_key = None;
         if let Some(Part::Header(header)) = &first.part {
             let destination = self
                 .shared
                 .destinations
                 .get(&header.destination_id)
                 .map_err(|e| Status::unavailable(format!("reading destinations: {e}")))?;
-            if destination.is_none_or(|d| d.tenant_id != header.tenant_id)
+            if destination
+                .as_ref()
+                .is_none_or(|d| d.tenant_id != header.tenant_id)
                 && !header.destination_id.is_empty()
             {
                 return Err(Status::failed_precondition(format!(
@@ -54,11 +96,19 @@ impl recordings_server::Recordings for RecordingsService {
                     header.destination_id, header.tenant_id
                 )));
             }
+            if let Some(destination) = destination {
+                object_key = self.check_name(header, &destination).await?;
+            }
         }
         let rest = futures_util::stream::iter([Ok(first)]).chain(stream);
         let received = ingest::receive(Box::pin(rest), &self.shared.backups, limits).await?;
         let new_job = received.new_job(Some(request_id.clone()));
-        let (job, created) = match self.shared.jobs.create_or_get(new_job).await {
+        let (job, created) = match self
+            .shared
+            .jobs
+            .create_or_get_with_key(new_job, object_key)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = self.shared.backups.delete(&received.backup.path).await;
