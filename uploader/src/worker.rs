@@ -5,10 +5,7 @@
 //! backup. Never uploads a backup whose hash changed.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -275,11 +272,13 @@ impl Worker {
         let progress_jobs = self.jobs.clone();
         let progress_job = job.clone();
         let progress = move |sent: u64| progress_jobs.publish_progress(&progress_job, sent);
-        let started_multipart = Arc::new(AtomicBool::new(false));
-        let on_started = record_upload_id(self.jobs.clone(), job.job_id, started_multipart.clone());
+        let recorded: RecordedUpload = Arc::new(Mutex::new(job.multipart_upload_id.clone()));
+        let on_started = record_upload_id(self.jobs.clone(), job.job_id, recorded.clone());
+        let on_closed = forget_upload_id(self.jobs.clone(), job.job_id, recorded.clone());
         let hooks = DeliveryHooks {
             progress: &progress,
             on_multipart_started: &on_started,
+            on_multipart_closed: &on_closed,
             resume_upload_id: job.multipart_upload_id.as_deref(),
         };
         let object = ObjectInfo {
@@ -301,8 +300,11 @@ impl Worker {
             permanent: e.is_permanent(),
             message: e.to_string(),
         })?;
-        // A completed multipart upload must not be "resumed" by a later resend.
-        if job.multipart_upload_id.is_some() || started_multipart.load(Ordering::Acquire) {
+        // A completed multipart upload must not be "resumed" by a later
+        // resend. The closed hook normally forgot it already; this covers a
+        // hook whose commit failed.
+        let still_recorded = recorded.lock().map_or(true, |r| r.is_some());
+        if still_recorded {
             let _ = self.jobs.set_multipart_upload_id(job.job_id, None).await;
         }
         let verified_by = match delivery.verified_by {
@@ -313,24 +315,30 @@ impl Worker {
     }
 }
 
+/// The multipart upload id the job's row may hold, as one attempt last
+/// wrote it (or `None` once it was forgotten).
+type RecordedUpload = Arc<Mutex<Option<String>>>;
+
 /// The `on_multipart_started` hook of one attempt: commits the new upload id
 /// to the job row (a SQLite transaction with a full fsync, run on the blocking
 /// pool by [`JobStore`]) and resolves only once it is durable, so the
 /// destination sends no part of an upload a restart would not know about.
 /// A failed commit fails the hook: the destination aborts the new upload and
-/// the attempt fails as transient. `started` is set once an id was recorded.
+/// the attempt fails as transient. `recorded` holds the id from then on.
 fn record_upload_id(
     jobs: JobStore,
     job_id: JobId,
-    started: Arc<AtomicBool>,
+    recorded: RecordedUpload,
 ) -> impl Fn(String) -> HookFuture + Send + Sync {
     move |upload_id: String| -> HookFuture {
         let jobs = jobs.clone();
-        let started = started.clone();
+        let recorded = recorded.clone();
         Box::pin(async move {
             // Set before the write: if the commit's outcome is unknown, the
             // row is cleared after a successful delivery all the same.
-            started.store(true, Ordering::Release);
+            if let Ok(mut r) = recorded.lock() {
+                *r = Some(upload_id.clone());
+            }
             match jobs.set_multipart_upload_id(job_id, Some(upload_id)).await {
                 Ok(_) => Ok(()),
                 Err(error) => {
@@ -342,11 +350,36 @@ fn record_upload_id(
     }
 }
 
+/// The `on_multipart_closed` hook of one attempt: the provider no longer
+/// holds the upload (completed, or aborted after a permanent error), so its id
+/// is cleared from the job row, if the row still holds that id. Without it a
+/// RETAINED job would keep an id whose upload is gone, and a resend to
+/// another destination would be refused as if it were open.
+fn forget_upload_id(
+    jobs: JobStore,
+    job_id: JobId,
+    recorded: RecordedUpload,
+) -> impl Fn(String) -> HookFuture + Send + Sync {
+    move |upload_id: String| -> HookFuture {
+        let jobs = jobs.clone();
+        let recorded = recorded.clone();
+        Box::pin(async move {
+            jobs.clear_multipart_upload_id(job_id, upload_id.clone())
+                .await?;
+            if let Ok(mut r) = recorded.lock()
+                && r.as_deref() == Some(upload_id.as_str())
+            {
+                *r = None;
+            }
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::sync::Mutex;
     use std::time::Instant;
 
     use super::*;
@@ -467,8 +500,8 @@ mod tests {
         .await;
         server.create_bucket("media");
 
-        let started = Arc::new(AtomicBool::new(false));
-        let on_started = record_upload_id(jobs.clone(), job_id, started.clone());
+        let recorded: RecordedUpload = Arc::default();
+        let on_started = record_upload_id(jobs.clone(), job_id, recorded.clone());
         let hooks = DeliveryHooks {
             on_multipart_started: &on_started,
             ..DeliveryHooks::default()
@@ -494,7 +527,10 @@ mod tests {
                 "a part arrived while the store was locked"
             );
         }
-        assert!(started.load(Ordering::Acquire));
+        assert_eq!(
+            recorded.lock().unwrap().as_deref(),
+            Some(upload_id.as_str())
+        );
         let history = jobs.history(job_id).await.unwrap();
         assert!(
             history
@@ -515,8 +551,7 @@ mod tests {
         let server = S3Server::start().await;
         server.create_bucket("media");
 
-        let started = Arc::new(AtomicBool::new(false));
-        let on_started = record_upload_id(jobs.clone(), JobId::new_random(), started);
+        let on_started = record_upload_id(jobs.clone(), JobId::new_random(), Arc::default());
         let hooks = DeliveryHooks {
             on_multipart_started: &on_started,
             ..DeliveryHooks::default()

@@ -284,14 +284,23 @@ async fn large_file_goes_multipart_and_is_verified_by_read_back() {
         started_ids.lock().unwrap().push(id);
         Box::pin(async { Ok(()) })
     };
+    let closed = Arc::new(Mutex::new(Vec::new()));
+    let closed_ids = Arc::clone(&closed);
+    let on_closed = move |id: String| -> HookFuture {
+        closed_ids.lock().unwrap().push(id);
+        Box::pin(async { Ok(()) })
+    };
     let seen = Mutex::new(Vec::new());
     let progress = |n: u64| seen.lock().unwrap().push(n);
     let hooks = DeliveryHooks {
         progress: &progress,
         on_multipart_started: &on_started,
+        on_multipart_closed: &on_closed,
         resume_upload_id: None,
     };
     let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    // Completed: reported closed, so the job may forget the id.
+    assert_eq!(*closed.lock().unwrap(), *started.lock().unwrap());
 
     // s3s-fs keeps no whole-object checksum for multipart: read-back it is.
     assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
@@ -491,6 +500,61 @@ async fn failing_upload_id_hook_aborts_the_upload() {
     assert!(err.to_string().contains("job store is read-only"), "{err}");
     assert_eq!(server.requests_of("AbortMultipartUpload").len(), 1);
     assert!(server.requests_of("UploadPart").is_empty());
+}
+
+/// A permanent error mid-multipart (the part is refused: AccessDenied)
+/// aborts the upload; `on_multipart_closed` reports its id only when the
+/// abort worked. When the abort is refused too, the upload still exists and
+/// is not reported, so whoever recorded the id keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_is_reported_closed_only_when_the_abort_worked() {
+    for abort_refused in [false, true] {
+        let mut deny = std::collections::HashSet::from(["UploadPart"]);
+        if abort_refused {
+            deny.insert("AbortMultipartUpload");
+        }
+        let server = S3Server::start_with(S3ServerOptions {
+            deny,
+            ..S3ServerOptions::default()
+        })
+        .await;
+        server.create_bucket("media");
+        let work = tempfile::tempdir().unwrap();
+        let (source, info) = recording(work.path(), "denied.mp4", 17 * MIB, 7);
+        let destination = s3_destination(&server, "media", S3Options::default());
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let (started_ids, closed_ids) = (Arc::clone(&started), Arc::clone(&closed));
+        let on_started = move |id: String| -> HookFuture {
+            started_ids.lock().unwrap().push(id);
+            Box::pin(async { Ok(()) })
+        };
+        let on_closed = move |id: String| -> HookFuture {
+            closed_ids.lock().unwrap().push(id);
+            Box::pin(async { Ok(()) })
+        };
+        let hooks = DeliveryHooks {
+            on_multipart_started: &on_started,
+            on_multipart_closed: &on_closed,
+            ..DeliveryHooks::default()
+        };
+        let err = destination
+            .deliver(&source, &info, &hooks)
+            .await
+            .unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+        let started = started.lock().unwrap().clone();
+        assert_eq!(started.len(), 1);
+        let id = &started[0];
+        assert_eq!(server.requests_of("AbortMultipartUpload").len(), 1);
+        if abort_refused {
+            assert!(closed.lock().unwrap().is_empty());
+            assert!(server.upload_in_progress(id));
+        } else {
+            assert_eq!(*closed.lock().unwrap(), started);
+            assert!(!server.upload_in_progress(id));
+        }
+    }
 }
 
 /// Uploads in progress for `bucket`, as (key, upload id), listed by the

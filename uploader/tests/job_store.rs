@@ -626,6 +626,7 @@ async fn object_keys_are_unique_per_destination() {
             Resend {
                 destination: Some(DestinationId::parse("dest-1").unwrap()),
                 object_key: key(),
+                ..Resend::default()
             },
         )
         .await
@@ -771,5 +772,84 @@ async fn version_1_database_is_migrated_with_object_keys() {
             .object_key
             .as_deref(),
         Some("rec/x.mp4")
+    );
+}
+
+/// A multipart upload id is forgotten only by its own id: closing another
+/// id changes nothing, closing it clears it. A resend elsewhere is refused
+/// while an id is recorded, unless the caller released exactly that id
+/// (aborted it), which clears it with the caller's history line.
+#[tokio::test]
+async fn multipart_upload_ids_are_forgotten_only_by_their_id() {
+    let f = Fixture::new();
+    let id = f.create("acme", "rec-1", b"payload").await.job_id;
+    f.jobs.claim_due(now(), 1).await.unwrap();
+    f.jobs
+        .set_multipart_upload_id(id, Some("mp-1".into()))
+        .await
+        .unwrap();
+    let job = f
+        .jobs
+        .clear_multipart_upload_id(id, "mp-other".into())
+        .await
+        .unwrap();
+    assert_eq!(job.multipart_upload_id.as_deref(), Some("mp-1"));
+    let job = f
+        .jobs
+        .clear_multipart_upload_id(id, "mp-1".into())
+        .await
+        .unwrap();
+    assert_eq!(job.multipart_upload_id, None);
+
+    f.jobs
+        .set_multipart_upload_id(id, Some("mp-2".into()))
+        .await
+        .unwrap();
+    f.jobs
+        .mark_retained(id, "AccessDenied".into())
+        .await
+        .unwrap();
+    let elsewhere = || Some(DestinationId::parse("dest-2").unwrap());
+    let released = |upload_id: &str| recvault_uploader::jobs::ReleasedUpload {
+        upload_id: upload_id.into(),
+        message: format!("multipart upload {upload_id} aborted before the resend"),
+    };
+    for refused in [None, Some(released("mp-other"))] {
+        let err = f
+            .jobs
+            .resend_to(
+                id,
+                Resend {
+                    destination: elsewhere(),
+                    released_upload: refused,
+                    ..Resend::default()
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("mp-2"), "{err}");
+        assert_eq!(tonic::Status::from(err).code(), Code::FailedPrecondition);
+    }
+    let resent = f
+        .jobs
+        .resend_to(
+            id,
+            Resend {
+                destination: elsewhere(),
+                released_upload: Some(released("mp-2")),
+                ..Resend::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(resent.state, JobState::Stored);
+    assert_eq!(resent.multipart_upload_id, None);
+    assert_eq!(resent.destination_id.as_str(), "dest-2");
+    let history = f.jobs.history(id).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.message == "multipart upload mp-2 aborted before the resend"),
+        "{history:?}"
     );
 }

@@ -6,6 +6,9 @@
 //! the in-process S3 server's credential.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/s3.rs"]
+mod s3_server;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +72,7 @@ struct Rig {
     certs: PathBuf,
     addr: SocketAddr,
     shared: Arc<Shared>,
+    vault: StandInVault,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -135,6 +139,7 @@ impl Rig {
             certs,
             addr,
             shared,
+            vault,
             stop: Some(stop),
             server: Some(server),
         }
@@ -170,6 +175,28 @@ impl Rig {
             provider: "fs".into(),
             bucket: directory.display().to_string(),
             prefix: prefix.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// An S3 destination on `server`'s `bucket`, with its credential in the vault.
+    async fn put_s3_destination(&self, name: &str, server: &s3_server::S3Server) -> String {
+        let credential_id = format!("cred-{name}");
+        self.vault
+            .secrets
+            .lock()
+            .unwrap()
+            .insert(credential_id.clone(), server.credential_json().into_bytes());
+        self.put_destination(up::PutDestinationRequest {
+            tenant_id: TENANT.into(),
+            name: name.into(),
+            provider: "s3".into(),
+            endpoint: server.endpoint.clone(),
+            region: "us-east-1".into(),
+            bucket: "media".into(),
+            path_style: true,
+            credential_id,
             ..Default::default()
         })
         .await
@@ -642,5 +669,126 @@ async fn an_attempt_never_writes_a_key_another_recording_holds() {
     assert_eq!(
         rig.stored_job(&second.job_id).await.object_key.as_deref(),
         Some("b/x.mp4")
+    );
+}
+
+/// A multipart delivery to S3 that fails permanently mid-way (the provider
+/// refuses the parts: AccessDenied) is RETAINED; its upload was aborted, so
+/// the job no longer records it, and a resend to another destination is
+/// accepted and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_multipart_upload_is_forgotten_and_resend_elsewhere_works() {
+    let rig = Rig::start().await;
+    let s3 = s3_server::S3Server::start_with(s3_server::S3ServerOptions {
+        deny: ["UploadPart"].into(),
+        ..Default::default()
+    })
+    .await;
+    s3.create_bucket("media");
+    let destination = rig.put_s3_destination("s3", &s3).await;
+    let data = bytes(6 * MIB, 9);
+    let reply = rig
+        .upload(&destination, "rec-1", "long.mp4", &data)
+        .await
+        .unwrap();
+    let job = rig.wait_state(&reply.job_id, up::JobState::Retained).await;
+    assert!(job.last_error.contains("AccessDenied"), "{job:?}");
+    assert_eq!(s3.requests_of("CreateMultipartUpload").len(), 1);
+    let aborted = s3.requests_of("AbortMultipartUpload");
+    assert_eq!(aborted.len(), 1);
+    let upload_id = aborted[0].query_param("uploadId").unwrap().to_owned();
+    assert!(!s3.upload_in_progress(&upload_id));
+    assert_eq!(
+        rig.stored_job(&reply.job_id).await.multipart_upload_id,
+        None
+    );
+
+    let elsewhere = rig.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let fs = rig.put_fs_destination("fs", &elsewhere, "").await;
+    rig.jobs()
+        .resend_job(up::ResendJobRequest {
+            job_id: reply.job_id.clone(),
+            destination_id: fs,
+        })
+        .await
+        .unwrap();
+    rig.wait_state(&reply.job_id, up::JobState::Delivered).await;
+    assert!(std::fs::read(elsewhere.join("long.mp4")).unwrap() == data);
+}
+
+/// When the abort itself is refused, the upload may still exist: the job
+/// keeps its id (RETAINED). ResendJob to another destination first aborts
+/// it at the original destination with that destination's credential; while
+/// the provider still refuses, the resend is FAILED_PRECONDITION naming the
+/// upload and the id stays; once the abort works the resend goes through,
+/// the upload is gone and the recording is delivered elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
+    let rig = Rig::start().await;
+    let s3 = s3_server::S3Server::start_with(s3_server::S3ServerOptions {
+        deny: ["UploadPart", "AbortMultipartUpload"].into(),
+        ..Default::default()
+    })
+    .await;
+    s3.create_bucket("media");
+    let destination = rig.put_s3_destination("s3", &s3).await;
+    let data = bytes(6 * MIB, 10);
+    let reply = rig
+        .upload(&destination, "rec-1", "long.mp4", &data)
+        .await
+        .unwrap();
+    rig.wait_state(&reply.job_id, up::JobState::Retained).await;
+    let created = s3.requests_of("CreateMultipartUpload");
+    assert_eq!(created.len(), 1);
+    let upload_id = rig
+        .stored_job(&reply.job_id)
+        .await
+        .multipart_upload_id
+        .expect("an upload whose abort failed is kept");
+    assert!(s3.upload_in_progress(&upload_id));
+
+    let elsewhere = rig.dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let fs = rig.put_fs_destination("fs", &elsewhere, "").await;
+    let resend = || {
+        let mut jobs = rig.jobs();
+        let request = up::ResendJobRequest {
+            job_id: reply.job_id.clone(),
+            destination_id: fs.clone(),
+        };
+        async move { jobs.resend_job(request).await }
+    };
+    let status = resend().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_names(
+        &status,
+        &[&upload_id, "could not be aborted", "AccessDenied", "kept"],
+    );
+    assert!(s3.upload_in_progress(&upload_id));
+    let job = rig.stored_job(&reply.job_id).await;
+    assert_eq!(job.multipart_upload_id.as_deref(), Some(upload_id.as_str()));
+    assert_eq!(job.destination_id.as_str(), destination);
+
+    s3.set_denied(&["UploadPart"]);
+    resend().await.unwrap();
+    assert!(!s3.upload_in_progress(&upload_id));
+    rig.wait_state(&reply.job_id, up::JobState::Delivered).await;
+    assert!(std::fs::read(elsewhere.join("long.mp4")).unwrap() == data);
+    let history = rig
+        .jobs()
+        .get_job_history(up::GetJobRequest {
+            job_id: reply.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history
+            .events
+            .iter()
+            .any(|e| e.message.contains(&upload_id)
+                && e.message.contains("aborted before the resend")),
+        "{history:?}"
     );
 }

@@ -158,6 +158,13 @@ pub struct DeliveryHooks<'a> {
     /// (transient). Blocking work (a SQLite commit) belongs on the blocking
     /// pool, not on the async runtime's worker threads.
     pub on_multipart_started: &'a (dyn Fn(String) -> HookFuture + Send + Sync),
+    /// Called with a multipart upload id once the provider no longer holds
+    /// that upload: it was completed, or an abort succeeded (or found it
+    /// gone). Awaited; the id may then be forgotten (cleared from the job),
+    /// so a later resend elsewhere is not held up by it. Never called for an
+    /// upload whose abort failed: that id must be kept, since the upload
+    /// (and its billed parts) may still exist. An error is only logged.
+    pub on_multipart_closed: &'a (dyn Fn(String) -> HookFuture + Send + Sync),
     /// A multipart upload id persisted by an earlier attempt: parts already
     /// uploaded with the right size (and CRC-32 when the provider reports one)
     /// are kept. If the upload no longer exists a new one is started.
@@ -175,6 +182,7 @@ impl Default for DeliveryHooks<'_> {
         Self {
             progress: &no_progress,
             on_multipart_started: &no_multipart_hook,
+            on_multipart_closed: &no_multipart_hook,
             resume_upload_id: None,
         }
     }

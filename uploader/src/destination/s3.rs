@@ -408,7 +408,7 @@ impl S3Destination {
                 // Nothing to keep. Starting afresh also covers providers that
                 // list an unknown upload as empty instead of answering 404
                 // NoSuchUpload (s3s-fs does, then refuses its parts with 403).
-                Ok(_) => self.abort_quietly(key, id).await,
+                Ok(_) => self.abort_and_report(key, id, hooks).await,
                 Err(e) if e.http_status() == Some(404) => {
                     tracing::info!(location = %self.location(key), "earlier multipart upload is gone; starting a new one");
                 }
@@ -422,7 +422,7 @@ impl S3Destination {
                 let id = self.create_multipart(object, key).await?;
                 // Durable before any part is sent (the hook commits the id).
                 if let Err(e) = (hooks.on_multipart_started)(id.clone()).await {
-                    self.abort_quietly(key, &id).await;
+                    self.abort_and_report(key, &id, hooks).await;
                     return Err(DeliveryError::Hook {
                         location: self.location(key),
                         message: e.to_string(),
@@ -435,13 +435,30 @@ impl S3Destination {
         let result = self
             .upload_and_complete(source, object, key, &upload_id, part_size, existing, hooks)
             .await;
-        if let Err(e) = &result
-            && e.is_permanent()
-        {
-            // Nobody will resume it: do not leave parts behind (they are billed).
-            self.abort_quietly(key, &upload_id).await;
+        match &result {
+            // Completed: the provider holds no upload under this id any more.
+            Ok(()) => report_closed(hooks, &upload_id).await,
+            // Nobody will resume it: do not leave parts behind (they are
+            // billed). Only an abort that worked lets the id be forgotten.
+            Err(e) if e.is_permanent() => self.abort_and_report(key, &upload_id, hooks).await,
+            // Retried: the next attempt resumes it.
+            Err(_) => {}
         }
         result
+    }
+
+    /// Aborts `upload_id`; once that worked, tells `on_multipart_closed`. A
+    /// failed abort is logged and the id is not reported, so it is kept.
+    async fn abort_and_report(&self, key: &str, upload_id: &str, hooks: &DeliveryHooks<'_>) {
+        match self.abort_multipart(key, upload_id).await {
+            Ok(()) => report_closed(hooks, upload_id).await,
+            Err(e) => tracing::warn!(
+                location = %self.location(key),
+                %upload_id,
+                error = %e,
+                "could not abort a multipart upload; it is not reported closed, so a job that recorded its id keeps it for a resend or the next attempt to abort or resume"
+            ),
+        }
     }
 
     /// Aborts every multipart upload still in progress for exactly `key`,
@@ -960,12 +977,6 @@ impl S3Destination {
         }
     }
 
-    async fn abort_quietly(&self, key: &str, upload_id: &str) {
-        if let Err(e) = self.abort_multipart(key, upload_id).await {
-            tracing::warn!(error = %e, "could not abort a multipart upload; it must be aborted later");
-        }
-    }
-
     fn sdk_error<E>(
         &self,
         err: SdkError<E, HttpResponse>,
@@ -976,6 +987,14 @@ impl S3Destination {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         sdk_error(err, operation, self.location_with_endpoint(key))
+    }
+}
+
+/// Awaits `on_multipart_closed` for `upload_id`; its error is only logged
+/// (the id then stays recorded, which costs at most a needless abort later).
+async fn report_closed(hooks: &DeliveryHooks<'_>, upload_id: &str) {
+    if let Err(error) = (hooks.on_multipart_closed)(upload_id.to_owned()).await {
+        tracing::warn!(%upload_id, %error, "recording that a multipart upload is closed failed");
     }
 }
 

@@ -14,5 +14,6 @@ pub use ids::{
 pub use retry::RetryPolicy;
 pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
 pub use store::{
-    Clash, Job, JobEvent, JobFilter, JobStore, JobStoreError, KeyConflict, NewJob, Resend,
+    Clash, Job, JobEvent, JobFilter, JobStore, JobStoreError, KeyConflict, NewJob, ReleasedUpload,
+    Resend,
 };

@@ -375,6 +375,20 @@ pub struct Resend {
     /// against every other job there. `None`: kept when the destination
     /// stays, otherwise registered at the next attempt.
     pub object_key: Option<String>,
+    /// The multipart upload the job records at its current destination,
+    /// which the caller has dealt with before moving the job elsewhere
+    /// (aborted it there). Cleared only if the job still records this id.
+    pub released_upload: Option<ReleasedUpload>,
+}
+
+/// A multipart upload a resend may forget: the id, and the history line that
+/// says what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleasedUpload {
+    /// The upload id.
+    pub upload_id: String,
+    /// For the job's history, e.g. "multipart upload … aborted at destination …".
+    pub message: String,
 }
 
 /// Which jobs `list` returns.
@@ -882,6 +896,35 @@ impl JobStore {
         .await
     }
 
+    /// Forgets `upload_id` once the provider no longer holds that upload
+    /// (completed, or aborted). Only that id: if the job meanwhile records
+    /// another (or none), nothing changes.
+    pub async fn clear_multipart_upload_id(&self, job_id: JobId, upload_id: String) -> Result<Job> {
+        let mut jobs = self
+            .run_publish(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let job = get_tx(&tx, job_id)?;
+                if job.multipart_upload_id.as_deref() != Some(upload_id.as_str()) {
+                    return Ok(Vec::new());
+                }
+                let now = now_ms();
+                tx.execute(
+                    "UPDATE jobs SET multipart_upload_id = NULL, updated_at = :now WHERE job_id = :id",
+                    named_params! { ":now": now, ":id": job_id.to_string() },
+                )?;
+                let message = format!("multipart upload {upload_id} completed or aborted");
+                add_event(&tx, job_id, now, job.state, &message)?;
+                let job = get_tx(&tx, job_id)?;
+                tx.commit()?;
+                Ok(vec![job])
+            })
+            .await?;
+        match jobs.pop() {
+            Some(job) => Ok(job),
+            None => self.get(job_id).await,
+        }
+    }
+
     /// RETAINED | RETRYING → STORED, due now, attempts reset, optionally to
     /// another destination (the caller checks it belongs to the tenant).
     /// Shorthand for [`JobStore::resend_to`] without an object key.
@@ -909,6 +952,7 @@ impl JobStore {
             let Resend {
                 destination,
                 object_key,
+                released_upload,
             } = resend;
             let job = get_tx(tx, job_id)?;
             check_transition(job.state, JobState::Stored)
@@ -935,11 +979,25 @@ impl JobStore {
             let changes_destination = destination
                 .as_ref()
                 .is_some_and(|d| *d != job.destination_id);
-            if changes_destination && job.multipart_upload_id.is_some() {
-                return refuse(
-                    "a multipart upload at its current destination is still open; resend to the same destination, or retry once the uploader has aborted it"
-                        .to_owned(),
-                );
+            let released = released_upload
+                .filter(|r| job.multipart_upload_id.as_deref() == Some(r.upload_id.as_str()));
+            if changes_destination
+                && let Some(open) = &job.multipart_upload_id
+                && released.is_none()
+            {
+                return refuse(format!(
+                    "multipart upload {open} at its current destination {} is still open and \
+                     would be orphaned; resend again (ResendJob aborts it first), or resend to \
+                     the same destination, which resumes it",
+                    job.destination_id
+                ));
+            }
+            if let Some(released) = &released {
+                tx.execute(
+                    "UPDATE jobs SET multipart_upload_id = NULL WHERE job_id = :id",
+                    named_params! { ":id": job_id.to_string() },
+                )?;
+                add_event(tx, job_id, now, job.state, &released.message)?;
             }
             let destination = destination.unwrap_or(job.destination_id);
             // A key at the old destination means nothing at the new one.

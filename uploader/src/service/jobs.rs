@@ -9,8 +9,11 @@ use tokio::{io::AsyncReadExt, sync::broadcast::error::RecvError};
 use tonic::{Request, Response, Status};
 
 use super::{Role, Shared};
-use crate::destination::object_key;
-use crate::jobs::{DestinationId, JobFilter, JobId, JobState, Resend, TenantId};
+use crate::destination::{Destination, Provider, object_key};
+use crate::jobs::{
+    DestinationId, Job, JobFilter, JobId, JobState, ReleasedUpload, Resend, TenantId,
+    check_transition,
+};
 
 /// FetchBackup chunk size (well under the 4 MiB gRPC message default).
 const FETCH_CHUNK: usize = 1024 * 1024;
@@ -23,6 +26,107 @@ pub struct JobsService {
 impl JobsService {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
+    }
+
+    /// Before a job moves to another destination: the multipart upload it
+    /// still records at its current one (an attempt failed permanently and
+    /// could not abort it, or the uploader stopped) is aborted there now,
+    /// with that destination's own credential, so it is neither orphaned
+    /// (its parts are billed) nor blocking the resend. `None` when there is
+    /// none, or when the job may not be resent now (the store refuses that
+    /// with the reason; a running attempt's upload is never touched).
+    ///
+    /// A failed abort refuses the resend and keeps the id: FAILED_PRECONDITION
+    /// when the credential or the provider refused, UNAVAILABLE when the
+    /// vault or the provider could not be reached. When the destination was
+    /// deleted nothing can abort it any more: the id is given up, and the
+    /// job's history and the log say where the upload is.
+    async fn release_open_upload(&self, job: &Job) -> Result<Option<ReleasedUpload>, Status> {
+        let Some(upload_id) = job.multipart_upload_id.clone() else {
+            return Ok(None);
+        };
+        if check_transition(job.state, JobState::Stored).is_err()
+            || job.backup_deleted
+            || job.backup_corrupt
+        {
+            return Ok(None);
+        }
+        let old = job.destination_id.as_str();
+        let record = self
+            .shared
+            .destinations
+            .get(old)
+            .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
+        let key = |prefix: &str| {
+            job.object_key
+                .clone()
+                .or_else(|| object_key(prefix, job.file_name.as_str()).ok())
+                .unwrap_or_else(|| job.file_name.to_string())
+        };
+        let Some(record) = record else {
+            let key = key("");
+            tracing::warn!(job_id = %job.job_id, destination_id = old, %upload_id, %key, "the job's destination was deleted, so its open multipart upload cannot be aborted by the uploader; abort it in the bucket or rely on an AbortIncompleteMultipartUpload lifecycle rule");
+            return Ok(Some(ReleasedUpload {
+                message: format!(
+                    "multipart upload {upload_id} (key {key:?}) at destination {old} given up: that \
+                     destination was deleted, so the uploader cannot abort it; abort it in its \
+                     bucket, or let an AbortIncompleteMultipartUpload lifecycle rule remove it"
+                ),
+                upload_id,
+            }));
+        };
+        let key = key(&record.config.prefix);
+        let still_open = |detail: String, permanent: bool| {
+            let message = format!(
+                "job {}: multipart upload {upload_id} at its current destination {old} (key \
+                 {key:?}) is still open and could not be aborted: {detail}. Its id is kept so the \
+                 upload is not orphaned; fix that and resend again, or resend it to its current \
+                 destination (empty destination_id), which resumes the upload",
+                job.job_id
+            );
+            if permanent {
+                Status::failed_precondition(message)
+            } else {
+                Status::unavailable(message)
+            }
+        };
+        let request_id = job
+            .request_id
+            .clone()
+            .unwrap_or_else(|| job.job_id.to_string());
+        let lease = match record.config.provider {
+            Provider::Fs => None,
+            _ => Some(
+                self.shared
+                    .vault
+                    .acquire(
+                        &record.credential_id,
+                        &format!("abort the multipart upload of job {}", job.job_id),
+                        &request_id,
+                    )
+                    .await
+                    .map_err(|e| still_open(e.to_string(), e.is_permanent()))?,
+            ),
+        };
+        let aborted = match Destination::with_options(
+            &record.config,
+            lease.as_ref().map(|l| l.secret()),
+            self.shared.s3.clone(),
+        ) {
+            Ok(destination) => destination.abort_multipart(&key, &upload_id).await,
+            Err(e) => Err(e),
+        };
+        if let Some(lease) = lease {
+            lease.release().await;
+        }
+        aborted.map_err(|e| still_open(e.to_string(), e.is_permanent()))?;
+        tracing::info!(job_id = %job.job_id, destination_id = old, %upload_id, "aborted the job's open multipart upload before resending it elsewhere");
+        Ok(Some(ReleasedUpload {
+            message: format!(
+                "multipart upload {upload_id} at destination {old} aborted before the resend"
+            ),
+            upload_id,
+        }))
     }
 }
 
@@ -157,9 +261,15 @@ impl pb::jobs_server::Jobs for JobsService {
                 // The key there, checked against the other recordings there in
                 // the transaction that moves the job (FAILED_PRECONDITION if
                 // taken). An unusable prefix is left to the attempt to report.
+                let released_upload = if destination == job.destination_id {
+                    None
+                } else {
+                    self.release_open_upload(&job).await?
+                };
                 Resend {
                     destination: Some(destination),
                     object_key: object_key(&record.config.prefix, job.file_name.as_str()).ok(),
+                    released_upload,
                 }
             }
         };

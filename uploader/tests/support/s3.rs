@@ -1,7 +1,8 @@
 //! An in-process S3 server for tests: s3s-fs 0.14.1 on a temporary directory,
 //! served over real HTTP on `127.0.0.1:0` with SigV4 auth (s3s `SimpleAuth`).
 //! It records each authenticated request's operation and headers (to check
-//! what went on the wire) and can refuse chosen operations with AccessDenied.
+//! what went on the wire) and can refuse chosen operations with AccessDenied
+//! (from the start, or from any moment with [`S3Server::set_denied`]).
 //!
 //! Use from a test crate with `#[path = "support/s3.rs"] mod s3_server;`.
 //! s3s-fs quirks worth knowing (0.14.1): a bucket is a directory under the
@@ -100,6 +101,7 @@ pub struct S3Server {
     pub secret_key: String,
     root: tempfile::TempDir,
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
+    deny: Arc<Mutex<HashSet<&'static str>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -113,7 +115,7 @@ impl std::fmt::Debug for S3Server {
 
 struct Recorder {
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
-    deny: HashSet<&'static str>,
+    deny: Arc<Mutex<HashSet<&'static str>>>,
     on_request: Option<RequestHook>,
 }
 
@@ -167,7 +169,7 @@ impl S3Access for SharedRecorder {
     {
         let operation = cx.s3_op().name().to_owned();
         let authenticated = cx.credentials().is_some();
-        let denied = self.0.deny.contains(operation.as_str());
+        let denied = self.0.deny.lock().unwrap().contains(operation.as_str());
         self.0
             .record(record_of(operation, cx.method(), cx.uri(), cx.headers()));
         Box::pin(async move {
@@ -400,6 +402,7 @@ impl S3Server {
         .to_uppercase();
         let secret_key = format!("sk-{}", uuid::Uuid::new_v4().simple());
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let deny = Arc::new(Mutex::new(options.deny));
 
         let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
         let service = {
@@ -410,7 +413,7 @@ impl S3Server {
             ));
             let recorder = Arc::new(Recorder {
                 requests: Arc::clone(&requests),
-                deny: options.deny,
+                deny: Arc::clone(&deny),
                 on_request: options.on_request,
             });
             if let Some(page) = options.list_multipart_uploads {
@@ -454,6 +457,7 @@ impl S3Server {
             secret_key,
             root,
             requests,
+            deny,
             shutdown: Some(tx),
         }
     }
@@ -495,6 +499,21 @@ impl S3Server {
             .into_iter()
             .filter(|r| r.operation == operation)
             .collect()
+    }
+
+    /// From now on, answers exactly these operations with 403 AccessDenied
+    /// (replacing [`S3ServerOptions::deny`]).
+    pub fn set_denied(&self, operations: &[&'static str]) {
+        *self.deny.lock().unwrap() = operations.iter().copied().collect();
+    }
+
+    /// Whether s3s-fs still holds multipart upload `upload_id` (in progress:
+    /// neither completed nor aborted).
+    pub fn upload_in_progress(&self, upload_id: &str) -> bool {
+        self.root
+            .path()
+            .join(format!(".upload-{upload_id}.json"))
+            .exists()
     }
 
     /// Forgets recorded requests.
