@@ -43,7 +43,7 @@ impl UploaderMetrics {
             ),
             ingest_rejected: c(
                 "recvault_uploader_ingest_rejected_total",
-                "Upload streams refused (bad CRC-32, SHA-256 mismatch, bad header, cut stream).",
+                "Upload streams refused (bad header or destination, file name in use, bad CRC-32, SHA-256 mismatch, cut or idle stream, storage failure).",
             ),
             delivered: c(
                 "recvault_uploader_deliveries_total",

@@ -408,6 +408,16 @@ async fn another_recording_with_the_same_file_name_is_refused_before_any_byte() 
     assert_eq!(rig.job_count().await, 1);
     assert_eq!(files_under(&rig.backup_dir()), backups_before);
     assert_eq!(std::fs::read(&delivered).unwrap(), first_data);
+    // Both refusals are counted, and exported.
+    assert_eq!(rig.shared.metrics.ingest_rejected.get(), 2);
+    assert_eq!(rig.shared.metrics.ingested.get(), 1);
+    let exported = rig.shared.metrics.registry.render();
+    assert!(
+        exported
+            .lines()
+            .any(|l| l == "recvault_uploader_ingest_rejected_total 2"),
+        "{exported}"
+    );
 }
 
 /// The same recording id sent again with the same bytes is still the same
@@ -604,6 +614,7 @@ async fn concurrent_uploads_with_the_same_name_do_not_both_pass() {
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_names(&status, &["\"same.mp4\"", &winner.job_id]);
     assert_eq!(rig.job_count().await, 1);
+    assert_eq!(rig.shared.metrics.ingest_rejected.get(), 1);
     assert!(files_under(&staging).is_empty());
     // The loser's backup is gone; the winner's is there until delivered.
     let backups: Vec<_> = files_under(&rig.backup_dir())

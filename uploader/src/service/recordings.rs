@@ -59,15 +59,12 @@ impl RecordingsService {
             .await?;
         Ok(Some(key))
     }
-}
 
-#[tonic::async_trait]
-impl recordings_server::Recordings for RecordingsService {
-    async fn upload(
+    /// The Upload call once the caller holds the recorder role.
+    async fn ingest(
         &self,
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
-        self.shared.authorize(&request, Role::Recorder)?;
         let request_id = logging::request_id(&request);
         let mut stream = request.into_inner();
         // Check the destination, and that no other recording uses the file
@@ -129,5 +126,23 @@ impl recordings_server::Recordings for RecordingsService {
             size: job.size,
             duplicate: !created,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl recordings_server::Recordings for RecordingsService {
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadRequest>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        self.shared.authorize(&request, Role::Recorder)?;
+        let result = self.ingest(request).await;
+        if result.is_err() {
+            // Refused after authorization, whatever the reason (destination,
+            // name taken, header, CRC-32, SHA-256, cut or idle stream,
+            // storage): nothing was stored.
+            self.shared.metrics.ingest_rejected.inc();
+        }
+        result
     }
 }
