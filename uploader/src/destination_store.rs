@@ -1,7 +1,10 @@
 //! Stored destinations (where a tenant's recordings go), in the uploader's
 //! SQLite database. Holds a credential *id*, never a credential.
 
-use std::{path::Path, sync::Mutex};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use recvault_proto::uploader::v1 as pb;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -35,7 +38,23 @@ impl DestinationRecord {
     }
 }
 
+/// A destination-store call that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DestinationStoreError {
+    /// SQLite failed (disk full, I/O error, locked beyond the busy timeout).
+    #[error("{0}")]
+    Database(#[from] rusqlite::Error),
+    /// The blocking task running the call panicked or was cancelled.
+    #[error("destination store task failed: {0}")]
+    Task(String),
+}
+
 /// The destinations table.
+///
+/// SQLite calls block (a write fsyncs): the plain methods are for start-up,
+/// tests and blocking threads; async code (the gRPC handlers, the worker)
+/// uses the `*_async` ones, which run on tokio's blocking pool.
 #[derive(Debug)]
 pub struct DestinationStore {
     conn: Mutex<Connection>,
@@ -147,5 +166,55 @@ impl DestinationStore {
             "DELETE FROM destinations WHERE destination_id = ?1",
             params![id],
         )? == 1)
+    }
+
+    /// Runs `f` with the store on tokio's blocking pool, off the runtime's
+    /// worker threads.
+    async fn off_runtime<T, F>(self: &Arc<Self>, f: F) -> Result<T, DestinationStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Self) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| DestinationStoreError::Task(e.to_string()))?
+            .map_err(DestinationStoreError::from)
+    }
+
+    /// [`DestinationStore::put`] on the blocking pool.
+    pub async fn put_async(
+        self: &Arc<Self>,
+        tenant: String,
+        name: String,
+        config: DestinationConfig,
+        credential_id: String,
+    ) -> Result<String, DestinationStoreError> {
+        self.off_runtime(move |s| s.put(&tenant, &name, &config, &credential_id))
+            .await
+    }
+
+    /// [`DestinationStore::get`] on the blocking pool.
+    pub async fn get_async(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<Option<DestinationRecord>, DestinationStoreError> {
+        let id = id.to_owned();
+        self.off_runtime(move |s| s.get(&id)).await
+    }
+
+    /// [`DestinationStore::list`] on the blocking pool.
+    pub async fn list_async(
+        self: &Arc<Self>,
+        tenant: &str,
+    ) -> Result<Vec<DestinationRecord>, DestinationStoreError> {
+        let tenant = tenant.to_owned();
+        self.off_runtime(move |s| s.list(&tenant)).await
+    }
+
+    /// [`DestinationStore::delete`] on the blocking pool.
+    pub async fn delete_async(self: &Arc<Self>, id: &str) -> Result<bool, DestinationStoreError> {
+        let id = id.to_owned();
+        self.off_runtime(move |s| s.delete(&id)).await
     }
 }

@@ -185,7 +185,8 @@ impl Worker {
     async fn deliver(&self, job: &Job) -> Result<(String, VerifiedBy), Failure> {
         let record = self
             .destinations
-            .get(job.destination_id.as_str())
+            .get_async(job.destination_id.as_str())
+            .await
             .map_err(|e| Failure::transient(format!("reading destination: {e}")))?
             .ok_or_else(|| {
                 Failure::permanent(format!(

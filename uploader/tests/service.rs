@@ -803,3 +803,101 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
         "{history:?}"
     );
 }
+
+/// The handlers read and write destinations off the async runtime. On a
+/// single-threaded runtime (the server, the clients and a ticker all share
+/// one thread), the destination store is kept busy for 1.5 s: another
+/// connection holds SQLite's write lock and a blocking-pool caller waits for
+/// it inside the store. Meanwhile ListDestinations and an Upload (whose
+/// header looks up its destination) wait for the store too, and the ticker
+/// must keep running: a store call made on the runtime thread would stop
+/// everything until the lock goes.
+#[tokio::test(flavor = "current_thread")]
+async fn destination_store_calls_do_not_block_the_runtime() {
+    let rig = Rig::start().await;
+    let target = rig.dir.path().join("delivered");
+    std::fs::create_dir_all(&target).unwrap();
+    let destination = rig.put_fs_destination("local", &target, "").await;
+
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let db = rig.dir.path().join("uploader.db");
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    // A writer that holds the store while it waits for SQLite's lock.
+    let store = rig.shared.destinations.clone();
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        waiting_tx.send(()).unwrap();
+        let config = recvault_uploader::destination::DestinationConfig {
+            provider: recvault_uploader::destination::Provider::Fs,
+            endpoint: String::new(),
+            region: String::new(),
+            bucket: "/nowhere".into(),
+            prefix: String::new(),
+            path_style: false,
+        };
+        store.put(TENANT, "blocked", &config, "").unwrap();
+    });
+    waiting_rx.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = tokio::time::Instant::now();
+            let mut longest = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let now = tokio::time::Instant::now();
+                longest = longest.max(now - last);
+                last = now;
+            }
+            longest
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut destinations = DestinationsClient::new(rig.channel("manager"));
+    let list = async {
+        let listed = destinations
+            .list_destinations(up::ListDestinationsRequest {
+                tenant_id: TENANT.into(),
+            })
+            .await;
+        (listed, started.elapsed())
+    };
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(header(&destination, "rec-1", "call.mp4"))
+        .await
+        .unwrap();
+    let mut recorder = rig.recorder();
+    let upload = recorder.upload(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let data = bytes(1000, 1);
+    let finish = async {
+        // The header was taken once the store answered; finish the recording.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        tx.send(chunk(&data)).await.unwrap();
+        tx.send(trailer(&data)).await.unwrap();
+        drop(tx);
+    };
+    let ((listed, waited), uploaded, ()) = tokio::join!(list, upload, finish);
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let longest = ticker.await.unwrap();
+    holder.join().unwrap();
+    writer.join().unwrap();
+
+    assert!(!listed.unwrap().into_inner().destinations.is_empty());
+    uploaded.unwrap();
+    // ListDestinations did wait for the busy store.
+    assert!(waited >= Duration::from_millis(1200), "{waited:?}");
+    assert!(
+        longest < Duration::from_millis(500),
+        "the runtime stalled for {longest:?} while the store was busy"
+    );
+}

@@ -70,7 +70,8 @@ impl pb::destinations_server::Destinations for DestinationsService {
         let id = self
             .shared
             .destinations
-            .put(&r.tenant_id, &r.name, &config, &r.credential_id)
+            .put_async(r.tenant_id, r.name, config, r.credential_id)
+            .await
             .map_err(unavailable)?;
         Ok(Response::new(pb::PutDestinationResponse {
             destination_id: id,
@@ -86,7 +87,8 @@ impl pb::destinations_server::Destinations for DestinationsService {
         let list = self
             .shared
             .destinations
-            .list(&request.get_ref().tenant_id)
+            .list_async(&request.get_ref().tenant_id)
+            .await
             .map_err(unavailable)?;
         Ok(Response::new(pb::ListDestinationsResponse {
             destinations: list.iter().map(|d| d.to_proto()).collect(),
@@ -99,7 +101,13 @@ impl pb::destinations_server::Destinations for DestinationsService {
     ) -> Result<Response<pb::DeleteDestinationResponse>, Status> {
         self.shared.authorize(&request, Role::Manager)?;
         let id = request.into_inner().destination_id;
-        if !self.shared.destinations.delete(&id).map_err(unavailable)? {
+        if !self
+            .shared
+            .destinations
+            .delete_async(&id)
+            .await
+            .map_err(unavailable)?
+        {
             return Err(Status::not_found(format!(
                 "destination {id:?} does not exist"
             )));
@@ -119,7 +127,8 @@ impl pb::destinations_server::Destinations for DestinationsService {
         let record = self
             .shared
             .destinations
-            .get(&id)
+            .get_async(&id)
+            .await
             .map_err(unavailable)?
             .ok_or_else(|| Status::not_found(format!("destination {id:?} does not exist")))?;
         let failed = |step: &str, message: String| pb::VerifyDestinationResponse {

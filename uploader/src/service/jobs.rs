@@ -55,7 +55,8 @@ impl JobsService {
         let record = self
             .shared
             .destinations
-            .get(old)
+            .get_async(old)
+            .await
             .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
         let key = |prefix: &str| {
             job.object_key
@@ -246,7 +247,8 @@ impl pb::jobs_server::Jobs for JobsService {
                 let record = self
                     .shared
                     .destinations
-                    .get(d)
+                    .get_async(d)
+                    .await
                     .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
                 let Some(record) = record.filter(|rec| rec.tenant_id == job.tenant_id.as_str())
                 else {

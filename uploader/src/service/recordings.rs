@@ -81,7 +81,8 @@ impl RecordingsService {
             let destination = self
                 .shared
                 .destinations
-                .get(&header.destination_id)
+                .get_async(&header.destination_id)
+                .await
                 .map_err(|e| Status::unavailable(format!("reading destinations: {e}")))?;
             if destination
                 .as_ref()
