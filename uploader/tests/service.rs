@@ -729,8 +729,10 @@ async fn an_aborted_multipart_upload_is_forgotten_and_resend_elsewhere_works() {
 }
 
 /// When the abort itself is refused, the upload may still exist: the job
-/// keeps its id (RETAINED). ResendJob to another destination first aborts
-/// it at the original destination with that destination's credential; while
+/// keeps its id (RETAINED). ResendJob to a destination where the name is
+/// taken is refused without touching the upload. ResendJob to another
+/// destination first aborts it at the original destination with that
+/// destination's credential; while
 /// the provider still refuses, the resend is FAILED_PRECONDITION naming the
 /// upload and the id stays; once the abort works the resend goes through,
 /// the upload is gone and the recording is delivered elsewhere.
@@ -758,6 +760,27 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
         .multipart_upload_id
         .expect("an upload whose abort failed is kept");
     assert!(s3.upload_in_progress(&upload_id));
+
+    // Where another recording holds the name, the resend is refused before
+    // the upload is touched.
+    let taken_dir = rig.dir.path().join("taken");
+    std::fs::create_dir_all(&taken_dir).unwrap();
+    let taken = rig.put_fs_destination("taken", &taken_dir, "").await;
+    rig.upload(&taken, "rec-0", "long.mp4", &bytes(100, 1))
+        .await
+        .unwrap();
+    let aborts = s3.requests_of("AbortMultipartUpload").len();
+    let status = rig
+        .jobs()
+        .resend_job(up::ResendJobRequest {
+            job_id: reply.job_id.clone(),
+            destination_id: taken,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_names(&status, &["rec-0"]);
+    assert_eq!(s3.requests_of("AbortMultipartUpload").len(), aborts);
 
     let elsewhere = rig.dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();

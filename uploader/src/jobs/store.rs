@@ -630,6 +630,25 @@ impl JobStore {
         .await
     }
 
+    /// `Err(KeyTaken)` when a job other than `job_id` holds `object_key` at
+    /// `destination_id` (or their sidecars would collide). Advisory, for a
+    /// caller that wants to refuse before doing other work: the change
+    /// itself ([`JobStore::resend_to`]) checks again in its transaction.
+    pub async fn check_key_free(
+        &self,
+        job_id: JobId,
+        destination_id: DestinationId,
+        object_key: String,
+    ) -> Result<()> {
+        self.run(move |conn| {
+            match key_conflict(conn, &destination_id, &object_key, Some(job_id))? {
+                Some(conflict) => Err(JobStoreError::KeyTaken { job_id, conflict }),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
     /// Registers `object_key` as the job's key at its current destination,
     /// before an attempt writes there (the destination's prefix may have
     /// changed since ingest, or the job may predate keys). A no-op when it

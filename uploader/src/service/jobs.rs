@@ -263,14 +263,22 @@ impl pb::jobs_server::Jobs for JobsService {
                 // The key there, checked against the other recordings there in
                 // the transaction that moves the job (FAILED_PRECONDITION if
                 // taken). An unusable prefix is left to the attempt to report.
+                let key = object_key(&record.config.prefix, job.file_name.as_str()).ok();
                 let released_upload = if destination == job.destination_id {
                     None
                 } else {
+                    // Refuse a taken key before touching the old upload.
+                    if let Some(key) = &key {
+                        self.shared
+                            .jobs
+                            .check_key_free(id, destination.clone(), key.clone())
+                            .await?;
+                    }
                     self.release_open_upload(&job).await?
                 };
                 Resend {
                     destination: Some(destination),
-                    object_key: object_key(&record.config.prefix, job.file_name.as_str()).ok(),
+                    object_key: key,
                     released_upload,
                 }
             }
