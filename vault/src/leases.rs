@@ -1,14 +1,26 @@
 //! Live leases, in memory: which credential each lease covers, for whom, until
 //! when. A lease is usable until it expires or is released, never after.
 //! Holds no secret: plaintext is handed out once, in the AcquireLease reply.
+//!
+//! The table is split into shards by lease id, each with its own lock and its
+//! own index by expiry, so calls on different leases rarely wait for each
+//! other and the sweeper removes only what has expired: no lock is ever held
+//! while walking every live lease, however many there are.
 
 use std::{
-    collections::HashMap,
-    sync::Mutex,
+    collections::{BTreeSet, HashMap},
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use crate::ids::{CredentialId, LeaseId, TenantId};
+
+/// Shards of the table (a power of two is not needed; a few per core is plenty).
+const SHARDS: usize = 16;
 
 /// One granted lease.
 #[derive(Debug, Clone)]
@@ -28,62 +40,121 @@ pub enum LeaseProblem {
     NotHolder,
 }
 
+#[derive(Debug, Default)]
+struct Shard {
+    live: HashMap<LeaseId, Lease>,
+    by_expiry: BTreeSet<(Instant, LeaseId)>,
+}
+
+impl Shard {
+    fn remove(&mut self, id: &LeaseId) -> Option<Lease> {
+        let lease = self.live.remove(id)?;
+        self.by_expiry.remove(&(lease.expires, id.clone()));
+        Some(lease)
+    }
+
+    /// Removes the leases expired at `now`; returns how many.
+    fn sweep(&mut self, now: Instant) -> usize {
+        let mut removed = 0;
+        while let Some(first) = self.by_expiry.first() {
+            if first.0 > now {
+                break;
+            }
+            if let Some((_, id)) = self.by_expiry.pop_first() {
+                self.live.remove(&id);
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
 /// The table of live leases. Released and expired ones are forgotten, so a
 /// lease id cannot be used twice.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Leases {
-    live: Mutex<HashMap<LeaseId, Lease>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    /// Live leases in all shards (expired ones count until swept).
+    active: AtomicUsize,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            active: AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Leases {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseId, Lease>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self, id: &LeaseId) -> MutexGuard<'_, Shard> {
+        let index = usize::try_from(self.hasher.hash_one(id) % SHARDS as u64).unwrap_or(0);
+        self.shards[index].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a lease unless `max_active` are already live.
     pub fn grant(&self, id: LeaseId, lease: Lease, max_active: usize) -> bool {
-        let mut live = self.live();
-        if live.len() >= max_active {
-            let now = Instant::now();
-            live.retain(|_, l| l.expires > now);
-            if live.len() >= max_active {
+        if self.active.fetch_add(1, Ordering::AcqRel) >= max_active {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            // Expired leases may still be counted: forget them, then look again.
+            self.sweep();
+            if self.active.fetch_add(1, Ordering::AcqRel) >= max_active {
+                self.active.fetch_sub(1, Ordering::AcqRel);
                 return false;
             }
         }
-        live.insert(id, lease);
+        let mut shard = self.shard(&id);
+        shard.by_expiry.insert((lease.expires, id.clone()));
+        if let Some(old) = shard.live.insert(id.clone(), lease) {
+            // Ids are random; a repeat replaces the old entry, counted once.
+            shard.by_expiry.remove(&(old.expires, id));
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
         true
     }
 
     /// Ends a lease held by `holder`; returns it, or why not.
     pub fn release(&self, id: &LeaseId, holder: &str) -> Result<Lease, LeaseProblem> {
-        let mut live = self.live();
-        let lease = live.get(id).ok_or(LeaseProblem::Unknown)?;
+        let mut shard = self.shard(id);
+        let lease = shard.live.get(id).ok_or(LeaseProblem::Unknown)?;
         if lease.holder != holder {
             return Err(LeaseProblem::NotHolder);
         }
-        if lease.expires <= Instant::now() {
-            live.remove(id);
+        let expired = lease.expires <= Instant::now();
+        let lease = shard.remove(id).ok_or(LeaseProblem::Unknown)?;
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        if expired {
             return Err(LeaseProblem::Expired);
         }
-        live.remove(id).ok_or(LeaseProblem::Unknown)
+        Ok(lease)
     }
 
     /// Drops a lease without checks (the audit write for it failed).
     pub fn revoke(&self, id: &LeaseId) {
-        self.live().remove(id);
+        if self.shard(id).remove(id).is_some() {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
-    /// Forgets expired leases; returns how many.
+    /// Forgets expired leases; returns how many. Each shard is locked only
+    /// while its expired leases are removed.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let mut live = self.live();
-        let before = live.len();
-        live.retain(|_, l| l.expires > now);
-        before - live.len()
+        let mut removed = 0;
+        for shard in &*self.shards {
+            let n = shard.lock().unwrap_or_else(|p| p.into_inner()).sweep(now);
+            self.active.fetch_sub(n, Ordering::AcqRel);
+            removed += n;
+        }
+        removed
     }
 
+    /// Leases granted and neither released, revoked nor swept.
     pub fn active(&self) -> usize {
-        self.live().len()
+        self.active.load(Ordering::Acquire)
     }
 
     /// Sweeps every `interval` until dropped.
@@ -100,5 +171,79 @@ impl Leases {
                 this.sweep();
             }
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, ttl: Duration) -> Lease {
+        Lease {
+            credential_id: CredentialId::generate(),
+            tenant_id: TenantId::parse("acme").unwrap(),
+            holder: holder.into(),
+            expires: Instant::now() + ttl,
+        }
+    }
+
+    #[test]
+    fn grant_release_revoke_and_the_cap() {
+        let leases = Leases::default();
+        let hour = Duration::from_secs(3600);
+        let ids: Vec<LeaseId> = (0..40).map(|_| LeaseId::generate()).collect();
+        for id in &ids {
+            assert!(leases.grant(id.clone(), lease("u", hour), 40));
+        }
+        assert_eq!(leases.active(), 40);
+        // The cap holds across every shard.
+        assert!(!leases.grant(LeaseId::generate(), lease("u", hour), 40));
+        assert_eq!(leases.active(), 40);
+
+        assert_eq!(
+            leases.release(&ids[0], "someone-else").unwrap_err(),
+            LeaseProblem::NotHolder
+        );
+        leases.release(&ids[0], "u").unwrap();
+        assert_eq!(
+            leases.release(&ids[0], "u").unwrap_err(),
+            LeaseProblem::Unknown
+        );
+        leases.revoke(&ids[1]);
+        leases.revoke(&ids[1]);
+        assert_eq!(leases.active(), 38);
+        assert!(leases.grant(LeaseId::generate(), lease("u", hour), 40));
+        assert_eq!(leases.active(), 39);
+    }
+
+    #[test]
+    fn expired_leases_are_swept_and_make_room_under_the_cap() {
+        let leases = Leases::default();
+        let short: Vec<LeaseId> = (0..10).map(|_| LeaseId::generate()).collect();
+        for id in &short {
+            assert!(leases.grant(id.clone(), lease("u", Duration::ZERO), 10));
+        }
+        let kept = LeaseId::generate();
+        // Full, but every counted lease has expired: granting sweeps them.
+        assert!(leases.grant(kept.clone(), lease("u", Duration::from_secs(60)), 10));
+        assert_eq!(leases.active(), 1);
+        assert_eq!(
+            leases.release(&short[3], "u").unwrap_err(),
+            LeaseProblem::Unknown
+        );
+        assert_eq!(leases.sweep(), 0);
+        leases.release(&kept, "u").unwrap();
+        assert_eq!(leases.active(), 0);
+    }
+
+    #[test]
+    fn an_expired_lease_is_refused_once_then_forgotten() {
+        let leases = Leases::default();
+        let id = LeaseId::generate();
+        assert!(leases.grant(id.clone(), lease("u", Duration::ZERO), 10));
+        assert_eq!(leases.release(&id, "u").unwrap_err(), LeaseProblem::Expired);
+        assert_eq!(leases.release(&id, "u").unwrap_err(), LeaseProblem::Unknown);
+        assert_eq!(leases.active(), 0);
     }
 }
