@@ -1281,8 +1281,13 @@ impl OrderedHasher {
 
     async fn finish(mut self) -> [u8; 32] {
         let (mut hasher, _) = self.wait().await;
-        hasher.update(&self.filling);
-        hasher.finalize().into()
+        let last = std::mem::take(&mut self.filling);
+        tokio::task::spawn_blocking(move || {
+            hasher.update(&last);
+            hasher.finalize().into()
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
     }
 }
 
