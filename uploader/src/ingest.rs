@@ -32,10 +32,12 @@ pub struct IngestLimits {
     pub max_chunk_bytes: usize,
     /// Largest recording. Default 64 GiB.
     pub max_total_bytes: u64,
-    /// Longest wait for the stream's next message (the header, a chunk, the
-    /// trailer, or the end of the stream after the trailer). Past it the call
-    /// fails with DEADLINE_EXCEEDED and nothing is stored. Default 60 s
-    /// (config `ingest_idle_timeout_secs`).
+    /// Longest time without any bytes arriving while the call waits for its
+    /// next message (the header, a chunk, the trailer, or the end of the
+    /// stream after the trailer); a large chunk that keeps arriving on a slow
+    /// link is not idle (see [`crate::activity`]). Past it the call fails with
+    /// DEADLINE_EXCEEDED and nothing is stored. Default 60 s (config
+    /// `ingest_idle_timeout_secs`).
     pub idle_timeout: Duration,
 }
 
@@ -209,8 +211,11 @@ fn humantime(d: Duration) -> String {
     }
 }
 
-/// The stream's next message, waiting at most [`IngestLimits::idle_timeout`]
-/// ([`IngestError::Idle`] after that). `bytes` received so far, for the error.
+/// The stream's next message, waiting while the request body keeps
+/// delivering bytes and at most [`IngestLimits::idle_timeout`] after the last
+/// ones ([`IngestError::Idle`] then; see [`crate::activity`]). Without a
+/// watched body the timeout counts per message. `bytes` received so far, for
+/// the error.
 pub async fn next_message<S>(
     stream: &mut S,
     limits: &IngestLimits,
@@ -219,12 +224,30 @@ pub async fn next_message<S>(
 where
     S: Stream<Item = Result<UploadRequest, Status>> + Unpin,
 {
-    tokio::time::timeout(limits.idle_timeout, stream.next())
-        .await
-        .map_err(|_| IngestError::Idle {
-            idle: limits.idle_timeout,
-            bytes,
-        })
+    let idle = limits.idle_timeout;
+    let Ok(activity) = crate::activity::BODY_ACTIVITY.try_with(Clone::clone) else {
+        // No watched body (a stream built in-process): count per message.
+        return tokio::time::timeout(idle, stream.next())
+            .await
+            .map_err(|_| IngestError::Idle { idle, bytes });
+    };
+    // Count from the later of this wait's start and the last bytes received,
+    // so a large chunk that is still arriving on a slow link is not "idle".
+    let started = tokio::time::Instant::now();
+    let next = stream.next();
+    tokio::pin!(next);
+    loop {
+        let quiet_since = started.max(tokio::time::Instant::from_std(activity.last()));
+        tokio::select! {
+            message = &mut next => return Ok(message),
+            () = tokio::time::sleep_until(quiet_since + idle) => {
+                let quiet_since = started.max(tokio::time::Instant::from_std(activity.last()));
+                if quiet_since + idle <= tokio::time::Instant::now() {
+                    return Err(IngestError::Idle { idle, bytes });
+                }
+            }
+        }
+    }
 }
 
 /// A header whose every field passed validation.

@@ -2,6 +2,7 @@
 //! in our backup store, delivers them to the customer's storage with
 //! provider-checked checksums, verifies, and only then deletes the backup.
 
+pub mod activity;
 pub mod credential;
 pub mod destination;
 

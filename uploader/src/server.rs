@@ -193,6 +193,7 @@ impl Bound {
         let max_message = config.max_chunk_bytes + 64 * 1024;
         tracing::info!(%local_addr, "uploader serving (mTLS, TLS 1.3)");
         let served = tonic::transport::Server::builder()
+            .layer(crate::activity::BodyActivityLayer)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

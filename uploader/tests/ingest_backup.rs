@@ -316,18 +316,22 @@ async fn silent_stream_times_out_and_leaves_nothing() {
     }
 }
 
-/// The same through the real service: uploaderd's server over mTLS (dev
-/// certificates), `ingest_idle_timeout_secs = 1`. One recorder sends the
-/// header and one chunk and then nothing, another sends nothing at all;
-/// both keep their streams open. Both calls end with DEADLINE_EXCEEDED, no
-/// job exists, and the backup directory holds no file (no staging file).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
-    use recvault_proto::uploader::v1::recordings_client::RecordingsClient;
+/// A real uploader (mTLS, dev certificates) with `ingest_idle_timeout_secs`
+/// set, an fs destination of tenant "acme", and a recorder's channel.
+struct IdleServer {
+    _dir: tempfile::TempDir,
+    backup_dir: PathBuf,
+    shared: std::sync::Arc<recvault_uploader::service::Shared>,
+    destination_id: String,
+    channel: tonic::transport::Channel,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), recvault_uploader::server::StartError>>,
+}
+
+async fn start_idle_server(idle_secs: u64) -> IdleServer {
     use recvault_runtime::{devcerts, tls};
     use recvault_uploader::config::UploaderConfig;
     use recvault_uploader::destination::{DestinationConfig, Provider};
-    use recvault_uploader::jobs::JobFilter;
 
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
@@ -342,7 +346,7 @@ async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
              metrics_listen = \"127.0.0.1:0\"\n\
              database = \"{db}\"\n\
              backup_dir = \"{backups}\"\n\
-             ingest_idle_timeout_secs = 1\n\n\
+             ingest_idle_timeout_secs = {idle_secs}\n\n\
              [tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
              [vault]\nendpoint = \"127.0.0.1:9\"\n\n\
              [vault.tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
@@ -357,7 +361,10 @@ async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
     )
     .unwrap();
     let config = UploaderConfig::load(&config_path).unwrap();
-    assert_eq!(config.ingest_limits().idle_timeout, Duration::from_secs(1));
+    assert_eq!(
+        config.ingest_limits().idle_timeout,
+        Duration::from_secs(idle_secs)
+    );
     let bound = recvault_uploader::server::bind(config).await.unwrap();
     let addr = bound.local_addr;
     let shared = bound.shared.clone();
@@ -383,20 +390,56 @@ async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
     let server = tokio::spawn(bound.serve(async {
         let _ = stopped.await;
     }));
-
     let channel = tls::channel(
         &addr.to_string(),
         "localhost",
         &devcerts::files(&certs, "recorder"),
     )
     .unwrap();
+    IdleServer {
+        _dir: dir,
+        backup_dir,
+        shared,
+        destination_id,
+        channel,
+        stop,
+        server,
+    }
+}
+
+impl IdleServer {
+    async fn jobs(&self) -> usize {
+        self.shared
+            .jobs
+            .list(recvault_uploader::jobs::JobFilter::default())
+            .await
+            .unwrap()
+            .len()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+/// The same through the real service: uploaderd's server over mTLS (dev
+/// certificates), `ingest_idle_timeout_secs = 1`. One recorder sends the
+/// header and one chunk and then nothing, another sends nothing at all;
+/// both keep their streams open. Both calls end with DEADLINE_EXCEEDED, no
+/// job exists, and the backup directory holds no file (no staging file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
+    use recvault_proto::uploader::v1::recordings_client::RecordingsClient;
+
+    let server = start_idle_server(1).await;
     let data = [3u8; 10_000];
     let mut first = upload(&data, 4096);
     if let Ok(UploadRequest {
         part: Some(Part::Header(h)),
     }) = &mut first[0]
     {
-        h.destination_id = destination_id;
+        h.destination_id = server.destination_id.clone();
     }
     // Each call's sender stays alive (held below) so its stream stays open.
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<UploadRequest>(4);
@@ -404,15 +447,15 @@ async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
     chunk_tx.send(first[1].clone().unwrap()).await.unwrap();
     let (_quiet_tx, quiet_rx) = tokio::sync::mpsc::channel::<UploadRequest>(4);
     let started = std::time::Instant::now();
-    let mut one = RecordingsClient::new(channel.clone());
-    let mut two = RecordingsClient::new(channel);
+    let mut one = RecordingsClient::new(server.channel.clone());
+    let mut two = RecordingsClient::new(server.channel.clone());
     let calls = async {
         tokio::join!(
             one.upload(tokio_stream::wrappers::ReceiverStream::new(chunk_rx)),
             two.upload(tokio_stream::wrappers::ReceiverStream::new(quiet_rx)),
         )
     };
-    let staging = backup_dir.join("staging");
+    let staging = server.backup_dir.join("staging");
     let during = async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         files_under(&staging).len()
@@ -437,18 +480,100 @@ async fn silent_upload_call_ends_with_deadline_exceeded_and_no_job() {
     }
     assert!(waited >= Duration::from_secs(1), "{waited:?}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
-    assert!(
-        shared
-            .jobs
-            .list(JobFilter::default())
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert_eq!(files_under(&backup_dir), Vec::<PathBuf>::new());
+    assert_eq!(server.jobs().await, 0);
+    assert_eq!(files_under(&server.backup_dir), Vec::<PathBuf>::new());
     drop(chunk_tx);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
+}
+
+/// A slow link is not a silent one: a 256 KiB chunk that takes 2.4 s to
+/// arrive, in 16 KiB pieces every 150 ms, passes a 1 s idle timeout, because
+/// the timeout counts from the last bytes received, not from the last whole
+/// message. (The request is sent as raw gRPC frames so the pieces really go
+/// out one by one.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_chunk_that_keeps_arriving_is_not_idle() {
+    use prost::Message as _;
+    use tonic::codegen::{Bytes, Service as _};
+
+    let server = start_idle_server(1).await;
+    let data = vec![9u8; 256 * 1024];
+    let mut messages: Vec<UploadRequest> = upload(&data, data.len())
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    if let Some(Part::Header(h)) = &mut messages[0].part {
+        h.destination_id = server.destination_id.clone();
+    }
+    let frame = |m: &UploadRequest| {
+        let body = m.encode_to_vec();
+        let mut f = vec![0u8];
+        f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        f.extend_from_slice(&body);
+        Bytes::from(f)
+    };
+    let (header, chunk, trailer) = (
+        frame(&messages[0]),
+        frame(&messages[1]),
+        frame(&messages[2]),
+    );
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, tonic::Status>::new(1);
+    // Stops quietly if the server ends the call early (the assertion on the
+    // status below then says why).
+    let feeder = tokio::spawn(async move {
+        if tx.send_data(header).await.is_err() {
+            return;
+        }
+        for piece in chunk.chunks(16 * 1024) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            if tx.send_data(Bytes::copy_from_slice(piece)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send_data(trailer).await;
+    });
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri("/recvault.uploader.v1.Recordings/Upload")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut channel = server.channel.clone();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), async {
+        let response = channel.call(request).await.unwrap();
+        let headers = response.headers().clone();
+        let collected = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        (headers, trailers, collected.to_bytes())
+    })
+    .await
+    .expect("the call must end");
+    feeder.await.unwrap();
+    let (headers, trailers, bytes) = response;
+    let status = trailers
+        .get("grpc-status")
+        .or_else(|| headers.get("grpc-status"))
+        .map(|v| v.to_str().unwrap().to_owned());
+    let message = trailers
+        .get("grpc-message")
+        .or_else(|| headers.get("grpc-message"))
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    assert_eq!(status.as_deref(), Some("0"), "{message:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the chunk was meant to trickle"
+    );
+    let reply = recvault_proto::uploader::v1::UploadResponse::decode(&bytes[5..]).unwrap();
+    assert_eq!(reply.size, data.len() as u64);
+    assert_eq!(server.jobs().await, 1);
+    server.stop().await;
 }
 
 #[tokio::test]

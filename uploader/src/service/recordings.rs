@@ -137,7 +137,18 @@ impl recordings_server::Recordings for RecordingsService {
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
         self.shared.authorize(&request, Role::Recorder)?;
-        let result = self.ingest(request).await;
+        let result = match request
+            .extensions()
+            .get::<crate::activity::BodyActivity>()
+            .cloned()
+        {
+            Some(activity) => {
+                crate::activity::BODY_ACTIVITY
+                    .scope(activity, self.ingest(request))
+                    .await
+            }
+            None => self.ingest(request).await,
+        };
         if result.is_err() {
             // Refused after authorization, whatever the reason (destination,
             // name taken, header, CRC-32, SHA-256, cut or idle stream,
