@@ -853,3 +853,126 @@ async fn multipart_upload_ids_are_forgotten_only_by_their_id() {
         "{history:?}"
     );
 }
+
+/// A recording whose backup failed its hash check is never delivered, and the
+/// recorder is told to send it again under a new recording id: the corrupt
+/// job gives up its object key (with a history line), so the re-sent
+/// recording with the same file name is accepted at that destination, and
+/// the corrupt job still cannot be resent. Found by the scrub (STORED): at
+/// once. Found by an attempt's pre-upload check (UPLOADING): the key stays
+/// while the attempt runs and is released when it ends RETAINED. A DELIVERED
+/// job keeps its key.
+#[tokio::test]
+async fn a_corrupt_backup_releases_its_object_key_for_the_resent_recording() {
+    let f = Fixture::new();
+    let key = || Some("x.mp4".to_owned());
+    let check = |recording: &str, destination: &str| {
+        f.jobs.check_object_key(
+            TenantId::parse("acme").unwrap(),
+            RecordingId::parse(recording).unwrap(),
+            FileName::parse("x.mp4").unwrap(),
+            DestinationId::parse(destination).unwrap(),
+            "x.mp4".into(),
+        )
+    };
+
+    // Corrupt while STORED (the scrub).
+    let (a, _) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-a", "dest-1", "x.mp4"), key())
+        .await
+        .unwrap();
+    assert!(matches!(
+        check("rec-b", "dest-1").await,
+        Err(JobStoreError::NameTaken { .. })
+    ));
+    let marked = f
+        .jobs
+        .mark_backup_corrupt(a.job_id, "flipped byte".into())
+        .await
+        .unwrap();
+    assert!(marked.backup_corrupt);
+    assert_eq!(marked.state, JobState::Retained);
+    assert_eq!(marked.object_key, None);
+    let history = f.jobs.history(a.job_id).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.message.contains("\"x.mp4\"") && e.message.contains("released")),
+        "{history:?}"
+    );
+    check("rec-b", "dest-1").await.unwrap();
+    let (b, created) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-b", "dest-1", "x.mp4"), key())
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(b.object_key, key());
+    let err = f.jobs.resend(a.job_id, None).await.unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::FailedPrecondition { .. }),
+        "{err}"
+    );
+    let err = f
+        .jobs
+        .resend(a.job_id, Some(DestinationId::parse("dest-9").unwrap()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JobStoreError::FailedPrecondition { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        f.jobs.get(a.job_id).await.unwrap().state,
+        JobState::Retained
+    );
+
+    // Corrupt during an attempt (the worker's check before uploading).
+    let (c, _) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-c", "dest-2", "x.mp4"), key())
+        .await
+        .unwrap();
+    let claimed = f.jobs.claim_due(now(), 10).await.unwrap();
+    assert!(claimed.iter().any(|j| j.job_id == c.job_id));
+    let marked = f
+        .jobs
+        .mark_backup_corrupt(c.job_id, "hash mismatch".into())
+        .await
+        .unwrap();
+    assert_eq!(marked.state, JobState::Uploading);
+    assert_eq!(
+        marked.object_key,
+        key(),
+        "the running attempt may write there"
+    );
+    assert!(check("rec-d", "dest-2").await.is_err());
+    let retained = f
+        .jobs
+        .mark_retained(c.job_id, "backup corrupt".into())
+        .await
+        .unwrap();
+    assert_eq!(retained.object_key, None);
+    check("rec-d", "dest-2").await.unwrap();
+
+    // A DELIVERED job keeps its key.
+    let (e, _) = f
+        .jobs
+        .create_or_get_with_key(named_job(&f, "rec-e", "dest-3", "x.mp4"), key())
+        .await
+        .unwrap();
+    f.jobs.claim_due(now(), 10).await.unwrap();
+    f.jobs.mark_verifying(e.job_id).await.unwrap();
+    f.jobs
+        .mark_delivered(e.job_id, "fs:///x.mp4".into(), VerifiedBy::ReadBack)
+        .await
+        .unwrap();
+    let after = f
+        .jobs
+        .mark_backup_corrupt(e.job_id, "flipped later".into())
+        .await
+        .unwrap();
+    assert_eq!(after.object_key, key());
+    assert!(check("rec-f", "dest-3").await.is_err());
+}

@@ -1085,7 +1085,9 @@ impl JobStore {
 
     /// The backup no longer matches its SHA-256 (scrub or pre-attempt check).
     /// Marks it; a STORED or RETRYING job also becomes RETAINED so it is never
-    /// claimed. Nothing is deleted.
+    /// claimed. Nothing is deleted. The job gives up its object key (see
+    /// [`release_key_of_corrupt`]): at once, or when a running attempt ends
+    /// without delivering.
     pub async fn mark_backup_corrupt(&self, job_id: JobId, detail: String) -> Result<Job> {
         self.single(move |tx, now| {
             let job = get_tx(tx, job_id)?;
@@ -1103,6 +1105,7 @@ impl JobStore {
                 transition(tx, job_id, JobState::Retained, now, &message, "next_attempt_at = NULL", &[])
             } else {
                 add_event(tx, job_id, now, job.state, &message)?;
+                release_key_of_corrupt(tx, job_id, now)?;
                 get_tx(tx, job_id)
             }
         })
@@ -1359,7 +1362,41 @@ fn transition(
         )));
     }
     add_event(tx, job_id, now, to, message)?;
+    release_key_of_corrupt(tx, job_id, now)?;
     get_tx(tx, job_id)
+}
+
+/// A job whose backup is corrupt and that was never DELIVERED will not be
+/// sent again (claim and resend refuse it; the recorder is told to send the
+/// recording again under a new recording id), so it must not keep its object
+/// key: the re-sent recording has the same file name and would be refused
+/// with ALREADY_EXISTS forever. Clears the key with a history line, in the
+/// caller's transaction. Not while an attempt runs (UPLOADING, VERIFYING):
+/// that attempt may still write under the key, so the key is released by
+/// the transition that ends it (RETRYING, RETAINED), or kept if it DELIVERED.
+fn release_key_of_corrupt(tx: &Transaction<'_>, job_id: JobId, now: i64) -> Result<()> {
+    let job = get_tx(tx, job_id)?;
+    if !job.backup_corrupt
+        || matches!(
+            job.state,
+            JobState::Uploading | JobState::Verifying | JobState::Delivered
+        )
+    {
+        return Ok(());
+    }
+    let Some(key) = job.object_key else {
+        return Ok(());
+    };
+    tx.execute(
+        "UPDATE jobs SET object_key = NULL, updated_at = :now WHERE job_id = :id",
+        named_params! { ":now": now, ":id": job_id.to_string() },
+    )?;
+    let message = format!(
+        "object key {key:?} at destination {} released: the backup is corrupt and will not be \
+         delivered, so a recording sent again under that file name may take the key",
+        job.destination_id
+    );
+    add_event(tx, job_id, now, job.state, &message)
 }
 
 fn add_event(
