@@ -732,10 +732,13 @@ async fn an_aborted_multipart_upload_is_forgotten_and_resend_elsewhere_works() {
 /// keeps its id (RETAINED). ResendJob to a destination where the name is
 /// taken is refused without touching the upload. ResendJob to another
 /// destination first aborts it at the original destination with that
-/// destination's credential; while
-/// the provider still refuses, the resend is FAILED_PRECONDITION naming the
-/// upload and the id stays; once the abort works the resend goes through,
-/// the upload is gone and the recording is delivered elsewhere.
+/// destination's credential. While the abort fails transiently (503), the
+/// resend is UNAVAILABLE naming the upload and the id stays; once the abort
+/// works the resend goes through, the upload is gone and the recording is
+/// delivered elsewhere. While the abort is denied (permanent: the customer
+/// revoked access), refusing would leave the job stuck forever: the resend
+/// goes through, the id is given up with a history line naming the upload
+/// and the bucket, and the upload is left to the bucket's lifecycle rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
     let rig = Rig::start().await;
@@ -752,14 +755,27 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
         .await
         .unwrap();
     rig.wait_state(&reply.job_id, up::JobState::Retained).await;
+    let revoked_data = bytes(6 * MIB, 11);
+    let revoked = rig
+        .upload(&destination, "rec-2", "revoked.mp4", &revoked_data)
+        .await
+        .unwrap();
+    rig.wait_state(&revoked.job_id, up::JobState::Retained)
+        .await;
     let created = s3.requests_of("CreateMultipartUpload");
-    assert_eq!(created.len(), 1);
+    assert_eq!(created.len(), 2);
     let upload_id = rig
         .stored_job(&reply.job_id)
         .await
         .multipart_upload_id
         .expect("an upload whose abort failed is kept");
     assert!(s3.upload_in_progress(&upload_id));
+    let revoked_upload_id = rig
+        .stored_job(&revoked.job_id)
+        .await
+        .multipart_upload_id
+        .expect("an upload whose abort failed is kept");
+    assert!(s3.upload_in_progress(&revoked_upload_id));
 
     // Where another recording holds the name, the resend is refused before
     // the upload is touched.
@@ -785,45 +801,71 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
     let elsewhere = rig.dir.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     let fs = rig.put_fs_destination("fs", &elsewhere, "").await;
-    let resend = || {
+    let resend = |job_id: &str| {
         let mut jobs = rig.jobs();
         let request = up::ResendJobRequest {
-            job_id: reply.job_id.clone(),
+            job_id: job_id.to_owned(),
             destination_id: fs.clone(),
         };
         async move { jobs.resend_job(request).await }
     };
-    let status = resend().await.unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-    assert_names(
-        &status,
-        &[&upload_id, "could not be aborted", "AccessDenied", "kept"],
-    );
+    let history = |job_id: &str| {
+        let mut jobs = rig.jobs();
+        let request = up::GetJobRequest {
+            job_id: job_id.to_owned(),
+        };
+        async move { jobs.get_job_history(request).await.unwrap().into_inner() }
+    };
+
+    // Transient: the provider is unavailable for the abort.
+    s3.set_denied(&["UploadPart"]);
+    s3.set_unavailable(&["AbortMultipartUpload"]);
+    let status = resend(&reply.job_id).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_names(&status, &[&upload_id, "could not be aborted", "kept"]);
     assert!(s3.upload_in_progress(&upload_id));
     let job = rig.stored_job(&reply.job_id).await;
     assert_eq!(job.multipart_upload_id.as_deref(), Some(upload_id.as_str()));
     assert_eq!(job.destination_id.as_str(), destination);
 
-    s3.set_denied(&["UploadPart"]);
-    resend().await.unwrap();
+    s3.set_unavailable(&[]);
+    resend(&reply.job_id).await.unwrap();
     assert!(!s3.upload_in_progress(&upload_id));
     rig.wait_state(&reply.job_id, up::JobState::Delivered).await;
     assert!(std::fs::read(elsewhere.join("long.mp4")).unwrap() == data);
-    let history = rig
-        .jobs()
-        .get_job_history(up::GetJobRequest {
-            job_id: reply.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let events = history(&reply.job_id).await;
     assert!(
-        history
+        events
             .events
             .iter()
             .any(|e| e.message.contains(&upload_id)
                 && e.message.contains("aborted before the resend")),
-        "{history:?}"
+        "{events:?}"
+    );
+
+    // Permanent: the abort is denied (access revoked). The resend proceeds
+    // and the id is given up, with the upload and its bucket in the history.
+    s3.set_denied(&["UploadPart", "AbortMultipartUpload"]);
+    let aborts = s3.requests_of("AbortMultipartUpload").len();
+    let job = resend(&revoked.job_id).await.unwrap().into_inner();
+    assert_eq!(job.destination_id, fs);
+    assert_eq!(s3.requests_of("AbortMultipartUpload").len(), aborts + 1);
+    assert!(s3.upload_in_progress(&revoked_upload_id), "not aborted");
+    rig.wait_state(&revoked.job_id, up::JobState::Delivered)
+        .await;
+    assert!(std::fs::read(elsewhere.join("revoked.mp4")).unwrap() == revoked_data);
+    let stored = rig.stored_job(&revoked.job_id).await;
+    assert_eq!(stored.multipart_upload_id, None);
+    let events = history(&revoked.job_id).await;
+    assert!(
+        events
+            .events
+            .iter()
+            .any(|e| e.message.contains(&revoked_upload_id)
+                && e.message.contains("\"media\"")
+                && e.message.contains("given up")
+                && e.message.contains("AbortIncompleteMultipartUpload")),
+        "{events:?}"
     );
 }
 

@@ -36,11 +36,16 @@ impl JobsService {
     /// none, or when the job may not be resent now (the store refuses that
     /// with the reason; a running attempt's upload is never touched).
     ///
-    /// A failed abort refuses the resend and keeps the id: FAILED_PRECONDITION
-    /// when the credential or the provider refused, UNAVAILABLE when the
-    /// vault or the provider could not be reached. When the destination was
-    /// deleted nothing can abort it any more: the id is given up, and the
-    /// job's history and the log say where the upload is.
+    /// An abort that failed for a transient reason (the provider busy or
+    /// unreachable) refuses the resend with UNAVAILABLE and keeps the id, as
+    /// does a vault that refused (FAILED_PRECONDITION) or could not be reached
+    /// (UNAVAILABLE) to lease the credential. When the provider refused the
+    /// abort permanently (access denied, e.g. the customer revoked the
+    /// credential's access, or no such bucket), or the destination was
+    /// deleted, retrying cannot help and refusing would leave the job stuck:
+    /// the id is given up, and the job's history and the log say where the
+    /// upload is (the bucket's AbortIncompleteMultipartUpload lifecycle rule
+    /// is the safety net).
     async fn release_open_upload(&self, job: &Job) -> Result<Option<ReleasedUpload>, Status> {
         let Some(upload_id) = job.multipart_upload_id.clone() else {
             return Ok(None);
@@ -120,7 +125,23 @@ impl JobsService {
         if let Some(lease) = lease {
             lease.release().await;
         }
-        aborted.map_err(|e| still_open(e.to_string(), e.is_permanent()))?;
+        match aborted {
+            Ok(()) => {}
+            Err(e) if e.is_permanent() => {
+                let bucket = &record.config.bucket;
+                tracing::warn!(job_id = %job.job_id, destination_id = old, %upload_id, %key, %bucket, error = %e, "the job's open multipart upload could not be aborted and retrying cannot help; its id is given up so the job can be resent; abort it in the bucket or rely on an AbortIncompleteMultipartUpload lifecycle rule");
+                return Ok(Some(ReleasedUpload {
+                    message: format!(
+                        "multipart upload {upload_id} (key {key:?}) in bucket {bucket:?} at \
+                         destination {old} given up: the abort was refused ({e}), so the \
+                         uploader cannot abort it; abort it in that bucket, or let an \
+                         AbortIncompleteMultipartUpload lifecycle rule remove it"
+                    ),
+                    upload_id,
+                }));
+            }
+            Err(e) => return Err(still_open(e.to_string(), false)),
+        }
         tracing::info!(job_id = %job.job_id, destination_id = old, %upload_id, "aborted the job's open multipart upload before resending it elsewhere");
         Ok(Some(ReleasedUpload {
             message: format!(

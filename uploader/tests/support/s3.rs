@@ -102,6 +102,7 @@ pub struct S3Server {
     root: tempfile::TempDir,
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     deny: Arc<Mutex<HashSet<&'static str>>>,
+    unavailable: Arc<Mutex<HashSet<&'static str>>>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -116,6 +117,7 @@ impl std::fmt::Debug for S3Server {
 struct Recorder {
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     deny: Arc<Mutex<HashSet<&'static str>>>,
+    unavailable: Arc<Mutex<HashSet<&'static str>>>,
     on_request: Option<RequestHook>,
 }
 
@@ -170,13 +172,21 @@ impl S3Access for SharedRecorder {
         let operation = cx.s3_op().name().to_owned();
         let authenticated = cx.credentials().is_some();
         let denied = self.0.deny.lock().unwrap().contains(operation.as_str());
+        let unavailable = self
+            .0
+            .unavailable
+            .lock()
+            .unwrap()
+            .contains(operation.as_str());
         self.0
             .record(record_of(operation, cx.method(), cx.uri(), cx.headers()));
         Box::pin(async move {
-            if authenticated && !denied {
-                Ok(())
-            } else {
+            if !authenticated || denied {
                 Err(s3s::s3_error!(AccessDenied))
+            } else if unavailable {
+                Err(s3s::s3_error!(ServiceUnavailable))
+            } else {
+                Ok(())
             }
         })
     }
@@ -403,6 +413,7 @@ impl S3Server {
         let secret_key = format!("sk-{}", uuid::Uuid::new_v4().simple());
         let requests = Arc::new(Mutex::new(Vec::new()));
         let deny = Arc::new(Mutex::new(options.deny));
+        let unavailable = Arc::new(Mutex::new(HashSet::new()));
 
         let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
         let service = {
@@ -414,6 +425,7 @@ impl S3Server {
             let recorder = Arc::new(Recorder {
                 requests: Arc::clone(&requests),
                 deny: Arc::clone(&deny),
+                unavailable: Arc::clone(&unavailable),
                 on_request: options.on_request,
             });
             if let Some(page) = options.list_multipart_uploads {
@@ -458,6 +470,7 @@ impl S3Server {
             root,
             requests,
             deny,
+            unavailable,
             shutdown: Some(tx),
         }
     }
@@ -505,6 +518,13 @@ impl S3Server {
     /// (replacing [`S3ServerOptions::deny`]).
     pub fn set_denied(&self, operations: &[&'static str]) {
         *self.deny.lock().unwrap() = operations.iter().copied().collect();
+    }
+
+    /// From now on, answers exactly these operations with 503
+    /// ServiceUnavailable, a transient failure (after the access check, so a
+    /// denied operation stays denied).
+    pub fn set_unavailable(&self, operations: &[&'static str]) {
+        *self.unavailable.lock().unwrap() = operations.iter().copied().collect();
     }
 
     /// Whether s3s-fs still holds multipart upload `upload_id` (in progress:
