@@ -115,7 +115,7 @@ where
         let peer = request
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs);
+            .cloned();
         let request_id = request
             .headers()
             .get(REQUEST_ID_HEADER)
@@ -127,12 +127,15 @@ where
             if !reached.reached()
                 && let Some(code) = refused_with(&response)
             {
-                let leaf = peer.as_ref().and_then(|certs| certs.first());
                 let record = AuditRecord {
-                    identity: leaf
-                        .and_then(|c| identity::identity_of_certificate(c))
-                        .unwrap_or_else(|| "unauthenticated".into()),
-                    cert_fingerprint: leaf.map(|c| identity::fingerprint(c)).unwrap_or_default(),
+                    identity: peer
+                        .as_ref()
+                        .and_then(identity::connection_identity)
+                        .map_or_else(|| "unauthenticated".into(), |p| p.id),
+                    cert_fingerprint: peer
+                        .as_ref()
+                        .and_then(identity::connection_fingerprint)
+                        .unwrap_or_default(),
                     request_id: request_id
                         .filter(|v| recvault_runtime::logging::valid_request_id(v))
                         .unwrap_or_else(recvault_runtime::logging::new_request_id),

@@ -55,10 +55,17 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// The peer's identity for a request served over [`crate::tls::incoming`].
 /// `None` when the connection is not TLS or the certificate names no identity.
 pub fn peer_identity<T>(request: &tonic::Request<T>) -> Option<PeerIdentity> {
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
+    connection_identity(
+        request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()?,
+    )
+}
+
+/// The identity of the peer of one TLS connection (the connect info tonic
+/// puts into every request's extensions, also visible to tower layers).
+pub fn connection_identity(info: &TlsConnectInfo<TcpConnectInfo>) -> Option<PeerIdentity> {
+    let certs = info.peer_certs()?;
     let leaf: &CertificateDer<'_> = certs.first()?;
     let digest: [u8; 32] = Sha256::digest(leaf.as_ref()).into();
     // Parsing X.509 on every call costs more than the rest of a cheap RPC; the
@@ -99,9 +106,14 @@ fn identity_cache() -> &'static std::sync::Mutex<std::collections::HashMap<[u8; 
 
 /// The peer's fingerprint even when no identity could be read (for audit of denials).
 pub fn peer_fingerprint<T>(request: &tonic::Request<T>) -> Option<String> {
-    let certs = request
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
-    certs.first().map(|c| fingerprint(c))
+    connection_fingerprint(
+        request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()?,
+    )
+}
+
+/// The fingerprint of a TLS connection's peer certificate, identity or not.
+pub fn connection_fingerprint(info: &TlsConnectInfo<TcpConnectInfo>) -> Option<String> {
+    info.peer_certs()?.first().map(|c| fingerprint(c))
 }
