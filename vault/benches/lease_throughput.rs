@@ -213,13 +213,18 @@ fn percentile(sorted: &[u64], p: f64) -> Duration {
 /// in USER_HZ = 100 ticks per second), or `None` elsewhere.
 fn process_cpu() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split_whitespace().skip(11);
+    Some(Duration::from_millis(stat_cpu_ticks(&stat)?.1 * 10))
+}
+
+/// From one `stat` line: the command name and utime + stime in USER_HZ
+/// ticks (the 14th and 15th fields; the name is parenthesised and may hold
+/// spaces, so fields are counted after its closing parenthesis).
+fn stat_cpu_ticks(stat: &str) -> Option<(&str, u64)> {
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let mut fields = stat.get(close + 2..)?.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((utime + stime) * 10))
+    Some((&stat[open + 1..close], utime + stime))
 }
 
 /// User + system CPU time of this process's threads named `name` (Linux
@@ -230,16 +235,11 @@ fn threads_cpu(name: &str) -> Option<Duration> {
         let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
             continue;
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != name {
-            continue;
+        if let Some((comm, t)) = stat_cpu_ticks(&stat)
+            && comm == name
+        {
+            ticks += t;
         }
-        let mut fields = stat[close + 2..].split_whitespace().skip(11);
-        let utime: u64 = fields.next()?.parse().ok()?;
-        let stime: u64 = fields.next()?.parse().ok()?;
-        ticks += utime + stime;
     }
     Some(Duration::from_millis(ticks * 10))
 }
