@@ -6,7 +6,7 @@
       PyPI package kubernetes-validate (strict: unknown fields are errors);
       cert-manager resources against a structural schema of cert-manager.io/v1
       (kubernetes-validate has no CRD schemas); then recvault's own rules
-      (security context, master-key file mode, identities, config paths,
+      (security context, master-key and audit-key file modes, identities, config paths,
       kubelet gRPC probes on the plaintext health port, network policy). Exit status 1 and one line per problem if anything fails.
   check_manifests.py tree DIR
       Every kustomization.yaml under DIR lists every manifest next to it, every
@@ -48,7 +48,7 @@ WORKLOADS = {
         "metrics_default": 9444,
         "identity": f"spiffe://{TRUST_DOMAIN}/uploader",
         "services": ["", "recvault.uploader.v1.Recordings", "recvault.uploader.v1.Destinations",
-                     "recvault.uploader.v1.Jobs"],
+                     "recvault.uploader.v1.Jobs", "recvault.uploader.v1.Audit"],
     },
 }
 ISSUER_NAME = "recvault-ca"
@@ -389,8 +389,10 @@ def check_workload(doc, ctx, problems):
             problems.check(sm is not None and sm["name"] in claims and not sm.get("readOnly"), cw,
                            f"{field} = {config[field]} must be on a writable PersistentVolumeClaim mount")
 
+    if component == "uploader":
+        check_key_file(pod, c, volumes, config, cw, problems, "audit_key_file", "audit key", "audit-key", "uploaderd")
     if component == "vault":
-        check_master_key(pod, c, volumes, config, cw, problems)
+        check_key_file(pod, c, volumes, config, cw, problems, "master_key_file", "master key", "master-key", "vaultd")
         policy = config.get("policy_file", "")
         pm = mount_for(c, policy)
         if problems.check(pm is not None and "configMap" in volumes.get(pm["name"], {}), cw, f"policy_file {policy} is not on a ConfigMap mount"):
@@ -440,32 +442,33 @@ def check_probe(p, probe, api_port, health_port, services, cw, problems):
                    "an unknown one answers NOT_FOUND and the probe never passes")
 
 
-def check_master_key(pod, c, volumes, config, cw, problems):
-    """The master key: from a Secret (mode 0400) via an init container into a
-    memory-backed emptyDir as an owner-only file, mounted read-only into vaultd.
-    vaultd refuses group/world-readable keys, and the kubelet makes Secret files
-    0440 whenever fsGroup is set, so vaultd must not read the Secret volume itself."""
-    path = config.get("master_key_file", "")
+def check_key_file(pod, c, volumes, config, cw, problems, field, what, suffix, binary):
+    """A key file (the vault's master key, the uploader's audit key): from a
+    Secret (mode 0400) via an init container into a memory-backed emptyDir as an
+    owner-only file, mounted read-only into the service. Both binaries refuse
+    group/world-readable keys, and the kubelet makes Secret files 0440 whenever
+    fsGroup is set, so the service must not read the Secret volume itself."""
+    path = config.get(field, "")
     km = mount_for(c, path)
-    if not problems.check(km is not None, cw, f"master_key_file {path} is not on any mount"):
+    if not problems.check(km is not None, cw, f"{field} {path} is not on any mount"):
         return
     vol = volumes.get(km["name"], {})
-    problems.check(km.get("readOnly") is True, cw, "the master key mount must be readOnly")
+    problems.check(km.get("readOnly") is True, cw, f"the {what} mount must be readOnly")
     problems.check((vol.get("emptyDir") or {}).get("medium") == "Memory", cw,
-                   "the master key must be on a memory-backed emptyDir (never on disk)")
-    secret_volumes = [v for v in volumes.values() if "secret" in v and v["secret"]["secretName"].endswith("master-key")]
-    if not problems.check(len(secret_volumes) == 1, cw, "expected one Secret volume holding the master key (name ending in master-key)"):
+                   f"the {what} must be on a memory-backed emptyDir (never on disk)")
+    secret_volumes = [v for v in volumes.values() if "secret" in v and v["secret"]["secretName"].endswith(suffix)]
+    if not problems.check(len(secret_volumes) == 1, cw, f"expected one Secret volume holding the {what} (name ending in {suffix})"):
         return
     sv = secret_volumes[0]
     s = sv["secret"]
-    problems.check(s.get("defaultMode") == 0o400, cw, f"master key Secret defaultMode must be 0400, got {oct(s.get('defaultMode') or 0)}")
+    problems.check(s.get("defaultMode") == 0o400, cw, f"{what} Secret defaultMode must be 0400, got {oct(s.get('defaultMode') or 0)}")
     for item in s.get("items") or []:
-        problems.check(item.get("mode", 0o400) == 0o400, cw, f"master key Secret item {item.get('key')} mode must be 0400")
+        problems.check(item.get("mode", 0o400) == 0o400, cw, f"{what} Secret item {item.get('key')} mode must be 0400")
     problems.check(all(m["name"] != sv["name"] for m in c.get("volumeMounts") or []), cw,
-                   "vaultd must not mount the master key Secret itself (the kubelet makes it 0440 under fsGroup)")
+                   f"{binary} must not mount the {what} Secret itself (the kubelet makes it 0440 under fsGroup)")
     copiers = [ic for ic in pod.get("initContainers") or []
                if {m["name"] for m in ic.get("volumeMounts") or []} >= {sv["name"], km["name"]}]
-    if problems.check(len(copiers) == 1, cw, "an initContainer must copy the key from the Secret into the emptyDir"):
+    if problems.check(len(copiers) == 1, cw, f"an initContainer must copy the {what} from the Secret into the emptyDir"):
         script = " ".join((copiers[0].get("command") or []) + (copiers[0].get("args") or []))
         key_file = posixpath.basename(path)
         problems.check("chmod 0400" in script or "chmod 400" in script or "install -m 0400" in script, cw,
@@ -636,7 +639,7 @@ def check_recvault(docs, problems):
     }
     for d in docs:
         if d.get("kind") == "Secret":
-            problems.add(name_of(d), "Secrets must not be in the manifests (the master key is created by hand)")
+            problems.add(name_of(d), "Secrets must not be in the manifests (the master key and the audit key are created by hand)")
         if ctx["namespace"] and d.get("kind") not in CLUSTER_SCOPED:
             problems.check(d.get("metadata", {}).get("namespace") == ctx["namespace"], name_of(d),
                            f"must be in namespace {ctx['namespace']}")

@@ -14,10 +14,13 @@ use std::{
 };
 
 use recvault_proto::{
-    uploader::v1::{self as up, destinations_client::DestinationsClient, jobs_client::JobsClient},
+    uploader::v1::{
+        self as up, audit_client::AuditClient as UploaderAuditClient,
+        destinations_client::DestinationsClient, jobs_client::JobsClient,
+    },
     vault::v1::{self as va, audit_client::AuditClient},
 };
-use recvault_runtime::{devcerts, secret::SecretBytes};
+use recvault_runtime::secret::SecretBytes;
 use tonic_health_probe::wait_serving;
 
 use crate::client::{self, Endpoints};
@@ -38,22 +41,32 @@ fn absolute(p: &Path) -> PathBuf {
 fn uploader_config(dir: &Path, addrs: &Addrs) -> String {
     let certs = absolute(&dir.join("certs"));
     let up = absolute(&dir.join("uploader"));
+    let delivered = absolute(&dir.join("delivered"));
     let c = |n: &str| certs.join(n).display().to_string();
     format!(
         "# Written by `recvault dev`; fields are documented in deploy/config/uploader.example.toml.\n\
          listen = \"{}\"\n\
          metrics_listen = \"{}\"\n\
          database = \"{}\"\n\
-         backup_dir = \"{}\"\n\n\
+         backup_dir = \"{}\"\n\
+         policy_file = \"{}\"\n\
+         audit_database = \"{}\"\n\
+         audit_key_file = \"{}\"\n\n\
+         [backup]\nwrapping_key_file = \"{}\"\n\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n\
          [vault]\nendpoint = \"{}\"\n\n\
          [vault.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n\
-         [access]\nrecorder = [\"{}\"]\nmanager = [\"{}\"]\n\n\
+         # The demo's local-directory destination; fs destinations elsewhere are refused.\n\
+         [destinations]\nfs_allowed_roots = [\"{}\"]\n\n\
          [delivery]\nretry_base_ms = 500\nretry_max_secs = 10\n",
         addrs.uploader,
         metrics_addr(&addrs.uploader, UPLOADER_ADDR, "127.0.0.1:9444"),
         up.join("uploader.db").display(),
         up.join("backups").display(),
+        up.join("policy.toml").display(),
+        up.join("audit.db").display(),
+        up.join(AUDIT_KEY).display(),
+        up.join("backup-wrap.pub").display(),
         c("uploader.crt"),
         c("uploader.key"),
         c("ca.crt"),
@@ -61,10 +74,12 @@ fn uploader_config(dir: &Path, addrs: &Addrs) -> String {
         c("uploader.crt"),
         c("uploader.key"),
         c("ca.crt"),
-        devcerts::spiffe_id("recorder"),
-        devcerts::spiffe_id("manager"),
+        delivered.display(),
     )
 }
+
+/// The uploader's audit key, under `.dev/uploader/`.
+const AUDIT_KEY: &str = "audit.key";
 
 /// Children are killed when the runner exits, however it exits.
 struct Children(Vec<(String, Child)>);
@@ -155,8 +170,46 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
             String::from_utf8_lossy(&init.stderr)
         ));
     }
+    // The backup wrapping public key the uploader seals data keys to.
+    let wrap = Command::new(&vaultd)
+        .args(["wrapping-key", "--config"])
+        .arg(dir.join("vault/vault.toml"))
+        .arg("--out")
+        .arg(dir.join("uploader/backup-wrap.pub"))
+        .output()
+        .map_err(|e| format!("cannot run vaultd wrapping-key: {e}"))?;
+    if !wrap.status.success() {
+        return Err(format!(
+            "vaultd wrapping-key failed: {}",
+            String::from_utf8_lossy(&wrap.stderr)
+        ));
+    }
+    let audit_key = dir.join("uploader").join(AUDIT_KEY);
+    if !audit_key.exists() {
+        // The uploader's own chain key (it never sees the vault's master key),
+        // made by the real binary: 32 random bytes, mode 0600.
+        let made = Command::new(&uploaderd)
+            .args(["init-audit-key", "--file"])
+            .arg(&audit_key)
+            .output()
+            .map_err(|e| format!("cannot run uploaderd init-audit-key: {e}"))?;
+        if !made.status.success() {
+            return Err(format!(
+                "uploaderd init-audit-key failed: {}",
+                String::from_utf8_lossy(&made.stderr)
+            ));
+        }
+    }
     let uploader_toml = dir.join("uploader/uploader.toml");
     fs::write(&uploader_toml, uploader_config(dir, addrs)).map_err(|e| e.to_string())?;
+    let uploader_policy = dir.join("uploader/policy.toml");
+    if !uploader_policy.exists() {
+        fs::write(
+            &uploader_policy,
+            recvault_runtime::policy::dev_uploader_toml(),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", uploader_policy.display()))?;
+    }
     println!(
         "{} .dev at {} (certificates in {})",
         if first_run { "created" } else { "reusing" },
@@ -192,7 +245,7 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
         uploader: addrs.uploader.clone(),
         certs: dir.join("certs"),
     };
-    runtime.block_on(async {
+    let _s3 = runtime.block_on(async {
         for (addr, identity, log) in [
             (&addrs.vault, "auditor", "vault"),
             (&addrs.uploader, "manager", "uploader"),
@@ -218,6 +271,7 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
         );
         demo(dir, &endpoints).await
     })?;
+    // The demo's S3 server keeps serving (on this runtime) until Ctrl-C.
     print_recipes(dir, addrs);
     println!(
         "ready: vault {}, uploader {}; press Ctrl-C to stop",
@@ -228,20 +282,118 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
     Ok(())
 }
 
-async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
+/// The customer's bucket of the demo, in the in-process S3 server.
+const DEMO_BUCKET: &str = "demo-recordings";
+
+/// An RFC 3339 time (UTC) for a protobuf timestamp.
+fn rfc3339(t: Option<prost_types::Timestamp>) -> String {
+    let t = t.unwrap_or_default();
+    time::OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .and_then(|d| {
+            d.replace_nanosecond(u32::try_from(t.nanos).unwrap_or(0))
+                .ok()
+        })
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{}s", t.seconds))
+}
+
+/// What the demo prints of an encrypted backup's header (it holds nothing
+/// secret: the wrapped data key opens only in the vault). Layout: the
+/// uploader README's "Backup format".
+fn describe_backup_header(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut head = vec![0u8; 1024];
+    let mut file = fs::File::open(path).map_err(|e| e.to_string())?;
+    let n = file.read(&mut head).map_err(|e| e.to_string())?;
+    head.truncate(n);
+    let u32_at = |at: usize| {
+        head.get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if head.get(..4) != Some(b"RVBK".as_slice()) {
+        return Err("no RVBK magic: the backup is not encrypted".into());
+    }
+    let (Some(key_version), Some(segment), Some(t)) = (u32_at(13), u32_at(17), u32_at(108)) else {
+        return Err("header cut short".into());
+    };
+    let t = t as usize;
+    let tenant = head
+        .get(112..112 + t)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let r = u32_at(112 + t).unwrap_or(0) as usize;
+    let recording = head
+        .get(116 + t..116 + t + r)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default();
+    let hex_of = |range: std::ops::Range<usize>| hex::encode(head.get(range).unwrap_or_default());
+    Ok(format!(
+        "RVBK v{} AES-256-GCM segments of {segment} bytes (STREAM), data key wrapped with HPKE \
+         X25519/HKDF-SHA256/AES-256-GCM to vault key version {key_version}; enc {}…, wrapped key {}…, \
+         bound to tenant {tenant:?} recording {recording:?}; header {} bytes",
+        head[4],
+        &hex_of(28..60)[..16],
+        &hex_of(60..108)[..16],
+        116 + t + r
+    ))
+}
+
+/// The whole path once: the customer's bucket (s3s-fs in this process), a
+/// credential for it in the vault, a destination, a recording ingested
+/// (its backup encrypted at rest), delivered with the credential leased,
+/// used and released, verified like a customer would; then the job's
+/// history and both services' audit events for it. Returns the S3 server,
+/// which serves until the runner stops.
+async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<crate::s3::S3Server, String> {
     let manager_vault = endpoints.channel(&endpoints.vault, "manager")?;
     let manager_up = endpoints.channel(&endpoints.uploader, "manager")?;
     let recorder = endpoints.channel(&endpoints.uploader, "recorder")?;
     let auditor = endpoints.channel(&endpoints.vault, "auditor")?;
 
-    // 1. A demo credential (kept for the grpcurl recipes; fs delivery needs none).
-    let secret = SecretBytes::from_slice(br#"{"access_key_id":"AKIADEMODEMODEMO","secret_access_key":"demo-only-not-a-real-secret"}"#);
+    // 1. The customer's bucket: a fresh key pair each run, known only to
+    //    this process and, sealed, to the vault.
+    let s3_root = absolute(&dir.join("s3"));
+    fs::create_dir_all(s3_root.join(DEMO_BUCKET))
+        .map_err(|e| format!("cannot create {}: {e}", s3_root.display()))?;
+    let access_key = format!(
+        "AKIADEMO{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12].to_uppercase()
+    );
+    let mut secret_key = uuid::Uuid::new_v4().simple().to_string();
+    secret_key.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    let s3 = crate::s3::serve(
+        &s3_root,
+        "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+        &access_key,
+        &secret_key,
+        None::<crate::s3::AuthenticatedOnly>,
+    )
+    .await
+    .map_err(|e| format!("cannot start the demo S3 server: {e}"))?;
+    println!(
+        "s3          {} (s3s-fs in this process, bucket {DEMO_BUCKET} at {})",
+        s3.endpoint,
+        s3_root.join(DEMO_BUCKET).display()
+    );
+
+    // 2. Its credential in the vault (write-only from here on).
+    let mut json = Vec::with_capacity(128);
+    json.extend_from_slice(br#"{"access_key_id":""#);
+    json.extend_from_slice(access_key.as_bytes());
+    json.extend_from_slice(br#"","secret_access_key":""#);
+    json.extend_from_slice(secret_key.as_bytes());
+    json.extend_from_slice(br#""}"#);
+    drop(secret_key);
     let put = client::put_credential(
         manager_vault,
         DEMO_TENANT,
         "demo-s3",
         va::CredentialKind::S3,
-        secret,
+        SecretBytes::new(json),
     )
     .await?;
     println!(
@@ -249,27 +401,28 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
         put.credential_id, put.version
     );
 
-    // 2. A local-directory destination under .dev/delivered.
-    let delivered_dir = absolute(&dir.join("delivered"));
+    // 3. The destination: that bucket, with that credential.
     let destination = DestinationsClient::new(manager_up.clone())
         .put_destination(up::PutDestinationRequest {
             tenant_id: DEMO_TENANT.into(),
-            name: "local".into(),
-            provider: "fs".into(),
-            bucket: delivered_dir.display().to_string(),
+            name: "demo-s3".into(),
+            provider: "s3".into(),
+            endpoint: s3.endpoint.clone(),
+            region: "us-east-1".into(),
+            bucket: DEMO_BUCKET.into(),
             prefix: "recordings".into(),
-            ..Default::default()
+            path_style: true,
+            credential_id: put.credential_id.clone(),
         })
         .await
         .map_err(|s| client::status_text(&s))?
         .into_inner();
     println!(
-        "destination {} (fs: {})",
-        destination.destination_id,
-        delivered_dir.display()
+        "destination {} (s3: {}/{DEMO_BUCKET}/recordings)",
+        destination.destination_id, s3.endpoint
     );
 
-    // 3. A sample recording through ingest.
+    // 4. A sample recording through ingest.
     let sample = dir.join("sample-recording.bin");
     if !sample.exists() {
         write_sample(&sample)?;
@@ -295,8 +448,19 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
         reply.job_id,
         hex::encode(sha256)
     );
+    // The backup, encrypted at rest, until the delivery is verified.
+    let backup = absolute(&dir.join("uploader/backups/objects"))
+        .join(DEMO_TENANT)
+        .join(&reply.job_id);
+    match describe_backup_header(&backup) {
+        Ok(text) => println!("backup      {}: {text}", backup.display()),
+        Err(_) if !backup.exists() => {
+            println!("backup      (already delivered and deleted)")
+        }
+        Err(e) => return Err(format!("backup {}: {e}", backup.display())),
+    }
 
-    // 4. Until DELIVERED.
+    // 5. Until DELIVERED.
     let job = tokio::time::timeout(
         Duration::from_secs(120),
         client::watch_until_settled(manager_up.clone(), &reply.job_id, {
@@ -319,14 +483,12 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
         ));
     }
 
-    // 5. Check the delivered file against its sidecar, like a customer would.
-    let delivered = delivered_dir.join("recordings").join(&file_name);
-    let sidecar = fs::read_to_string(
-        delivered_dir
-            .join("recordings")
-            .join(format!("{file_name}.sha256")),
-    )
-    .map_err(|e| format!("cannot read the sidecar: {e}"))?;
+    // 6. Check the delivered object against its sidecar, like a customer
+    //    would (s3s-fs keeps objects as files: <root>/<bucket>/<key>).
+    let delivered_dir = s3_root.join(DEMO_BUCKET).join("recordings");
+    let delivered = delivered_dir.join(&file_name);
+    let sidecar = fs::read_to_string(delivered_dir.join(format!("{file_name}.sha256")))
+        .map_err(|e| format!("cannot read the sidecar: {e}"))?;
     let (got, _) = client::sha256_file(&delivered).await?;
     let expected = sidecar
         .split_whitespace()
@@ -335,18 +497,19 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
         .to_owned();
     if hex::encode(got) != expected || expected != hex::encode(sha256) {
         return Err(format!(
-            "delivered file {} does not match its sidecar",
+            "delivered object {} does not match its sidecar",
             delivered.display()
         ));
     }
     println!(
-        "delivered   {} verified ({}): sha256 matches {}.sha256",
+        "delivered   {} ({}) verified ({}): sha256 matches {file_name}.sha256; backup deleted: {}",
+        job.location,
         delivered.display(),
         job.verified_by,
-        file_name
+        !backup.exists()
     );
 
-    // 6. The job's history and the vault's audit events for this request.
+    // 7. The job's history.
     let history = JobsClient::new(manager_up)
         .get_job_history(up::GetJobRequest {
             job_id: reply.job_id.clone(),
@@ -357,25 +520,109 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
     println!("job history:");
     for e in history.events {
         println!(
-            "  {:>10} {:<10} {}",
-            e.time.map(|t| t.seconds).unwrap_or(0),
+            "  {} {:<10} {}",
+            rfc3339(e.time),
             client::state_name(e.state),
             e.message
         );
     }
-    let mut events = AuditClient::new(auditor)
-        .query_events(va::QueryEventsRequest {
-            filter: Some(va::AuditFilter {
-                tenant_id: DEMO_TENANT.into(),
-                ..Default::default()
-            }),
-            after_sequence: 0,
-            limit: 0,
-        })
+
+    // 8. What the vault audited for this recording's request id: the data
+    //    key unwrapped for the attempt, the credential leased and released.
+    let vault_events = collect(
+        AuditClient::new(auditor)
+            .query_events(va::QueryEventsRequest {
+                filter: Some(va::AuditFilter {
+                    request_id: request_id.clone(),
+                    ..Default::default()
+                }),
+                after_sequence: 0,
+                limit: 0,
+            })
+            .await
+            .map_err(|s| client::status_text(&s))?
+            .into_inner(),
+    )
+    .await?;
+    println!("vault audit events for request {request_id}:");
+    for e in &vault_events {
+        println!(
+            "  #{:<5} {} {:<40} {:<8} {:<34} lease {} {}",
+            e.sequence,
+            rfc3339(e.time),
+            e.operation,
+            e.outcome,
+            e.identity,
+            if e.lease_id.is_empty() {
+                "-"
+            } else {
+                &e.lease_id
+            },
+            e.detail
+        );
+    }
+    for needed in ["UnwrapDataKey", "AcquireLease", "ReleaseLease"] {
+        if !vault_events
+            .iter()
+            .any(|e| e.operation.ends_with(needed) && e.outcome == "allowed")
+        {
+            return Err(format!(
+                "the vault audited no allowed {needed} for request {request_id}"
+            ));
+        }
+    }
+
+    // 9. What the uploader audited for this recording, and its chain.
+    let uploader_auditor = endpoints.channel(&endpoints.uploader, "auditor")?;
+    let uploader_events = collect(
+        UploaderAuditClient::new(uploader_auditor.clone())
+            .query_events(va::QueryEventsRequest {
+                filter: Some(va::AuditFilter {
+                    job_id: reply.job_id.clone(),
+                    ..Default::default()
+                }),
+                after_sequence: 0,
+                limit: 0,
+            })
+            .await
+            .map_err(|s| client::status_text(&s))?
+            .into_inner(),
+    )
+    .await?;
+    println!("uploader audit events for job {}:", reply.job_id);
+    for e in &uploader_events {
+        println!(
+            "  #{:<5} {} {:<44} {:<8} {:<34} {}",
+            e.sequence,
+            rfc3339(e.time),
+            e.operation,
+            e.outcome,
+            e.identity,
+            e.detail
+        );
+    }
+    let chain = UploaderAuditClient::new(uploader_auditor)
+        .verify_chain(va::VerifyChainRequest {})
         .await
         .map_err(|s| client::status_text(&s))?
         .into_inner();
-    println!("vault audit events for tenant {DEMO_TENANT} (newest 5):");
+    if !chain.ok {
+        return Err(format!(
+            "the uploader's audit chain is broken at sequence {}: {}",
+            chain.first_broken_sequence, chain.reason
+        ));
+    }
+    println!(
+        "uploader audit chain intact ({} events checked)",
+        chain.events_checked
+    );
+    Ok(s3)
+}
+
+/// Every event of an audit stream.
+async fn collect(
+    mut events: tonic::Streaming<va::AuditEvent>,
+) -> Result<Vec<va::AuditEvent>, String> {
     let mut all = Vec::new();
     while let Some(e) = events
         .message()
@@ -384,13 +631,7 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<(), String> {
     {
         all.push(e);
     }
-    for e in all.iter().rev().take(5).rev() {
-        println!(
-            "  #{:<5} {:<45} {:<8} {:<34} request {}",
-            e.sequence, e.operation, e.outcome, e.identity, e.request_id
-        );
-    }
-    Ok(())
+    Ok(all)
 }
 
 fn time_stamp() -> String {

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod client;
 pub mod dev;
+pub mod s3;
 
 use std::{
     io::{BufRead, BufReader},
@@ -318,6 +319,62 @@ pub fn python_grpc_tools() -> PathBuf {
     assert!(
         installed(&dir),
         "grpcio/grpcio-tools not found under {} after pip install",
+        dir.display()
+    );
+    dir
+}
+
+/// A directory to put on `PYTHONPATH` so that `python3` can import
+/// `cryptography` and `pyhpke`, the only packages the break-glass scripts in
+/// `deploy/recovery/` need. Installed on first use from PyPI with pip into
+/// `target/tools/python-recovery` (its own directory: [`python_grpc_tools`]
+/// replaces `target/tools/python` whenever grpcio is missing from it), through
+/// a scratch directory renamed into place, so concurrent test binaries never
+/// see half an install. Panics (the test fails, never skips) without pip.
+pub fn python_recovery_tools() -> PathBuf {
+    let tools = workspace_root().join("target/tools");
+    let dir = tools.join("python-recovery");
+    let installed = |d: &Path| d.join("cryptography").is_dir() && d.join("pyhpke").is_dir();
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if installed(&dir) {
+        return dir;
+    }
+    std::fs::create_dir_all(&tools).expect("create target/tools");
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let scratch = tools.join(format!("python-recovery.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--target",
+        ])
+        .arg(&scratch)
+        .args(["cryptography", "pyhpke"])
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .status()
+        .expect(
+            "run python3 -m pip install (the recovery test needs python3 with pip; \
+             Debian/Ubuntu: apt-get install python3 python3-pip)",
+        );
+    assert!(
+        status.success(),
+        "pip install cryptography pyhpke failed (is PyPI reachable?)"
+    );
+    // Another process may have finished first; then its copy is used.
+    if std::fs::rename(&scratch, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    assert!(
+        installed(&dir),
+        "cryptography/pyhpke not found under {} after pip install",
         dir.display()
     );
     dir

@@ -3,7 +3,8 @@
 //! `corrupt_checksum_for_test` knob), the real S3 server (s3s-fs) answers
 //! 400 BadDigest, the job goes RETRYING with that reason and its backup kept;
 //! the next attempt with the right checksum delivers. The vault is real too,
-//! in process, over mTLS.
+//! in process, over mTLS: it provides the wrapping key the backup is
+//! encrypted to, and unwraps its data key for each attempt.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,11 +14,12 @@ mod s3_server;
 use std::{sync::Arc, time::Duration};
 
 use recvault_proto::vault::v1::{
-    CredentialKind, PutCredentialRequest, credentials_client::CredentialsClient,
+    CredentialKind, GetWrappingKeyRequest, PutCredentialRequest,
+    credentials_client::CredentialsClient, data_keys_client::DataKeysClient,
 };
 use recvault_runtime::devcerts;
 use recvault_uploader::{
-    backup::BackupStore,
+    backup::{BackupStore, wrapping::WrappingKey},
     config::VaultClientConfig,
     destination::{DestinationConfig, Provider, S3Options},
     destination_store::DestinationStore,
@@ -55,7 +57,16 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
     let db = tmp.path().join("uploader.db");
     let jobs = JobStore::open(&db).unwrap();
     let destinations = Arc::new(DestinationStore::open(&db).unwrap());
-    let backups = BackupStore::open(tmp.path().join("backups")).unwrap();
+    let wrapping = DataKeysClient::new(vault.channel("uploader"))
+        .get_wrapping_key(GetWrappingKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let wrapping = WrappingKey::new(
+        wrapping.key_version,
+        wrapping.public_key.as_slice().try_into().unwrap(),
+    );
+    let backups = BackupStore::open(tmp.path().join("backups"), wrapping).unwrap();
     let destination_id = destinations
         .put(
             "acme",
@@ -78,20 +89,22 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
         .collect();
     let sha = Sha256Digest::new(sha2::Sha256::digest(&data).into());
     let tenant = TenantId::parse("acme").unwrap();
-    let mut writer = backups.begin(&tenant).unwrap();
+    let recording = RecordingId::parse("rec-1").unwrap();
+    let mut writer = backups.begin(&tenant, &recording).unwrap();
     writer.write_chunk(&data).unwrap();
     let stored = writer.finish(sha).unwrap();
     let (job, _) = jobs
         .create_or_get(NewJob {
             job_id: stored.id,
             tenant_id: tenant,
-            recording_id: RecordingId::parse("rec-1").unwrap(),
+            recording_id: recording,
             destination_id: DestinationId::parse(destination_id.as_str()).unwrap(),
             file_name: FileName::parse("call.bin").unwrap(),
             content_type: ContentType::parse("application/octet-stream").unwrap(),
             backup_path: stored.path.clone(),
             sha256: sha,
             size: stored.size,
+            stored_sha256: Some(stored.stored_sha256),
             request_id: Some("checksum-retry".into()),
         })
         .await
@@ -118,6 +131,8 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
             max_attempts: 1,
             ..S3Options::default()
         },
+        // An S3 destination: no local directory is allowed.
+        fs_roots: Default::default(),
         concurrency: 1,
         wake: Arc::default(),
         metrics: UploaderMetrics::new(),
@@ -168,7 +183,7 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
 
     // The recording's request id reached the vault's audit log: one lease and
     // its release per attempt, all under the id the recorder's upload carried.
-    let filter = recvault_vault::audit::AuditFilter {
+    let filter = recvault_audit::AuditFilter {
         request_id: Some("checksum-retry".into()),
         ..Default::default()
     };
@@ -181,6 +196,11 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
     };
     assert_eq!(count("Leases/AcquireLease"), 2, "{events:?}");
     assert_eq!(count("Leases/ReleaseLease"), 2, "{events:?}");
+    assert_eq!(
+        count("UnwrapDataKey"),
+        2,
+        "one unwrap per attempt: {events:?}"
+    );
     assert!(
         events
             .iter()

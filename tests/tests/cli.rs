@@ -133,7 +133,7 @@ fn cli_puts_from_stdin_sends_with_progress_verifies_and_follows_the_audit_log() 
     assert!(stdout.contains("verified delivered to"), "{stdout}");
 
     // Verify the download against its sidecar; a changed byte fails.
-    let delivered = dir.join("delivered/recordings/meeting.bin");
+    let delivered = dir.join("s3/demo-recordings/recordings/meeting.bin");
     let out = recvault(&dir, &vault, &uploader)
         .arg("verify")
         .arg(&delivered)
@@ -145,7 +145,7 @@ fn cli_puts_from_stdin_sends_with_progress_verifies_and_follows_the_audit_log() 
     let tampered = tmp.path().join("tampered.bin");
     std::fs::write(&tampered, bytes).unwrap();
     std::fs::copy(
-        dir.join("delivered/recordings/meeting.bin.sha256"),
+        dir.join("s3/demo-recordings/recordings/meeting.bin.sha256"),
         tmp.path().join("tampered.bin.sha256"),
     )
     .unwrap();

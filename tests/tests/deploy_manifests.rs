@@ -318,6 +318,16 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "memory-backed emptyDir",
     ),
     (
+        "uploaderd reads the audit key Secret volume itself",
+        "container('recvault-uploader')['volumeMounts'].append({'name': 'audit-key-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "uploaderd must not mount the audit key Secret",
+    ),
+    (
+        "audit key copied without chmod 0400",
+        "pod('recvault-uploader')['initContainers'][0]['command'][2] = pod('recvault-uploader')['initContainers'][0]['command'][2].replace('chmod 0400', 'chmod 0440')",
+        "the init container must make the copy mode 0400",
+    ),
+    (
         "vault reachable from every pod in the namespace",
         "find('NetworkPolicy', 'recvault-vault')['spec']['ingress'][0]['from'] = [{'podSelector': {}}]",
         "is not exactly the uploader pods",
@@ -785,10 +795,12 @@ struct DevPki {
     _dir: tempfile::TempDir,
     certs: PathBuf,
     master_key: Vec<u8>,
+    audit_key: Vec<u8>,
 }
 
-/// Dev certificates and a master key, made the way deploy/README.md says:
-/// `vaultd init` in a scratch directory.
+/// Dev certificates, a master key and the uploader's audit key, made the way
+/// deploy/README.md says: `vaultd init` and `uploaderd init-audit-key` in a
+/// scratch directory.
 fn dev_pki() -> DevPki {
     let dir = tempfile::tempdir().unwrap();
     let out = run(
@@ -801,10 +813,23 @@ fn dev_pki() -> DevPki {
     );
     assert!(out.status.success(), "vaultd init:\n{}", text(&out));
     let master_key = fs::read(dir.path().join("vault/master.key")).unwrap();
+    let out = run(
+        Command::new(binary("uploaderd"))
+            .args(["init-audit-key", "--file"])
+            .arg(dir.path().join("audit.key")),
+        "uploaderd init-audit-key",
+    );
+    assert!(
+        out.status.success(),
+        "uploaderd init-audit-key:\n{}",
+        text(&out)
+    );
+    let audit_key = fs::read(dir.path().join("audit.key")).unwrap();
     DevPki {
         certs: dir.path().join("certs"),
         _dir: dir,
         master_key,
+        audit_key,
     }
 }
 
@@ -940,6 +965,15 @@ fn shipped_configs_start_the_real_binaries() {
         text(&out)
     );
     fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
+    // The uploader's wrapping key ConfigMap, as deploy/README.md makes it.
+    let out = run(
+        Command::new(binary("vaultd"))
+            .args(["wrapping-key", "--config"])
+            .arg(&config),
+        "vaultd wrapping-key",
+    );
+    assert!(out.status.success(), "vaultd wrapping-key:\n{}", text(&out));
+    let wrapping_key = out.stdout;
     // Every port on loopback, picked by the OS (the config's health_listen is
     // 0.0.0.0:7453), so parallel tests never collide.
     let listen = [
@@ -960,9 +994,19 @@ fn shipped_configs_start_the_real_binaries() {
             .as_bytes(),
         0o644,
     );
+    up_root.put(
+        "/etc/recvault/config/uploader-policy.toml",
+        &fs::read(k8s.join("uploader-policy.toml")).unwrap(),
+        0o644,
+    );
     up_root.put("/etc/recvault/tls/tls.crt", &cert("uploader", "crt"), 0o644);
     up_root.put("/etc/recvault/tls/tls.key", &cert("uploader", "key"), 0o600);
     up_root.put("/etc/recvault/tls/ca.crt", &ca, 0o644);
+    up_root.put(
+        "/etc/recvault/wrapping-key/backup-wrap.pub",
+        &wrapping_key,
+        0o444,
+    );
     up_root.dir("/var/lib/recvault/uploader");
     let env = [
         ("RECVAULT_UPLOADER_LISTEN", "127.0.0.1:0".to_owned()),
@@ -970,6 +1014,22 @@ fn shipped_configs_start_the_real_binaries() {
         ("RECVAULT_UPLOADER_HEALTH_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_VAULT_ENDPOINT", vault_addr.clone()),
     ];
+    // The audit key as the Secret volume would give it (0440): refused by
+    // name, which is why the pod copies it to a 0400 file first.
+    let audit_key = up_root.put("/run/recvault/audit-key/audit.key", &pki.audit_key, 0o440);
+    let mut cmd = Command::new(binary("uploaderd"));
+    cmd.args(["serve", "--config"])
+        .arg(&config)
+        .envs(env.clone());
+    let out = run(&mut cmd, "uploaderd serve");
+    assert!(
+        !out.status.success()
+            && text(&out).contains("audit_key_file")
+            && text(&out).contains("readable or writable by group or others"),
+        "uploaderd accepted a 0440 audit key:\n{}",
+        text(&out)
+    );
+    fs::set_permissions(&audit_key, fs::Permissions::from_mode(0o400)).unwrap();
     let (mut uploader, up_addr) = serve("uploaderd", &config, &env, "uploader serving");
     assert_serving(&pki, "recorder", &up_addr);
     assert_probe_serving(&mut uploader, &up_addr, "recvault.uploader.v1.Recordings");
@@ -993,6 +1053,11 @@ fn shipped_configs_start_the_real_binaries() {
         &fs::read(examples.join("vault-policy.example.toml")).unwrap(),
         0o644,
     );
+    root.put(
+        "/etc/recvault/uploader-policy.toml",
+        &fs::read(examples.join("uploader-policy.example.toml")).unwrap(),
+        0o644,
+    );
     for name in ["vault", "uploader"] {
         root.put(
             &format!("/etc/recvault/tls/{name}.crt"),
@@ -1008,6 +1073,11 @@ fn shipped_configs_start_the_real_binaries() {
     root.put("/etc/recvault/tls/ca.crt", &ca, 0o644);
     root.dir("/var/lib/recvault/vault");
     root.dir("/var/lib/recvault/uploader");
+    root.put(
+        "/etc/recvault/uploader/backup-wrap.pub",
+        &wrapping_key,
+        0o644,
+    );
     let credential = root.put(
         "/run/credentials/recvault-vault.service/master.key",
         &pki.master_key,
@@ -1029,10 +1099,21 @@ fn shipped_configs_start_the_real_binaries() {
             .as_bytes(),
         0o644,
     );
+    let unit = fs::read_to_string(deploy().join("systemd/recvault-uploader.service")).unwrap();
+    assert!(unit.contains("Environment=RECVAULT_UPLOADER_AUDIT_KEY_FILE=%d/audit.key"));
+    let audit_key = root.put(
+        "/run/credentials/recvault-uploader.service/audit.key",
+        &pki.audit_key,
+        0o400,
+    );
     let env = [
         ("RECVAULT_UPLOADER_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_VAULT_ENDPOINT", vault_addr),
+        (
+            "RECVAULT_UPLOADER_AUDIT_KEY_FILE",
+            audit_key.display().to_string(),
+        ),
     ];
     let (mut uploader, up_addr) = serve("uploaderd", &config, &env, "uploader serving");
     assert_serving(&pki, "manager", &up_addr);

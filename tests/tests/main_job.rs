@@ -35,7 +35,7 @@ fn run_main_job(dir: &Path, vault: &str, uploader: &str) -> String {
 }
 
 fn delivered_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("delivered/recordings"))
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("s3/demo-recordings/recordings"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "bin"))
@@ -56,13 +56,35 @@ fn main_job_delivers_a_verified_recording_and_runs_again_on_the_same_directory()
     assert!(first.contains("job state DELIVERED"), "{first}");
     assert!(first.contains("verified"), "{first}");
     assert!(
-        first.contains("Credentials/PutCredential"),
-        "audit events missing:\n{first}"
+        first.contains("credential  cred_"),
+        "the demo credential is missing:\n{first}"
     );
     assert!(
         first.contains("Jobs/ListJobs"),
         "grpcurl recipes missing:\n{first}"
     );
+    // The whole path is shown: the encrypted backup's header, the vault's
+    // data-key, lease and release events for this recording, the uploader's
+    // own events for the job, times as RFC 3339.
+    assert!(
+        first.contains("backup ")
+            && (first.contains(": RVBK v1") || first.contains("already delivered")),
+        "backup header missing:\n{first}"
+    );
+    for operation in [
+        "DataKeys/UnwrapDataKey",
+        "Leases/AcquireLease",
+        "Leases/ReleaseLease",
+        "Recordings/Upload",
+    ] {
+        assert!(first.contains(operation), "{operation} missing:\n{first}");
+    }
+    let rfc3339 = first.lines().any(|l| {
+        l.split_whitespace().any(|w| {
+            w.len() >= 20 && w.as_bytes()[4] == b'-' && w.as_bytes()[10] == b'T' && w.ends_with('Z')
+        })
+    });
+    assert!(rfc3339, "no RFC 3339 time in the output:\n{first}");
     for f in [
         "ca.crt",
         "vault.crt",
@@ -86,7 +108,7 @@ fn main_job_delivers_a_verified_recording_and_runs_again_on_the_same_directory()
         .to_owned();
     let check = Command::new("sha256sum")
         .args(["-c", &format!("{name}.sha256")])
-        .current_dir(dir.join("delivered/recordings"))
+        .current_dir(dir.join("s3/demo-recordings/recordings"))
         .output()
         .unwrap();
     assert!(
@@ -95,13 +117,11 @@ fn main_job_delivers_a_verified_recording_and_runs_again_on_the_same_directory()
         String::from_utf8_lossy(&check.stdout)
     );
 
-    // The demo secret never appears in the services' logs.
+    // The demo secret (random each run) never appears in the services' logs,
+    // not even its JSON field.
     for log in ["logs/vault.log", "logs/uploader.log"] {
         let text = std::fs::read_to_string(dir.join(log)).unwrap();
-        assert!(
-            !text.contains("demo-only-not-a-real-secret"),
-            "secret in {log}"
-        );
+        assert!(!text.contains("secret_access_key"), "secret in {log}");
     }
 
     let second = run_main_job(&dir, &vault, &uploader);

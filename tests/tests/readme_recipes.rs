@@ -92,6 +92,10 @@ fn readme_grpcurl_recipes_work_against_the_running_main_job() {
     );
     assert!(all.contains("\"ok\": true"), "{all}");
     assert!(all.contains("JOB_STATE_DELIVERED"), "{all}");
+    assert!(
+        all.contains("\"operation\": \"recvault.uploader.v1.Audit/QueryEvents\""),
+        "the uploader's audit event of the query itself: {all}"
+    );
     // The recipe's secret reached neither the services' logs nor the shell's files.
     for log in [".dev/logs/vault.log", ".dev/logs/uploader.log"] {
         let text = std::fs::read_to_string(tmp.path().join(log)).unwrap();
@@ -111,14 +115,15 @@ fn readme_grpcurl_recipes_work_against_the_running_main_job() {
             .to_owned();
         http_get(&addr, "/metrics")
     };
+    // Two leases: the main job's delivery through its S3 server, and the recipe's.
     let vault_metrics = metrics_of("vault");
     assert!(
-        vault_metrics.contains("recvault_vault_leases_total{outcome=\"granted\"} 1"),
+        vault_metrics.contains("recvault_vault_leases_total{outcome=\"granted\"} 2"),
         "{vault_metrics}"
     );
     assert!(
         vault_metrics.contains(
-            "recvault_vault_calls_total{operation=\"Leases/AcquireLease\",code=\"OK\"} 1"
+            "recvault_vault_calls_total{operation=\"Leases/AcquireLease\",code=\"OK\"} 2"
         ),
         "{vault_metrics}"
     );

@@ -37,7 +37,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use recvault_uploader::destination::{
-    DeliveryHooks, Destination, DestinationConfig, ObjectInfo, Provider, S3Options,
+    DeliveryHooks, Destination, DestinationConfig, FileSource, ObjectInfo, Provider, S3Options,
+    Source,
 };
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -182,13 +183,23 @@ fn client(args: &[String]) -> Res<()> {
     .to_string();
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let destination = Destination::with_options(&config, Some(secret.as_bytes()), options)?;
+    // An S3 destination: no local directory is allowed.
+    let destination = Destination::with_options(
+        &config,
+        Some(secret.as_bytes()),
+        options,
+        &Default::default(),
+    )?;
     let start_ns = now_ns();
-    let delivery = runtime.block_on(destination.deliver(
-        Path::new(file),
-        &object,
-        &DeliveryHooks::default(),
-    ))?;
+    // The recording is read through a `Source`, as the worker reads a backup.
+    let delivery = runtime.block_on(async {
+        let source: Arc<dyn Source> = Arc::new(FileSource::open(file).await?);
+        Res::Ok(
+            destination
+                .deliver(source, &object, &DeliveryHooks::default())
+                .await?,
+        )
+    })?;
     let end_ns = now_ns();
     let status = std::fs::read_to_string("/proc/self/status")?;
     let field = |name: &str| -> u64 {

@@ -1,8 +1,10 @@
-//! The `uploaderd` command line: `serve` and `verify`.
+//! The `uploaderd` command line: `serve`, `verify`, `init-audit-key` and
+//! `audit verify|export` (the vault's offline audit tools, on the uploader's log).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use recvault_audit::{AuditKey, offline};
 use recvault_runtime::{logging, tls};
 
 use crate::{config::UploaderConfig, server};
@@ -28,12 +30,40 @@ enum Command {
         #[arg(long, value_enum)]
         log_format: Option<logging::LogFormat>,
     },
+    /// Create the audit key file: 32 random bytes, mode 0600. Refuses to
+    /// overwrite an existing file (its events could no longer be verified).
+    InitAuditKey {
+        /// Where to write it; point the config's audit_key_file at it.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Audit log tools (offline, read-only; need the audit key file).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Check a downloaded recording against its SHA-256 (hex, or the `<file>.sha256` sidecar).
     Verify {
         file: PathBuf,
         /// Expected SHA-256 as 64 hex characters; default: read FILE.sha256.
         #[arg(long)]
         sha256: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; exit status 1 and the first broken sequence if it is not intact.
+    Verify {
+        #[arg(long, env = "RECVAULT_UPLOADER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Write events as JSON lines (for SIEMs) to stdout.
+    Export {
+        #[arg(long, env = "RECVAULT_UPLOADER_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        filter: offline::ExportArgs,
     },
 }
 
@@ -61,6 +91,40 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { file, sha256 } => verify(&file, sha256.as_deref()),
+        Command::InitAuditKey { file } => {
+            AuditKey::generate_file(&file).map_err(|e| e.to_string())?;
+            println!(
+                "wrote audit key {} (mode 0600); set audit_key_file = \"{}\" in the uploader config",
+                file.display(),
+                std::path::absolute(&file)
+                    .unwrap_or_else(|_| file.clone())
+                    .display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { config },
+        } => {
+            let config = UploaderConfig::load(&config).map_err(|e| e.to_string())?;
+            let key = AuditKey::load_file(&config.audit_key_file)
+                .map_err(|e| format!("audit_key_file: {e}"))?;
+            offline::verify(
+                &config.audit_database(),
+                &key,
+                "uploader",
+                &mut std::io::stdout().lock(),
+            )
+        }
+        Command::Audit {
+            command: AuditCommand::Export { config, filter },
+        } => {
+            let config = UploaderConfig::load(&config).map_err(|e| e.to_string())?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            offline::export(&config.audit_database(), &filter, &mut out)
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 //! and paths. Names certificate and key *files*, never values.
 
 use std::{
-    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -13,6 +12,7 @@ use recvault_runtime::config::{env_addr, read_toml, resolve_relative};
 use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
 use serde::Deserialize;
 
+use crate::destination::FsAllowedRoots;
 use crate::ingest::IngestLimits;
 use crate::jobs::RetryPolicy;
 
@@ -36,14 +36,34 @@ pub struct UploaderConfig {
     pub tls: TlsFiles,
     /// Job and destination database (SQLite). Env: `RECVAULT_UPLOADER_DATABASE`.
     pub database: PathBuf,
+    /// The uploader's audit log (SQLite, HMAC-chained, with `<file>.anchor`
+    /// beside it); default `audit.db` beside `database`.
+    /// Env: `RECVAULT_UPLOADER_AUDIT_DATABASE`.
+    #[serde(default)]
+    pub audit_database: Option<PathBuf>,
+    /// The audit chain's key: a file of exactly 32 random bytes, mode 0600
+    /// (create it with `uploaderd init-audit-key --file PATH`). Required; the
+    /// uploader refuses to start without it. Env: `RECVAULT_UPLOADER_AUDIT_KEY_FILE`.
+    pub audit_key_file: PathBuf,
     /// Backup store directory: recordings stay here until delivery is verified.
     /// Env: `RECVAULT_UPLOADER_BACKUP_DIR`.
     pub backup_dir: PathBuf,
+    /// Encryption of the backup store (required).
+    #[serde(default)]
+    pub backup: BackupSettings,
     pub vault: VaultClientConfig,
-    /// Which client identities hold which uploader role.
-    pub access: Access,
+    /// The policy file (same format as the vault's): which client identity
+    /// holds which uploader role (`recorder`, `manager`, `auditor`), for which
+    /// tenants. Re-read when it changes. Env: `RECVAULT_UPLOADER_POLICY_FILE`.
+    pub policy_file: PathBuf,
+    /// Replaced by `policy_file`; present only to name the replacement.
+    #[serde(default)]
+    access: Option<serde::de::IgnoredAny>,
     #[serde(default)]
     pub delivery: DeliverySettings,
+    /// Where destinations may point.
+    #[serde(default)]
+    pub destinations: DestinationSettings,
     #[serde(default)]
     pub log_format: LogFormat,
     #[serde(default = "default_reload_secs")]
@@ -59,6 +79,17 @@ pub struct UploaderConfig {
     /// file is removed and no job is created. Seconds, at least 1.
     #[serde(default = "default_ingest_idle_timeout")]
     pub ingest_idle_timeout_secs: u64,
+}
+
+/// `[backup]`: how backups are encrypted at rest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// The vault's wrapping public key file (`vaultd wrapping-key --config F
+    /// --out P` writes it). Each backup's data key is sealed to it, so the
+    /// uploader ingests while the vault is down. Required; a relative path is
+    /// taken against the config file's directory.
+    pub wrapping_key_file: Option<PathBuf>,
 }
 
 /// How the uploader reaches the vault (mTLS with the `uploader` identity).
@@ -77,14 +108,23 @@ pub struct VaultClientConfig {
     pub lease_ttl_secs: u32,
 }
 
-/// Identities per role. `recorder` may ingest; `manager` manages destinations and jobs.
+/// Limits on the destinations managers may create.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Access {
+pub struct DestinationSettings {
+    /// Directories under which local-directory (`fs`) destinations may be
+    /// created and written (the directory itself or anything below it, after
+    /// symlinks). Empty (the default): every `fs` destination is refused.
+    /// Relative entries are taken against the config file's directory.
     #[serde(default)]
-    pub recorder: BTreeSet<String>,
-    #[serde(default)]
-    pub manager: BTreeSet<String>,
+    pub fs_allowed_roots: Vec<PathBuf>,
+}
+
+impl DestinationSettings {
+    /// The allowed roots, as the destinations take them.
+    pub fn fs_roots(&self) -> FsAllowedRoots {
+        FsAllowedRoots::new(self.fs_allowed_roots.iter().cloned())
+    }
 }
 
 /// Delivery workers and retries.
@@ -159,10 +199,39 @@ fn default_ingest_idle_timeout() -> u64 {
 
 pub use recvault_runtime::config::ConfigError;
 
+/// What to say when `[backup] wrapping_key_file` is not set.
+pub const MISSING_WRAPPING_KEY: &str = "[backup] wrapping_key_file is required: the vault's \
+    wrapping public key file, which `vaultd wrapping-key --config <vault config> --out <file>` \
+    writes (backups are encrypted to it)";
+
 impl UploaderConfig {
     /// Reads `path`, resolves relative paths against its directory, applies env overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut config: Self = read_toml(path)?;
+        if config.access.is_some() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "the [access] table was replaced by policy_file: move its identities \
+                          into a policy file ([[grant]] identity, roles, tenants; see \
+                          deploy/config/uploader-policy.example.toml) and set policy_file"
+                    .into(),
+            });
+        }
+        // An empty entry would silently become the config file's directory.
+        if config
+            .destinations
+            .fs_allowed_roots
+            .iter()
+            .any(|r| r.as_os_str().is_empty())
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "[destinations].fs_allowed_roots has an empty entry; list directories \
+                          such as \"/srv/recordings\", or leave the list empty to refuse fs \
+                          destinations"
+                    .into(),
+            });
+        }
         resolve_relative(
             path,
             [
@@ -174,10 +243,31 @@ impl UploaderConfig {
                 &mut config.vault.tls.ca,
                 &mut config.database,
                 &mut config.backup_dir,
-            ],
+                &mut config.policy_file,
+                &mut config.audit_key_file,
+            ]
+            .into_iter()
+            .chain(config.destinations.fs_allowed_roots.iter_mut())
+            .chain(config.backup.wrapping_key_file.as_mut()),
         );
+        if let Some(audit) = config.audit_database.as_mut() {
+            resolve_relative(path, [audit]);
+        }
         config.apply_env(|n| std::env::var(n).ok())?;
+        if config.backup.wrapping_key_file.is_none() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: MISSING_WRAPPING_KEY.to_owned(),
+            });
+        }
         Ok(config)
+    }
+
+    /// The audit log's database: `audit_database`, or `audit.db` beside `database`.
+    pub fn audit_database(&self) -> PathBuf {
+        self.audit_database
+            .clone()
+            .unwrap_or_else(|| self.database.with_file_name("audit.db"))
     }
 
     /// Applies `RECVAULT_UPLOADER_*` overrides.
@@ -203,6 +293,15 @@ impl UploaderConfig {
         if let Some(v) = get("RECVAULT_UPLOADER_BACKUP_DIR") {
             self.backup_dir = v.into();
         }
+        if let Some(v) = get("RECVAULT_UPLOADER_POLICY_FILE") {
+            self.policy_file = v.into();
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_AUDIT_DATABASE") {
+            self.audit_database = Some(v.into());
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_AUDIT_KEY_FILE") {
+            self.audit_key_file = v.into();
+        }
         Ok(())
     }
 
@@ -222,7 +321,9 @@ impl UploaderConfig {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use recvault_runtime::policy::{Role, TenantScope};
 
     #[test]
     fn documented_example_config_parses() {
@@ -234,11 +335,155 @@ mod tests {
             DeliverySettings::default().max_attempts
         );
         assert_eq!(config.ingest_limits(), IngestLimits::default());
+        let policy_path = path.with_file_name("uploader-policy.example.toml");
+        let text = std::fs::read_to_string(&policy_path).expect("example policy");
+        let policy = recvault_runtime::policy::Policy::parse(&text).expect("policy parses");
+        let demo = "spiffe://recvault.local/manager-demo";
+        assert!(policy.scope(demo, Role::Manager).covers("demo"));
+        assert!(!policy.scope(demo, Role::Manager).covers("acme"));
         assert!(
-            config
-                .access
-                .recorder
-                .contains("spiffe://recvault.local/recorder")
+            policy.scope("spiffe://recvault.local/recorder", Role::Recorder) == TenantScope::All
         );
+        assert_eq!(
+            config.destinations.fs_allowed_roots,
+            [PathBuf::from("/srv/recordings")]
+        );
+        assert_eq!(
+            config.backup.wrapping_key_file.as_deref(),
+            Some(Path::new("/etc/recvault/uploader/backup-wrap.pub"))
+        );
+    }
+
+    #[test]
+    fn missing_wrapping_key_file_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/uploader.example.toml");
+        let text = std::fs::read_to_string(example).expect("example");
+        let path = dir.path().join("uploader.toml");
+        let without: String = text
+            .lines()
+            .filter(|l| !l.starts_with("wrapping_key_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, without).expect("write");
+        let err = UploaderConfig::load(&path)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("[backup] wrapping_key_file is required")
+                && err.contains("vaultd wrapping-key"),
+            "{err}"
+        );
+        std::fs::write(&path, text.replace("wrapping_key_file", "wrapping_key_fil"))
+            .expect("write");
+        let err = UploaderConfig::load(&path)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("wrapping_key_fil"), "{err}");
+    }
+
+    fn load(text: &str) -> Result<UploaderConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uploader.toml");
+        let minimal = "database = \"u.db\"\nbackup_dir = \"b\"\npolicy_file = \"p.toml\"\n\
+                       audit_key_file = \"k\"\n\
+                       [tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n\
+                       [vault]\nendpoint = \"127.0.0.1:1\"\n\
+                       [vault.tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n\
+                       [backup]\nwrapping_key_file = \"w.pub\"\n";
+        std::fs::write(&path, format!("{minimal}{text}")).unwrap();
+        UploaderConfig::load(&path).map(|mut c| {
+            // Relative to the config file's directory: make it comparable.
+            for root in &mut c.destinations.fs_allowed_roots {
+                if let Ok(rest) = root.strip_prefix(dir.path()) {
+                    *root = Path::new("<config dir>").join(rest);
+                }
+            }
+            c
+        })
+    }
+
+    #[test]
+    fn fs_allowed_roots_default_to_none_and_resolve_like_other_paths() {
+        let config = load("").unwrap();
+        assert!(config.destinations.fs_allowed_roots.is_empty());
+        assert!(config.destinations.fs_roots().is_empty());
+        let config = load("[destinations]\nfs_allowed_roots = [\"/srv/a\", \"rel/b\"]\n").unwrap();
+        assert_eq!(
+            config.destinations.fs_allowed_roots,
+            [PathBuf::from("/srv/a"), PathBuf::from("<config dir>/rel/b")]
+        );
+        let err = load("[destinations]\nfs_allowed_roots = [\"\"]\n").unwrap_err();
+        assert!(
+            err.to_string().contains("[destinations].fs_allowed_roots"),
+            "{err}"
+        );
+        let err = load("[destinations]\nfs_allowed_root = [\"/srv\"]\n").unwrap_err();
+        assert!(err.to_string().contains("fs_allowed_root"), "{err}");
+    }
+
+    #[test]
+    fn the_replaced_access_table_names_policy_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/uploader.example.toml");
+        let text = std::fs::read_to_string(example).expect("example");
+        let path = dir.path().join("old.toml");
+        std::fs::write(&path, format!("{text}\n[access]\nrecorder = [\"x\"]\n")).expect("write");
+        let err = UploaderConfig::load(&path)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("policy_file"), "{err}");
+    }
+
+    fn minimal(extra: &str) -> String {
+        format!(
+            "database = \"data/uploader.db\"\nbackup_dir = \"data/backups\"\npolicy_file = \"p.toml\"\n{extra}\
+             [tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n\
+             [vault]\nendpoint = \"127.0.0.1:1\"\n[vault.tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n\
+             [backup]\nwrapping_key_file = \"w.pub\"\n"
+        )
+    }
+
+    #[test]
+    fn audit_settings_resolve_and_default_beside_the_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("uploader.toml");
+        std::fs::write(&path, minimal("audit_key_file = \"keys/audit.key\"\n")).expect("write");
+        let config = UploaderConfig::load(&path).expect("parses");
+        assert_eq!(config.audit_key_file, dir.path().join("keys/audit.key"));
+        assert_eq!(config.audit_database(), dir.path().join("data/audit.db"));
+
+        std::fs::write(
+            &path,
+            minimal("audit_key_file = \"/k\"\naudit_database = \"logs/a.db\"\n"),
+        )
+        .expect("write");
+        let mut config = UploaderConfig::load(&path).expect("parses");
+        assert_eq!(config.audit_database(), dir.path().join("logs/a.db"));
+        config
+            .apply_env(|n| match n {
+                "RECVAULT_UPLOADER_AUDIT_KEY_FILE" => Some("/run/credentials/audit.key".into()),
+                "RECVAULT_UPLOADER_AUDIT_DATABASE" => Some("/var/audit.db".into()),
+                _ => None,
+            })
+            .expect("env");
+        assert_eq!(
+            config.audit_key_file,
+            Path::new("/run/credentials/audit.key")
+        );
+        assert_eq!(config.audit_database(), Path::new("/var/audit.db"));
+    }
+
+    #[test]
+    fn audit_key_file_is_required_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("uploader.toml");
+        std::fs::write(&path, minimal("")).expect("write");
+        let err = UploaderConfig::load(&path)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("audit_key_file"), "{err}");
     }
 }

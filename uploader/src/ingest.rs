@@ -2,8 +2,8 @@
 //! trailer, checked in one pass as bytes arrive and written to the backup
 //! store. Transport-agnostic; it creates no job and never leaves a partial file.
 //!
-//! Chunks are CRC-checked on the calling task while a blocking thread hashes
-//! and writes the previous ones, so intake uses two cores and memory stays
+//! Chunks are CRC-checked on the calling task while a blocking thread hashes,
+//! encrypts and writes the previous ones, so intake uses two cores and memory stays
 //! bounded by [`IngestLimits::max_chunk_bytes`] × [`PIPELINE_DEPTH`]. A
 //! stream that stops sending is ended after [`IngestLimits::idle_timeout`],
 //! so a stalled recorder does not hold a staging file and a call for ever.
@@ -341,6 +341,7 @@ impl Received {
             backup_path: self.backup.path.clone(),
             sha256: self.backup.sha256,
             size: self.backup.size,
+            stored_sha256: Some(self.backup.stored_sha256),
             request_id,
         }
     }
@@ -382,7 +383,11 @@ where
     };
     let header = ValidatedHeader::validate(header)?;
 
-    let mut sink = Sink::spawn(store.clone(), header.tenant_id.clone());
+    let mut sink = Sink::spawn(
+        store.clone(),
+        header.tenant_id.clone(),
+        header.recording_id.clone(),
+    );
     match receive_body(&mut stream, &mut sink, limits).await {
         Ok(expected) => {
             let backup = sink.finish(expected).await?;
@@ -477,10 +482,10 @@ struct Sink {
 }
 
 impl Sink {
-    fn spawn(store: BackupStore, tenant: TenantId) -> Self {
+    fn spawn(store: BackupStore, tenant: TenantId, recording: RecordingId) -> Self {
         let (tx, mut rx) = mpsc::channel::<Command>(PIPELINE_DEPTH);
         let task = tokio::task::spawn_blocking(move || {
-            let mut writer = store.begin(&tenant)?;
+            let mut writer = store.begin(&tenant, &recording)?;
             while let Some(cmd) = rx.blocking_recv() {
                 match cmd {
                     Command::Data(data) => writer.write_chunk(&data)?,

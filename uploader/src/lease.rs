@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use recvault_proto::vault::v1::{
-    AcquireLeaseRequest, ReleaseLeaseRequest, leases_client::LeasesClient,
+    AcquireLeaseRequest, ReleaseLeaseRequest, data_keys_client::DataKeysClient,
+    leases_client::LeasesClient,
 };
 use recvault_runtime::{logging::REQUEST_ID_HEADER, secret::SecretBytes, tls};
 use tonic::{Code, transport::Channel};
@@ -39,6 +40,8 @@ impl LeaseError {
 #[derive(Debug, Clone)]
 pub struct VaultLeases {
     client: LeasesClient<Channel>,
+    /// The vault's `DataKeys` service on the same channel (see `crate::datakey`).
+    pub(crate) data_keys: DataKeysClient<Channel>,
     ttl_secs: u32,
 }
 
@@ -47,7 +50,8 @@ impl VaultLeases {
     pub fn new(config: &VaultClientConfig) -> Result<Self, tls::TlsError> {
         let channel = tls::channel(&config.endpoint, &config.server_name, &config.tls)?;
         Ok(Self {
-            client: LeasesClient::new(channel),
+            client: LeasesClient::new(channel.clone()),
+            data_keys: DataKeysClient::new(channel),
             ttl_secs: config.lease_ttl_secs,
         })
     }

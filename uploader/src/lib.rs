@@ -14,6 +14,7 @@ pub mod scrub;
 
 pub mod cli;
 pub mod config;
+pub mod datakey;
 pub mod destination_store;
 pub mod lease;
 pub mod metrics;

@@ -1,6 +1,6 @@
 //! The uploader's Prometheus metrics (served on their own loopback port):
 //! jobs by state, bytes delivered, retries, verification failures, scrub
-//! results and ingest outcomes.
+//! results, ingest outcomes and audit write failures.
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,6 +21,7 @@ pub struct UploaderMetrics {
     pub verification_failures: Arc<Counter>,
     pub scrub_checked: Arc<Counter>,
     pub scrub_corrupt: Arc<Counter>,
+    pub audit_failures: Arc<Counter>,
 }
 
 const STATES: [JobState; 6] = [
@@ -72,6 +73,10 @@ impl UploaderMetrics {
             scrub_corrupt: c(
                 "recvault_uploader_scrub_corrupt_total",
                 "Backups the scrub found corrupt (never uploaded).",
+            ),
+            audit_failures: c(
+                "recvault_uploader_audit_failures_total",
+                "Audit events that could not be made durable (their calls failed UNAVAILABLE).",
             ),
             registry: r,
         })

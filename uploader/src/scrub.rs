@@ -1,5 +1,8 @@
 //! Periodic scrub (DESIGN.md promise 4): re-hashes every backup still held for
-//! an undelivered job and marks the ones whose SHA-256 changed, loudly. It
+//! an undelivered job and marks the ones whose SHA-256 changed, loudly. An
+//! encrypted backup is checked against the SHA-256 of its stored bytes, taken
+//! when it was written, so the scrub needs no key and never sees plaintext; a
+//! backup in clear (older uploader) against its content SHA-256 and size. It
 //! never deletes or repairs anything; a corrupt backup is kept for inspection.
 
 use std::future::Future;
@@ -39,24 +42,33 @@ pub async fn scrub_once(
         let detail = match result {
             Ok((sha256, size)) => {
                 report.checked += 1;
-                if sha256 == job.sha256 && size == job.size {
+                let intact = match job.stored_sha256 {
+                    Some(stored) => sha256 == stored,
+                    None => sha256 == job.sha256 && size == job.size,
+                };
+                if intact {
                     continue;
                 }
+                let expected = job.stored_sha256.unwrap_or(job.sha256);
                 tracing::error!(
                     job_id = %job.job_id,
                     tenant_id = %job.tenant_id,
                     path = %job.backup_path.display(),
-                    expected_sha256 = %job.sha256,
+                    expected_sha256 = %expected,
                     computed_sha256 = %sha256,
-                    expected_size = job.size,
-                    size,
-                    "BACKUP CORRUPT: the backup no longer matches the SHA-256 taken at intake; it will not be uploaded"
+                    stored_bytes = size,
+                    "BACKUP CORRUPT: the backup no longer matches the SHA-256 taken when it was stored; it will not be uploaded"
                 );
                 report.corrupt += 1;
-                format!(
-                    "SHA-256 is now {sha256} over {size} bytes, expected {} over {} bytes",
-                    job.sha256, job.size
-                )
+                match job.stored_sha256 {
+                    Some(stored) => format!(
+                        "the stored file's SHA-256 is now {sha256} over {size} bytes, expected {stored} (taken when it was written)"
+                    ),
+                    None => format!(
+                        "SHA-256 is now {sha256} over {size} bytes, expected {} over {} bytes",
+                        job.sha256, job.size
+                    ),
+                }
             }
             Err(e) if e.is_not_found() => {
                 // The worker may have delivered and deleted it since the listing.

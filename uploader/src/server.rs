@@ -1,25 +1,30 @@
-//! Assembles and runs the uploader: stores, the vault lease client, the
-//! delivery worker, the scrub loop, and the gRPC services over mTLS.
+//! Assembles and runs the uploader: stores, its audit log, the vault lease
+//! client, the delivery worker, the scrub loop, and the gRPC services over mTLS.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use recvault_audit::{AuditKey, AuditLog, GroupCommitOptions};
 use recvault_proto::uploader::v1::{
-    destinations_server::DestinationsServer, jobs_server::JobsServer,
+    audit_server::AuditServer, destinations_server::DestinationsServer, jobs_server::JobsServer,
     recordings_server::RecordingsServer,
 };
-use recvault_runtime::tls::{self, ReloadingServerTls};
+use recvault_runtime::{
+    policy::PolicyFile,
+    tls::{self, ReloadingServerTls},
+};
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{
-    backup::BackupStore,
+    backup::{BackupStore, wrapping::WrappingKey},
     config::UploaderConfig,
-    destination::S3Options,
+    destination::{FsAllowedRoots, S3Options},
     destination_store::DestinationStore,
     jobs::JobStore,
     lease::VaultLeases,
     metrics::UploaderMetrics,
     service::{
-        Shared, destinations::DestinationsService, jobs::JobsService, recordings::RecordingsService,
+        Shared, audit::AuditService, destinations::DestinationsService, jobs::JobsService,
+        recordings::RecordingsService,
     },
     worker::Worker,
 };
@@ -32,8 +37,23 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("backup store: {0}")]
     Backup(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    WrappingKey(#[from] crate::backup::wrapping::WrappingKeyError),
+    #[error("{}", crate::config::MISSING_WRAPPING_KEY)]
+    NoWrappingKey,
     #[error("job store: {0}")]
     Jobs(#[from] crate::jobs::JobStoreError),
+    #[error("audit_key_file: {0}")]
+    AuditKey(#[from] recvault_audit::KeyFileError),
+    #[error("audit log (audit_database {path}): {source}")]
+    Audit {
+        path: String,
+        source: recvault_audit::AuditError,
+    },
+    #[error(
+        "audit_database and database are both {0}; give the audit log a file of its own (or leave audit_database unset for audit.db beside database)"
+    )]
+    AuditDatabaseShared(String),
     #[error("destination store {path}: {source}")]
     Destinations {
         path: String,
@@ -44,6 +64,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The policy file is missing or invalid (the message names the file and the problem).
+    #[error("policy_file: {0}")]
+    Policy(String),
     #[error("reflection: {0}")]
     Reflection(String),
     #[error("gRPC server failed: {0}")]
@@ -67,6 +90,26 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
     if let Some(dir) = config.database.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
+    // The audit key first: without it nothing may be served (every call is
+    // audited), so a missing or loose key file stops the start here.
+    let audit_key = AuditKey::load_file(&config.audit_key_file)?;
+    let audit_database = config.audit_database();
+    if audit_database == config.database {
+        return Err(StartError::AuditDatabaseShared(
+            audit_database.display().to_string(),
+        ));
+    }
+    if let Some(dir) = audit_database.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let audit = Arc::new(
+        AuditLog::open(&audit_database, audit_key, GroupCommitOptions::default()).map_err(
+            |source| StartError::Audit {
+                path: audit_database.display().to_string(),
+                source,
+            },
+        )?,
+    );
     let jobs = JobStore::open(&config.database)?;
     let destinations = Arc::new(DestinationStore::open(&config.database).map_err(|source| {
         StartError::Destinations {
@@ -74,8 +117,16 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
             source,
         }
     })?);
-    let backups = BackupStore::open(&config.backup_dir)?;
+    let wrapping_key_file = config
+        .backup
+        .wrapping_key_file
+        .as_deref()
+        .ok_or(StartError::NoWrappingKey)?;
+    let wrapping = WrappingKey::load(wrapping_key_file)?;
+    tracing::info!(key_version = wrapping.version(), file = %wrapping_key_file.display(), "backups are encrypted to the vault's wrapping key");
+    let backups = BackupStore::open(&config.backup_dir, wrapping)?;
     let vault = VaultLeases::new(&config.vault)?;
+    let policy = PolicyFile::load(&config.policy_file).map_err(StartError::Policy)?;
     let d = &config.delivery;
     let s3 = S3Options {
         multipart_threshold: d.multipart_threshold_bytes,
@@ -84,6 +135,8 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         read_back_streams: d.read_back_streams.max(1),
         ..S3Options::default()
     };
+    let fs_roots = config.destinations.fs_roots();
+    log_fs_roots(&fs_roots);
     let wake = Arc::new(Notify::new());
     let metrics = UploaderMetrics::new();
     let shared = Arc::new(Shared {
@@ -91,11 +144,13 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         backups: backups.clone(),
         destinations: destinations.clone(),
         vault: vault.clone(),
-        access: config.access.clone(),
+        policy: policy.clone(),
         ingest_limits: config.ingest_limits(),
         s3: s3.clone(),
+        fs_roots: fs_roots.clone(),
         wake: wake.clone(),
         metrics: metrics.clone(),
+        audit,
     });
     let worker = Arc::new(Worker {
         jobs,
@@ -104,6 +159,7 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         vault,
         retry: d.retry_policy(),
         s3,
+        fs_roots,
         concurrency: d.workers,
         wake,
         metrics,
@@ -134,6 +190,7 @@ impl Bound {
             config,
         } = self;
         let _reloader = tls.spawn_reloader(config.reload_interval());
+        let _policy_reloader = shared.policy.spawn_reloader(config.reload_interval());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -167,6 +224,7 @@ impl Bound {
             "recvault.uploader.v1.Recordings",
             "recvault.uploader.v1.Destinations",
             "recvault.uploader.v1.Jobs",
+            "recvault.uploader.v1.Audit",
             "",
         ] {
             health_reporter
@@ -205,6 +263,7 @@ impl Bound {
                 shared.clone(),
             )))
             .add_service(JobsServer::new(JobsService::new(shared.clone())))
+            .add_service(AuditServer::new(AuditService::new(shared.clone())))
             .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
             .await;
         let _ = stop_tx.send(true);
@@ -212,6 +271,23 @@ impl Bound {
         served?;
         tracing::info!("uploader stopped");
         Ok(())
+    }
+}
+
+/// Says at start-up which directories `fs` destinations may use, and which
+/// configured roots cannot work (they allow nothing until they exist).
+fn log_fs_roots(roots: &FsAllowedRoots) {
+    if roots.is_empty() {
+        tracing::info!(
+            "local-directory (fs) destinations are refused: [destinations].fs_allowed_roots is empty"
+        );
+        return;
+    }
+    tracing::info!(fs_allowed_roots = %roots, "local-directory (fs) destinations allowed under these roots");
+    for root in roots.as_slice() {
+        if !root.is_dir() {
+            tracing::warn!(root = %root.display(), "[destinations].fs_allowed_roots entry is not an existing directory; it allows nothing until it is created");
+        }
     }
 }
 

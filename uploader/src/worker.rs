@@ -1,5 +1,6 @@
-//! Delivery: claims due jobs and runs one attempt each — re-check the backup's
-//! SHA-256, lease the credential, upload with provider-checked checksums,
+//! Delivery: claims due jobs and runs one attempt each — unwrap the backup's
+//! data key through the vault, re-check the SHA-256 of the decrypted backup,
+//! lease the credential, upload from the decrypted backup with provider-checked checksums,
 //! verify, release the lease, and only then delete the backup. Failures
 //! retry with backoff or, when permanent, leave the job RETAINED with its
 //! backup. Never uploads a backup whose hash changed.
@@ -14,7 +15,11 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::{
     backup::BackupStore,
-    destination::{self, DeliveryHooks, Destination, HookFuture, ObjectInfo, S3Options},
+    datakey::{OpenError, open_backup},
+    destination::{
+        self, DeliveryError, DeliveryHooks, Destination, FsAllowedRoots, HookFuture, ObjectInfo,
+        S3Options, Source,
+    },
     destination_store::DestinationStore,
     jobs::{Job, JobId, JobStore, JobStoreError, RetryPolicy, VerifiedBy},
     lease::VaultLeases,
@@ -51,6 +56,8 @@ pub struct Worker {
     pub vault: VaultLeases,
     pub retry: RetryPolicy,
     pub s3: S3Options,
+    /// `[destinations].fs_allowed_roots`, re-checked by every `fs` write.
+    pub fs_roots: FsAllowedRoots,
     pub concurrency: usize,
     /// Poked by ingest and ResendJob so new work starts at once.
     pub wake: Arc<Notify>,
@@ -182,6 +189,17 @@ impl Worker {
         }
     }
 
+    /// Marks the job's backup corrupt (it is never delivered, and kept) and
+    /// returns the attempt's permanent failure.
+    async fn corrupt(&self, job: &Job, detail: String) -> Failure {
+        tracing::error!(job_id = %job.job_id, %detail, "BACKUP CORRUPT: not delivering it");
+        let _ = self
+            .jobs
+            .mark_backup_corrupt(job.job_id, detail.clone())
+            .await;
+        Failure::permanent(format!("backup corrupt: {detail}"))
+    }
+
     async fn deliver(&self, job: &Job) -> Result<(String, VerifiedBy), Failure> {
         let record = self
             .destinations
@@ -213,35 +231,51 @@ impl Worker {
                 })?;
         }
 
+        let request_id = job
+            .request_id
+            .clone()
+            .unwrap_or_else(|| job.job_id.to_string());
+        // The data key for this attempt only: it is dropped (wiped) with
+        // `reader` when the attempt ends, on every path.
+        let reader =
+            match open_backup(&self.backups, &self.vault, job, "deliver", &request_id).await {
+                Ok(reader) => reader,
+                Err(OpenError::Corrupt(detail)) => return Err(self.corrupt(job, detail).await),
+                Err(e @ OpenError::Refused(_)) => return Err(Failure::permanent(e.to_string())),
+                Err(e @ (OpenError::VaultUnavailable(_) | OpenError::Io(_))) => {
+                    return Err(Failure::transient(e.to_string()));
+                }
+            };
+
         // Integrity at rest: never upload bytes that are not what we took in.
+        // Reading through the source decrypts and authenticates every segment.
         let crate::digest::FileDigest {
             sha256,
             crc32,
             size,
-        } = crate::digest::hash_file_async(&job.backup_path)
-            .await
-            .map_err(|e| {
-                Failure::transient(format!(
+        } = match reader.digest().await {
+            Ok(digest) => digest,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(self.corrupt(job, e.to_string()).await);
+            }
+            Err(e) => {
+                return Err(Failure::transient(format!(
                     "reading the backup {}: {e}",
                     job.backup_path.display()
-                ))
-            })?;
+                )));
+            }
+        };
         if sha256 != job.sha256 || size != job.size {
             let detail = format!(
                 "backup SHA-256 is {sha256} ({size} bytes) but {} ({} bytes) was ingested; not uploading",
                 job.sha256, job.size
             );
-            let _ = self
-                .jobs
-                .mark_backup_corrupt(job.job_id, detail.clone())
-                .await;
-            return Err(Failure::permanent(detail));
+            return Err(self.corrupt(job, detail).await);
         }
+        // Destinations read the recording only through its source, never
+        // the backup file.
+        let source: Arc<dyn Source> = reader.source();
 
-        let request_id = job
-            .request_id
-            .clone()
-            .unwrap_or_else(|| job.job_id.to_string());
         let lease = match record.config.provider {
             destination::Provider::Fs => None,
             _ => Some(
@@ -264,6 +298,7 @@ impl Worker {
             &record.config,
             lease.as_ref().map(|l| l.secret()),
             self.s3.clone(),
+            &self.fs_roots,
         );
         let destination = built.map_err(|e| Failure {
             permanent: e.is_permanent(),
@@ -289,7 +324,7 @@ impl Worker {
             crc32,
             content_type: job.content_type.as_str().to_owned(),
         };
-        let delivered = destination.deliver(&job.backup_path, &object, &hooks).await;
+        let delivered = destination.deliver(source, &object, &hooks).await;
         drop(destination);
         if let Some(lease) = lease {
             lease.release().await;
@@ -297,10 +332,10 @@ impl Worker {
         if let Err(destination::DeliveryError::Verification { .. }) = &delivered {
             self.metrics.verification_failures.inc();
         }
-        let delivery = delivered.map_err(|e| Failure {
-            permanent: e.is_permanent(),
-            message: e.to_string(),
-        })?;
+        let delivery = match delivered {
+            Ok(delivery) => delivery,
+            Err(e) => return Err(delivery_failure(&self.jobs, job, e).await),
+        };
         // A completed multipart upload must not be "resumed" by a later
         // resend. The closed hook normally forgot it already; this covers a
         // hook whose commit failed.
@@ -313,6 +348,30 @@ impl Worker {
             _ => VerifiedBy::ReadBack,
         };
         Ok((delivery.location, verified_by))
+    }
+}
+
+/// What a failed delivery means for the job. Errors about reading the
+/// recording name its backup. A backup that failed authentication is marked
+/// corrupt, as when its SHA-256 changed: the job is never claimed or resent
+/// with it, and the backup is kept for inspection.
+async fn delivery_failure(jobs: &JobStore, job: &Job, e: DeliveryError) -> Failure {
+    let message = match &e {
+        DeliveryError::Source { .. }
+        | DeliveryError::SourceMismatch { .. }
+        | DeliveryError::BackupCorrupt { .. } => {
+            format!("backup {}: {e}", job.backup_path.display())
+        }
+        _ => e.to_string(),
+    };
+    if let DeliveryError::BackupCorrupt { detail } = &e
+        && let Err(error) = jobs.mark_backup_corrupt(job.job_id, detail.clone()).await
+    {
+        tracing::error!(job_id = %job.job_id, %error, "marking the backup corrupt failed");
+    }
+    Failure {
+        permanent: e.is_permanent(),
+        message,
     }
 }
 
@@ -426,6 +485,7 @@ mod tests {
                 backup_path: path,
                 sha256,
                 size: data.len() as u64,
+                stored_sha256: None,
                 request_id: None,
             })
             .await
@@ -438,6 +498,11 @@ mod tests {
             content_type: "video/mp4".into(),
         };
         (job, object)
+    }
+
+    async fn file_source(job: &Job) -> Arc<dyn Source> {
+        use crate::destination::FileSource;
+        Arc::new(FileSource::open(&job.backup_path).await.unwrap())
     }
 
     fn stored_upload_id(db: &std::path::Path, job_id: JobId) -> Option<String> {
@@ -509,7 +574,7 @@ mod tests {
         };
         let destination = s3_destination(&server);
         destination
-            .deliver(&job.backup_path, &object, &hooks)
+            .deliver(file_source(&job).await, &object, &hooks)
             .await
             .unwrap();
 
@@ -541,6 +606,57 @@ mod tests {
         );
     }
 
+    /// A delivery whose source read failed authentication (InvalidData, the
+    /// backup was modified) marks the backup corrupt: the failure is
+    /// permanent, names the backup, and the job is never claimed again, not
+    /// even if it were set to retry.
+    #[tokio::test]
+    async fn backup_that_fails_authentication_is_marked_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = JobStore::open(dir.path().join("jobs.db")).unwrap();
+        let (job, _) = job_with_recording(dir.path(), &jobs).await;
+        let claimed = jobs.claim_due(OffsetDateTime::now_utc(), 1).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+
+        let read = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "segment 3 does not authenticate",
+        );
+        let failure =
+            delivery_failure(&jobs, &claimed[0], DeliveryError::from_source_read(read)).await;
+        assert!(failure.permanent, "{failure:?}");
+        assert!(
+            failure
+                .message
+                .contains(&job.backup_path.display().to_string())
+                && failure.message.contains("segment 3 does not authenticate"),
+            "{failure:?}"
+        );
+        let marked = jobs.get(job.job_id).await.unwrap();
+        assert!(marked.backup_corrupt, "{marked:?}");
+
+        jobs.mark_retry(job.job_id, failure.message, OffsetDateTime::now_utc())
+            .await
+            .unwrap();
+        let again = jobs
+            .claim_due(OffsetDateTime::now_utc() + Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    /// Any other read error stays transient and leaves the backup alone.
+    #[tokio::test]
+    async fn other_source_read_errors_stay_transient() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = JobStore::open(dir.path().join("jobs.db")).unwrap();
+        let (job, _) = job_with_recording(dir.path(), &jobs).await;
+        let read = std::io::Error::other("I/O error on the backup volume");
+        let failure = delivery_failure(&jobs, &job, DeliveryError::from_source_read(read)).await;
+        assert!(!failure.permanent, "{failure:?}");
+        assert!(!jobs.get(job.job_id).await.unwrap().backup_corrupt);
+    }
+
     /// An id that cannot be committed (here: the job row is gone) fails the
     /// hook: the new upload is aborted, no part is sent, and the attempt's
     /// error is transient.
@@ -558,7 +674,7 @@ mod tests {
             ..DeliveryHooks::default()
         };
         let err = s3_destination(&server)
-            .deliver(&job.backup_path, &object, &hooks)
+            .deliver(file_source(&job).await, &object, &hooks)
             .await
             .unwrap_err();
         assert!(matches!(err, DeliveryError::Hook { .. }), "{err:?}");

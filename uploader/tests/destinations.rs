@@ -5,6 +5,8 @@
 
 #[path = "support/s3.rs"]
 mod s3_server;
+#[path = "support/source.rs"]
+mod source_support;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -14,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use recvault_uploader::credential::{CredentialError, S3Credential};
 use recvault_uploader::destination::{
-    DeliveryError, DeliveryHooks, Destination, DestinationConfig, HookFuture, ObjectInfo,
-    ProbeStep, Provider, S3Options, VerifiedBy,
+    DeliveryError, DeliveryHooks, Destination, DestinationConfig, FileSource, FsAllowedRoots,
+    HookFuture, ObjectInfo, ProbeStep, Provider, S3Options, Source, VerifiedBy,
 };
 use s3_server::{S3Server, S3ServerOptions};
 use sha2::{Digest as _, Sha256};
+use source_support::{UNAUTHENTIC, UnauthenticSource};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -38,6 +41,7 @@ fn s3_destination(server: &S3Server, bucket: &str, options: S3Options) -> Destin
         &s3_config(server, bucket, "recordings/2024"),
         Some(server.credential_json().as_bytes()),
         options,
+        &FsAllowedRoots::default(),
     )
     .unwrap()
 }
@@ -75,6 +79,11 @@ fn recording(dir: &Path, name: &str, size: u64, seed: u64) -> (PathBuf, ObjectIn
         content_type: "video/mp4".into(),
     };
     (path, info)
+}
+
+/// The recording at `path` as a delivery reads it.
+async fn file(path: &Path) -> Arc<dyn Source> {
+    Arc::new(FileSource::open(path).await.unwrap())
 }
 
 fn sha256_file(path: &Path) -> [u8; 32] {
@@ -179,7 +188,10 @@ async fn small_file_single_put_is_verified_by_provider_checksum() {
         progress: &progress,
         ..DeliveryHooks::default()
     };
-    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    let delivery = destination
+        .deliver(file(&source).await, &info, &hooks)
+        .await
+        .unwrap();
 
     assert_eq!(delivery.verified_by, VerifiedBy::ProviderChecksum);
     assert_eq!(delivery.key, "recordings/2024/call-1.mp4");
@@ -298,7 +310,10 @@ async fn large_file_goes_multipart_and_is_verified_by_read_back() {
         on_multipart_closed: &on_closed,
         resume_upload_id: None,
     };
-    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    let delivery = destination
+        .deliver(file(&source).await, &info, &hooks)
+        .await
+        .unwrap();
     // Completed: reported closed, so the job may forget the id.
     assert_eq!(*closed.lock().unwrap(), *started.lock().unwrap());
 
@@ -397,12 +412,12 @@ async fn multipart_replacing_a_single_put_object_is_still_verified() {
     let destination = s3_destination(&server, "media", S3Options::default());
     let hooks = DeliveryHooks::default();
     let d1 = destination
-        .deliver(&first, &first_info, &hooks)
+        .deliver(file(&first).await, &first_info, &hooks)
         .await
         .unwrap();
     assert_eq!(d1.verified_by, VerifiedBy::ProviderChecksum);
     let d2 = destination
-        .deliver(&second, &second_info, &hooks)
+        .deliver(file(&second).await, &second_info, &hooks)
         .await
         .unwrap();
     assert_eq!(d2.verified_by, VerifiedBy::ReadBack);
@@ -471,7 +486,10 @@ async fn multipart_resumes_an_upload_started_earlier() {
         resume_upload_id: Some(&upload_id),
         ..DeliveryHooks::default()
     };
-    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    let delivery = destination
+        .deliver(file(&source).await, &info, &hooks)
+        .await
+        .unwrap();
     assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
     assert_eq!(sha256_file(&server.object_path("media", key)), info.sha256);
     assert!(server.requests_of("CreateMultipartUpload").is_empty());
@@ -492,7 +510,7 @@ async fn failing_upload_id_hook_aborts_the_upload() {
         ..DeliveryHooks::default()
     };
     let err = destination
-        .deliver(&source, &info, &hooks)
+        .deliver(file(&source).await, &info, &hooks)
         .await
         .unwrap_err();
     assert!(matches!(err, DeliveryError::Hook { .. }), "{err:?}");
@@ -539,7 +557,7 @@ async fn upload_is_reported_closed_only_when_the_abort_worked() {
             ..DeliveryHooks::default()
         };
         let err = destination
-            .deliver(&source, &info, &hooks)
+            .deliver(file(&source).await, &info, &hooks)
             .await
             .unwrap_err();
         assert!(err.is_permanent(), "{err}");
@@ -555,6 +573,116 @@ async fn upload_is_reported_closed_only_when_the_abort_worked() {
             assert!(!server.upload_in_progress(id));
         }
     }
+}
+
+/// A backup that stops authenticating in the middle of part 2 (its source
+/// read fails with InvalidData), met in the part's CRC-32 pass (`clean` 0)
+/// or only while the part's body is being sent (`clean` 1): the delivery
+/// fails with the permanent BackupCorrupt, nothing is completed at the
+/// destination, and the upload is aborted and reported closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_backup_failing_authentication_is_aborted_not_completed() {
+    for clean in [0, 1] {
+        let server = S3Server::start().await;
+        server.create_bucket("media");
+        let work = tempfile::tempdir().unwrap();
+        let (path, info) = recording(work.path(), "tampered.mp4", 17 * MIB, 23);
+        // Parts are 8 MiB: this byte is 3 MiB into part 2.
+        let at = 11 * MIB + 5;
+        let source = Arc::new(UnauthenticSource::new(
+            FileSource::open(&path).await.unwrap(),
+            at,
+            clean,
+        ));
+        let destination = s3_destination(&server, "media", S3Options::default());
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(Vec::new()));
+        let (started_ids, closed_ids) = (Arc::clone(&started), Arc::clone(&closed));
+        let on_started = move |id: String| -> HookFuture {
+            started_ids.lock().unwrap().push(id);
+            Box::pin(async { Ok(()) })
+        };
+        let on_closed = move |id: String| -> HookFuture {
+            closed_ids.lock().unwrap().push(id);
+            Box::pin(async { Ok(()) })
+        };
+        let hooks = DeliveryHooks {
+            on_multipart_started: &on_started,
+            on_multipart_closed: &on_closed,
+            ..DeliveryHooks::default()
+        };
+        let err = destination
+            .deliver(source.clone(), &info, &hooks)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DeliveryError::BackupCorrupt { detail } if detail.contains(UNAUTHENTIC)),
+            "clean {clean}: {err:?}"
+        );
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains("check the backup store"), "{err}");
+
+        let started = started.lock().unwrap().clone();
+        assert_eq!(started.len(), 1);
+        assert!(server.requests_of("CompleteMultipartUpload").is_empty());
+        assert_eq!(server.requests_of("AbortMultipartUpload").len(), 1);
+        assert!(!server.upload_in_progress(&started[0]));
+        assert_eq!(*closed.lock().unwrap(), started);
+        let key = "recordings/2024/tampered.mp4";
+        assert!(!server.object_path("media", key).exists());
+        assert!(
+            !server
+                .object_path("media", &format!("{key}.sha256"))
+                .exists()
+        );
+        assert!(server.requests_of("HeadObject").is_empty());
+        // Read once per pass (CRC-32, then the upload when that was clean),
+        // and never again once it failed: no retry re-reads a corrupt range.
+        assert_eq!(source.opened_over_failure(), clean + 1, "clean {clean}");
+    }
+}
+
+/// The same for a single PUT: the body fails 1 MiB in, the request is cut
+/// off, nothing is stored under the key and no sidecar is written.
+#[tokio::test]
+async fn single_put_backup_failing_authentication_stores_nothing() {
+    let server = S3Server::start().await;
+    server.create_bucket("media");
+    let work = tempfile::tempdir().unwrap();
+    let (path, info) = recording(work.path(), "tampered-small.mp4", 3 * MIB + 17, 24);
+    let source = Arc::new(UnauthenticSource::new(
+        FileSource::open(&path).await.unwrap(),
+        MIB + 5,
+        0,
+    ));
+    let destination = s3_destination(&server, "media", S3Options::default());
+    let err = destination
+        .deliver(source.clone(), &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::BackupCorrupt { detail } if detail.contains(UNAUTHENTIC)),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+    let key = "recordings/2024/tampered-small.mp4";
+    assert!(!server.object_path("media", key).exists());
+    let head = server
+        .client()
+        .head_object()
+        .bucket("media")
+        .key(key)
+        .send()
+        .await;
+    assert!(head.is_err(), "{head:?}");
+    assert!(
+        server
+            .requests_of("PutObject")
+            .iter()
+            .all(|r| !r.path.ends_with(".sha256")),
+        "no sidecar"
+    );
+    assert_eq!(source.opened_over_failure(), 1);
 }
 
 /// Uploads in progress for `bucket`, as (key, upload id), listed by the
@@ -650,7 +778,7 @@ async fn fresh_multipart_aborts_uploads_left_for_its_key() {
 
     let destination = s3_destination(&server, "media", S3Options::default());
     let delivery = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap();
     assert_eq!(delivery.key, key);
@@ -752,7 +880,7 @@ async fn fresh_multipart_delivers_when_uploads_cannot_be_listed() {
 
         let destination = s3_destination(&server, "media", S3Options::default());
         let delivery = destination
-            .deliver(&source, &info, &DeliveryHooks::default())
+            .deliver(file(&source).await, &info, &DeliveryHooks::default())
             .await
             .unwrap();
         assert_eq!(
@@ -822,7 +950,7 @@ async fn wrong_crc32_is_rejected_by_the_server_and_retryable() {
     let destination = s3_destination(&server, "media", options);
 
     let err = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert_eq!(err.provider_code(), Some("BadDigest"), "{err:?}");
@@ -858,7 +986,7 @@ async fn wrong_crc32_is_rejected_by_the_server_and_retryable() {
     // A retry with the right checksum then delivers.
     let retry = s3_destination(&server, "media", S3Options::default());
     let delivery = retry
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap();
     assert_eq!(delivery.verified_by, VerifiedBy::ProviderChecksum);
@@ -880,7 +1008,7 @@ async fn wrong_secret_is_a_permanent_auth_error_without_the_secret() {
         Destination::new(&s3_config(&server, "media", ""), Some(json.as_bytes())).unwrap();
 
     let err = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert_eq!(
@@ -919,7 +1047,7 @@ async fn unknown_access_key_is_a_permanent_auth_error() {
     let work = tempfile::tempdir().unwrap();
     let (source, info) = recording(work.path(), "who.mp4", 10, 7);
     let err = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(err.is_permanent(), "{err}");
@@ -934,7 +1062,7 @@ async fn missing_bucket_is_permanent_and_not_created() {
     let destination = s3_destination(&server, "no-such-bucket", S3Options::default());
 
     let err = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(err.is_permanent(), "{err}");
@@ -961,7 +1089,7 @@ async fn access_denied_is_permanent_permission_error() {
     let (source, info) = recording(work.path(), "denied.mp4", 1000, 9);
     let destination = s3_destination(&server, "media", S3Options::default());
     let err = destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert_eq!(err.provider_code(), Some("AccessDenied"));
@@ -1003,6 +1131,7 @@ async fn probe_passes_and_names_the_failing_step() {
             &config,
             Some(server.credential_json().as_bytes()),
             fast.clone(),
+            &FsAllowedRoots::default(),
         )
         .unwrap()
     };
@@ -1074,12 +1203,23 @@ fn fs_config(dir: &Path, prefix: &str) -> DestinationConfig {
     }
 }
 
+/// A local-directory destination on `dir` with `root` as the only allowed root.
+fn fs_destination(dir: &Path, prefix: &str, root: &Path) -> Result<Destination, DeliveryError> {
+    Destination::with_options(
+        &fs_config(dir, prefix),
+        None,
+        S3Options::default(),
+        &FsAllowedRoots::new([root.to_owned()]),
+    )
+}
+
 #[tokio::test]
 async fn fs_destination_delivers_and_verifies_by_read_back() {
     let work = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
     let (source, info) = recording(work.path(), "local call.mp4", 5 * MIB + 3, 10);
-    let destination = Destination::new(&fs_config(out.path(), "/tenant-a//2024/"), None).unwrap();
+    // A leading slash (stored before PutDestination refused it) is normalised away.
+    let destination = fs_destination(out.path(), "/tenant-a//2024/", out.path()).unwrap();
     destination.probe().await.unwrap();
 
     let seen = Mutex::new(0u64);
@@ -1088,7 +1228,10 @@ async fn fs_destination_delivers_and_verifies_by_read_back() {
         progress: &progress,
         ..DeliveryHooks::default()
     };
-    let delivery = destination.deliver(&source, &info, &hooks).await.unwrap();
+    let delivery = destination
+        .deliver(file(&source).await, &info, &hooks)
+        .await
+        .unwrap();
     assert_eq!(delivery.verified_by, VerifiedBy::ReadBack);
     assert_eq!(delivery.key, "tenant-a/2024/local call.mp4");
     assert_eq!(*seen.lock().unwrap(), info.size);
@@ -1105,7 +1248,7 @@ async fn fs_destination_delivers_and_verifies_by_read_back() {
 
     // Delivering again (a retry) replaces the files and still verifies.
     destination
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap();
 }
@@ -1116,15 +1259,15 @@ async fn fs_destination_refuses_escapes_and_corrupt_sources() {
     let out = tempfile::tempdir().unwrap();
     let (source, info) = recording(work.path(), "x.mp4", 1000, 11);
 
-    let err = Destination::new(&fs_config(out.path(), "../outside"), None).unwrap_err();
+    let err = fs_destination(out.path(), "../outside", out.path()).unwrap_err();
     assert!(err.is_permanent(), "{err}");
-    let dest = Destination::new(&fs_config(out.path(), ""), None).unwrap();
+    let dest = fs_destination(out.path(), "", out.path()).unwrap();
     let bad_name = ObjectInfo {
         name: "../x.mp4".into(),
         ..info.clone()
     };
     let err = dest
-        .deliver(&source, &bad_name, &DeliveryHooks::default())
+        .deliver(file(&source).await, &bad_name, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(err.is_permanent(), "{err}");
@@ -1132,9 +1275,9 @@ async fn fs_destination_refuses_escapes_and_corrupt_sources() {
     // A prefix that is a symlink out of the directory.
     let elsewhere = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(elsewhere.path(), out.path().join("link")).unwrap();
-    let dest = Destination::new(&fs_config(out.path(), "link"), None).unwrap();
+    let dest = fs_destination(out.path(), "link", out.path()).unwrap();
     let err = dest
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(err.is_permanent(), "{err}");
@@ -1142,13 +1285,13 @@ async fn fs_destination_refuses_escapes_and_corrupt_sources() {
     assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 
     // The backup no longer matches its recorded SHA-256: nothing lands.
-    let dest = Destination::new(&fs_config(out.path(), "ok"), None).unwrap();
+    let dest = fs_destination(out.path(), "ok", out.path()).unwrap();
     let wrong = ObjectInfo {
         sha256: [0; 32],
         ..info.clone()
     };
     let err = dest
-        .deliver(&source, &wrong, &DeliveryHooks::default())
+        .deliver(file(&source).await, &wrong, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(
@@ -1165,14 +1308,137 @@ async fn fs_destination_refuses_escapes_and_corrupt_sources() {
     assert!(walk(&out.path().join("ok")).is_empty());
 
     // The directory itself is missing.
-    let gone = Destination::new(&fs_config(&out.path().join("missing"), ""), None).unwrap();
+    let gone = fs_destination(&out.path().join("missing"), "", out.path()).unwrap();
     let err = gone
-        .deliver(&source, &info, &DeliveryHooks::default())
+        .deliver(file(&source).await, &info, &DeliveryHooks::default())
         .await
         .unwrap_err();
     assert!(err.is_permanent());
     assert_eq!(err.probe_step(), ProbeStep::Bucket);
     assert_eq!(gone.probe().await.unwrap_err().step, ProbeStep::Bucket);
+}
+
+/// The same for a directory: the copy fails 2 MiB in, and neither the
+/// recording, its sidecar nor a temporary file is left.
+#[tokio::test]
+async fn fs_backup_failing_authentication_leaves_no_file() {
+    let work = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (path, info) = recording(work.path(), "tampered.mp4", 5 * MIB + 3, 25);
+    let source = Arc::new(UnauthenticSource::new(
+        FileSource::open(&path).await.unwrap(),
+        2 * MIB + 1,
+        0,
+    ));
+    let destination = fs_destination(out.path(), "t", out.path()).unwrap();
+    let err = destination
+        .deliver(source.clone(), &info, &DeliveryHooks::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeliveryError::BackupCorrupt { detail } if detail.contains(UNAUTHENTIC)),
+        "{err:?}"
+    );
+    assert!(err.is_permanent());
+    assert_eq!(walk(out.path()), Vec::<PathBuf>::new());
+    assert_eq!(source.opened_over_failure(), 1);
+}
+
+/// The allowed roots are checked when something is written, not only when
+/// the destination was stored: a destination outside every root, one whose
+/// directory became a symlink out of the root, and one built while no root
+/// is configured all fail permanently (step "bucket") and write nothing.
+/// A symlink planted at the final name is replaced, never followed.
+#[tokio::test]
+async fn fs_destination_writes_only_inside_an_allowed_root() {
+    let work = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (path, info) = recording(work.path(), "call.mp4", 4000, 12);
+    let source = file(&path).await;
+    let hooks = DeliveryHooks::default();
+
+    let err = Destination::new(&fs_config(root.path(), ""), None).unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(
+        err.to_string().contains("[destinations].fs_allowed_roots"),
+        "{err}"
+    );
+
+    let elsewhere = fs_destination(outside.path(), "", root.path()).unwrap();
+    let err = elsewhere
+        .deliver(source.clone(), &info, &hooks)
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert_eq!(err.probe_step(), ProbeStep::Bucket);
+    assert!(
+        err.to_string().contains("not inside an allowed root")
+            && err.to_string().contains("[destinations].fs_allowed_roots"),
+        "{err}"
+    );
+    assert_eq!(elsewhere.probe().await.unwrap_err().step, ProbeStep::Bucket);
+    assert!(walk(outside.path()).is_empty());
+
+    // Inside: delivered. A symlink at the final names is replaced, not followed.
+    let dir = root.path().join("acme");
+    std::fs::create_dir_all(dir.join("p")).unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("p/call.mp4")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("p/call.mp4.sha256")).unwrap();
+    let inside = fs_destination(&dir, "p", root.path()).unwrap();
+    inside.probe().await.unwrap();
+    inside.deliver(source.clone(), &info, &hooks).await.unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    assert!(
+        !std::fs::symlink_metadata(dir.join("p/call.mp4"))
+            .unwrap()
+            .is_symlink()
+    );
+    assert_eq!(sha256_file(&dir.join("p/call.mp4")), info.sha256);
+
+    // The same destination under another config (the roots changed).
+    let moved = fs_destination(&dir, "p", outside.path()).unwrap();
+    let err = moved
+        .deliver(source.clone(), &info, &hooks)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_permanent() && err.to_string().contains("not inside"),
+        "{err}"
+    );
+
+    // The directory swapped for a symlink out of the root.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &dir).unwrap();
+    let err = inside
+        .deliver(source.clone(), &info, &hooks)
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(err.to_string().contains("it resolves to"), "{err}");
+    assert_eq!(inside.probe().await.unwrap_err().step, ProbeStep::Bucket);
+    assert_eq!(walk(outside.path()), std::slice::from_ref(&victim));
+
+    // A name whose sidecar would not fit a directory entry: refused before
+    // anything is written, and permanently.
+    let dir = root.path().join("long");
+    std::fs::create_dir_all(&dir).unwrap();
+    let long = ObjectInfo {
+        name: "n".repeat(250),
+        ..info.clone()
+    };
+    let err = fs_destination(&dir, "", root.path())
+        .unwrap()
+        .deliver(source.clone(), &long, &hooks)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_permanent() && err.to_string().contains("at most 255 bytes"),
+        "{err}"
+    );
+    assert!(walk(&dir).is_empty());
 }
 
 #[test]
@@ -1257,10 +1523,14 @@ fn credential_errors_name_the_field_and_never_the_value() {
     assert!(err.is_permanent());
 }
 
-#[test]
-fn delivery_futures_are_send() {
+#[tokio::test]
+async fn delivery_futures_are_send() {
     fn assert_send<T: Send>(_: &T) {}
-    let destination = Destination::new(&fs_config(Path::new("/nonexistent"), ""), None).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (source, _) = recording(work.path(), "a", 0, 0);
+    let source = file(&source).await;
+    let nowhere = Path::new("/nonexistent");
+    let destination = fs_destination(nowhere, "", nowhere).unwrap();
     let info = ObjectInfo {
         name: "a".into(),
         size: 0,
@@ -1269,7 +1539,7 @@ fn delivery_futures_are_send() {
         content_type: String::new(),
     };
     let hooks = DeliveryHooks::default();
-    assert_send(&destination.deliver(Path::new("/nonexistent"), &info, &hooks));
+    assert_send(&destination.deliver(source, &info, &hooks));
     assert_send(&destination.probe());
     assert_send(&destination.abort_multipart("k", "u"));
 }

@@ -3,6 +3,11 @@
 //! timeout, also through the real `Recordings/Upload` service over mTLS.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/audit.rs"]
+mod audit_support;
+#[path = "support/keys.rs"]
+mod keys;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -79,16 +84,19 @@ struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
     store: BackupStore,
+    wrapping: std::sync::Arc<keys::TestWrapping>,
 }
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("backups");
-    let store = BackupStore::open(&root).unwrap();
+    let wrapping = keys::TestWrapping::generate();
+    let store = BackupStore::open(&root, wrapping.key.clone()).unwrap();
     Fixture {
         _dir: dir,
         root,
         store,
+        wrapping,
     }
 }
 
@@ -131,7 +139,15 @@ async fn happy_path_stores_bytes_and_sha256() {
 
     assert_eq!(got.backup.sha256, Sha256Digest::of(&data));
     assert_eq!(got.backup.size, data.len() as u64);
-    assert_eq!(std::fs::read(&got.backup.path).unwrap(), data);
+    assert_eq!(
+        f.wrapping
+            .read_plain(&f.store, &got.backup.path)
+            .await
+            .unwrap(),
+        data
+    );
+    let stored = std::fs::read(&got.backup.path).unwrap();
+    assert!(stored.starts_with(b"RVBK"), "encrypted at rest");
     assert_eq!(got.header.file_name.as_str(), "call 2024-05-01.mp4");
     assert_eq!(got.header.content_type.as_str(), "video/mp4");
     assert!(
@@ -152,9 +168,9 @@ async fn happy_path_stores_bytes_and_sha256() {
     assert_eq!(files_under(f.store.staging_dir()), Vec::<PathBuf>::new());
     assert_eq!(files_under(&f.root), vec![got.backup.path.clone()]);
 
-    // The store reads it back the same way, and deleting is idempotent.
+    // The stored bytes hash to what the job keeps for the scrub, and deleting is idempotent.
     let (sha, size) = f.store.rehash(&got.backup.path).await.unwrap();
-    assert_eq!((sha, size), (got.backup.sha256, got.backup.size));
+    assert_eq!((sha, size), (got.backup.stored_sha256, stored.len() as u64));
     let job = got.new_job(Some("req-1".into()));
     assert_eq!(job.job_id, got.backup.id);
     f.store.delete(&got.backup.path).await.unwrap();
@@ -337,7 +353,11 @@ async fn start_idle_server(idle_secs: u64) -> IdleServer {
     let certs = dir.path().join("certs");
     devcerts::generate(&certs, &["uploader", "recorder"]).unwrap();
     let backup_dir = dir.path().join("backups");
+    let wrap_file = dir.path().join("backup-wrap.pub");
+    keys::TestWrapping::generate().write_file(&wrap_file);
     let config_path = dir.path().join("uploader.toml");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, recvault_runtime::policy::dev_uploader_toml()).unwrap();
     let cert = |n: &str| certs.join(n).display().to_string();
     std::fs::write(
         &config_path,
@@ -346,17 +366,21 @@ async fn start_idle_server(idle_secs: u64) -> IdleServer {
              metrics_listen = \"127.0.0.1:0\"\n\
              database = \"{db}\"\n\
              backup_dir = \"{backups}\"\n\
+             policy_file = \"{policy}\"\n\
+             {audit}\
              ingest_idle_timeout_secs = {idle_secs}\n\n\
+             [backup]\nwrapping_key_file = \"{wrap}\"\n\n\
              [tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
              [vault]\nendpoint = \"127.0.0.1:9\"\n\n\
-             [vault.tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
-             [access]\nrecorder = [\"{recorder}\"]\n",
+             [vault.tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n",
             db = dir.path().join("uploader.db").display(),
             backups = backup_dir.display(),
+            wrap = wrap_file.display(),
+            audit = audit_support::audit_settings(dir.path()),
             crt = cert("uploader.crt"),
             key = cert("uploader.key"),
             ca = cert("ca.crt"),
-            recorder = devcerts::spiffe_id("recorder"),
+            policy = policy.display(),
         ),
     )
     .unwrap();
@@ -816,9 +840,15 @@ async fn twenty_mib_in_one_mib_chunks() {
     let got = run(&f, upload(&data, 1 << 20)).await.unwrap();
     assert_eq!(got.backup.size, 20 << 20);
     assert_eq!(got.backup.sha256, Sha256Digest::of(&data));
-    assert_eq!(
-        f.store.rehash(&got.backup.path).await.unwrap().0,
-        got.backup.sha256
+    let plain = f
+        .wrapping
+        .read_plain(&f.store, &got.backup.path)
+        .await
+        .unwrap();
+    assert_eq!(plain.len(), data.len());
+    assert!(
+        plain == data,
+        "20 MiB read back through the decrypting source"
     );
     assert_eq!(files_under(f.store.staging_dir()), Vec::<PathBuf>::new());
 }
@@ -827,7 +857,7 @@ async fn twenty_mib_in_one_mib_chunks() {
 async fn stale_staging_files_are_removed_at_open() {
     let f = fixture();
     std::fs::write(f.store.staging_dir().join("left-by-a-crash.part"), b"x").unwrap();
-    let reopened = BackupStore::open(&f.root).unwrap();
+    let reopened = BackupStore::open(&f.root, f.wrapping.key.clone()).unwrap();
     assert_eq!(files_under(reopened.staging_dir()), Vec::<PathBuf>::new());
 }
 
@@ -857,7 +887,7 @@ async fn intake_throughput() {
         .unwrap();
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "ingested {} MiB in {secs:.2} s: {:.0} MiB/s (CRC-32 + SHA-256 + write + fsync)",
+        "ingested {} MiB in {secs:.2} s: {:.0} MiB/s (CRC-32 + SHA-256 + AES-256-GCM + write + fsync)",
         got.backup.size >> 20,
         (got.backup.size >> 20) as f64 / secs
     );

@@ -3,6 +3,9 @@
 //! and the scrub finding a flipped byte.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/keys.rs"]
+mod keys;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,7 +28,11 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let backups = BackupStore::open(dir.path().join("backups")).unwrap();
+        let backups = BackupStore::open(
+            dir.path().join("backups"),
+            keys::TestWrapping::generate().key.clone(),
+        )
+        .unwrap();
         let jobs = JobStore::open(Self::db(&dir)).unwrap();
         Self { dir, backups, jobs }
     }
@@ -34,17 +41,20 @@ impl Fixture {
         dir.path().join("jobs.sqlite3")
     }
 
-    fn backup(&self, tenant: &str, data: &[u8]) -> StoredBackup {
+    fn backup(&self, tenant: &str, recording: &str, data: &[u8]) -> StoredBackup {
         let mut w = self
             .backups
-            .begin(&TenantId::parse(tenant).unwrap())
+            .begin(
+                &TenantId::parse(tenant).unwrap(),
+                &RecordingId::parse(recording).unwrap(),
+            )
             .unwrap();
         w.write_chunk(data).unwrap();
         w.finish(Sha256Digest::of(data)).unwrap()
     }
 
     fn new_job(&self, tenant: &str, recording: &str, data: &[u8]) -> NewJob {
-        let b = self.backup(tenant, data);
+        let b = self.backup(tenant, recording, data);
         NewJob {
             job_id: b.id,
             tenant_id: TenantId::parse(tenant).unwrap(),
@@ -55,6 +65,7 @@ impl Fixture {
             backup_path: b.path,
             sha256: b.sha256,
             size: b.size,
+            stored_sha256: Some(b.stored_sha256),
             request_id: Some("req-1".into()),
         }
     }
@@ -482,7 +493,11 @@ async fn scrub_marks_a_flipped_byte_and_deletes_nothing() {
         JobState::Retained,
         "never claimed for upload"
     );
-    assert!(bad_now.last_error.unwrap().contains(&bad.sha256.to_hex()));
+    let stored = bad.stored_sha256.unwrap();
+    assert!(
+        bad_now.last_error.unwrap().contains(&stored.to_hex()),
+        "names the stored-file SHA-256 it expected"
+    );
     assert!(!f.jobs.get(good.job_id).await.unwrap().backup_corrupt);
     assert!(bad.backup_path.exists(), "the scrub deletes nothing");
     assert!(
@@ -491,14 +506,44 @@ async fn scrub_marks_a_flipped_byte_and_deletes_nothing() {
     );
 
     // A corrupt backup is reported once, then left alone; an orphan is reported.
-    let orphan = f.backup("acme", b"no job");
+    let orphan = f.backup("acme", "no-job", b"no job");
     let report = scrub_once(&f.backups, &f.jobs).await.unwrap();
     assert_eq!((report.checked, report.corrupt, report.orphans), (1, 0, 1));
     assert!(orphan.path.exists());
 
-    // The worker's pre-attempt check uses the same call.
     let (sha, _) = f.backups.rehash(&bad.backup_path).await.unwrap();
-    assert_ne!(sha, bad.sha256);
+    assert_ne!(sha, stored);
+}
+
+/// A backup written in clear by an older uploader (no stored-file SHA-256
+/// on its job) is still scrubbed against its content SHA-256 and size.
+#[tokio::test]
+async fn scrub_checks_a_backup_in_clear_against_its_content() {
+    let f = Fixture::new();
+    let data = vec![7u8; 10_000];
+    let tenant_dir = f.backups.objects_dir().join("acme");
+    std::fs::create_dir_all(&tenant_dir).unwrap();
+    let id = recvault_uploader::jobs::JobId::new_random();
+    let path = tenant_dir.join(id.to_string());
+    std::fs::write(&path, &data).unwrap();
+    let (job, _) = f
+        .jobs
+        .create_or_get(NewJob {
+            job_id: id,
+            backup_path: path.clone(),
+            sha256: Sha256Digest::of(&data),
+            size: data.len() as u64,
+            stored_sha256: None,
+            ..f.new_job("acme", "legacy", b"")
+        })
+        .await
+        .unwrap();
+    let report = scrub_once(&f.backups, &f.jobs).await.unwrap();
+    assert_eq!((report.checked, report.corrupt), (1, 0), "{report:?}");
+    std::fs::write(&path, &data[..9_999]).unwrap();
+    let report = scrub_once(&f.backups, &f.jobs).await.unwrap();
+    assert_eq!(report.corrupt, 1, "{report:?}");
+    assert!(f.jobs.get(job.job_id).await.unwrap().backup_corrupt);
 }
 
 /// A job for `recording` named `name` at `destination`.
@@ -664,7 +709,7 @@ PRAGMA user_version = 1;
 ";
 
 /// A version 1 database (no object keys; two recordings already share a
-/// name, one job's destination is gone) opens as version 2: the older of the
+/// name, one job's destination is gone) opens as version 3: the older of the
 /// two keeps the key computed from its destination's prefix, the newer and
 /// the orphan have none, and a new recording with that key is refused.
 #[tokio::test]
@@ -733,10 +778,28 @@ async fn version_1_database_is_migrated_with_object_keys() {
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
+    let stored = jobs
+        .get(recvault_uploader::jobs::JobId::parse("11111111-1111-4111-8111-111111111111").unwrap())
+        .await
+        .unwrap()
+        .stored_sha256;
+    assert_eq!(
+        stored, None,
+        "backups from before encryption were written in clear"
+    );
 
-    let backups = BackupStore::open(dir.path().join("backups")).unwrap();
-    let mut w = backups.begin(&TenantId::parse("acme").unwrap()).unwrap();
+    let backups = BackupStore::open(
+        dir.path().join("backups"),
+        keys::TestWrapping::generate().key.clone(),
+    )
+    .unwrap();
+    let mut w = backups
+        .begin(
+            &TenantId::parse("acme").unwrap(),
+            &RecordingId::parse("newest").unwrap(),
+        )
+        .unwrap();
     w.write_chunk(b"z").unwrap();
     let b = w.finish(Sha256Digest::of(b"z")).unwrap();
     let err = jobs
@@ -751,6 +814,7 @@ async fn version_1_database_is_migrated_with_object_keys() {
                 backup_path: b.path,
                 sha256: b.sha256,
                 size: b.size,
+                stored_sha256: Some(b.stored_sha256),
                 request_id: None,
             },
             Some("rec/x.mp4".into()),

@@ -39,6 +39,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use recvault_audit::GroupCommitOptions;
 use recvault_proto::vault::v1::{
     AcquireLeaseRequest, CredentialKind, PutCredentialRequest, ReleaseLeaseRequest,
     credentials_client::CredentialsClient, leases_client::LeasesClient,
@@ -47,7 +48,7 @@ use recvault_runtime::{
     devcerts,
     tls::{self, ReloadingServerTls},
 };
-use recvault_vault::{audit::GroupCommitOptions, testing};
+use recvault_vault::testing;
 use tonic::{Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

@@ -1,4 +1,4 @@
-//! The `vaultd` command line: `serve`, `init`, `audit verify|export`, `dev-certs`.
+//! The `vaultd` command line: `serve`, `init`, `wrapping-key`, `audit verify|export`, `dev-certs`.
 //! `main.rs` only hardens the process and calls [`main`].
 
 use std::{
@@ -10,11 +10,12 @@ use std::{
 use clap::{Parser, Subcommand};
 use recvault_runtime::{devcerts, logging, tls};
 
+use recvault_audit::offline;
+
 use crate::{
-    audit::{self, AuditFilter},
     config::VaultConfig,
+    datakeys::{self, WrappingKey},
     keyring::MasterKey,
-    policy::Policy,
     server,
 };
 
@@ -54,6 +55,15 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
     },
+    /// Write the backup wrapping public key file that uploaderd reads (TOML:
+    /// key_version and the base64 X25519 public key), derived from the master key.
+    WrappingKey {
+        #[arg(long, env = "RECVAULT_VAULT_CONFIG")]
+        config: PathBuf,
+        /// Where to write it (atomically, mode 0644); without it, printed to stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Audit log tools (offline; need the master key file).
     Audit {
         #[command(subcommand)]
@@ -80,12 +90,8 @@ enum AuditCommand {
     Export {
         #[arg(long, env = "RECVAULT_VAULT_CONFIG")]
         config: PathBuf,
-        #[arg(long)]
-        tenant: Option<String>,
-        #[arg(long)]
-        identity: Option<String>,
-        #[arg(long)]
-        credential: Option<String>,
+        #[command(flatten)]
+        filter: offline::ExportArgs,
     },
 }
 
@@ -116,6 +122,19 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Init { dir, certs, listen } => {
             let path = init(&dir, &certs, listen)?;
             println!("wrote {}", path.display());
+            println!("wrote {}", dir.join(WRAPPING_KEY_FILE).display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::WrappingKey { config, out } => {
+            let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
+            let key = wrapping_key(&config.master_key_file)?;
+            match out {
+                Some(path) => {
+                    datakeys::write_public_key_file(&path, &key)?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => print!("{}", key.public_key_file()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::DevCerts { dir, force } => {
@@ -134,61 +153,38 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
             let master = MasterKey::load(&config.master_key_file).map_err(|e| e.to_string())?;
             let key = server::audit_key(&master).map_err(|e| e.to_string())?;
-            let report =
-                audit::verify_path(&config.audit_database, &key).map_err(|e| e.to_string())?;
-            if report.ok {
-                println!(
-                    "audit chain intact: {} events checked",
-                    report.events_checked
-                );
-                if !audit::has_anchor(&config.audit_database) {
-                    println!(
-                        "note: no anchor file beside the log, so a cut-off tail cannot be ruled out; \
-                         the vault writes one when it starts"
-                    );
-                }
-                Ok(ExitCode::SUCCESS)
-            } else if report.first_broken_sequence == 0 {
-                println!(
-                    "audit anchor BROKEN ({} events checked, chain intact): {}",
-                    report.events_checked, report.reason
-                );
-                Ok(ExitCode::from(1))
-            } else {
-                println!(
-                    "audit chain BROKEN at sequence {} ({} events checked): {}",
-                    report.first_broken_sequence, report.events_checked, report.reason
-                );
-                Ok(ExitCode::from(1))
-            }
+            offline::verify(
+                &config.audit_database,
+                &key,
+                "vault",
+                &mut std::io::stdout().lock(),
+            )
         }
         Command::Audit {
-            command:
-                AuditCommand::Export {
-                    config,
-                    tenant,
-                    identity,
-                    credential,
-                },
+            command: AuditCommand::Export { config, filter },
         } => {
             let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
-            let filter = AuditFilter {
-                tenant_id: tenant,
-                identity,
-                credential_id: credential,
-                ..AuditFilter::default()
-            };
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            audit::export_jsonl(&config.audit_database, &filter, &mut out)
+            offline::export(&config.audit_database, &filter, &mut out)
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// Creates the master key, policy and config under `dir` (reusing what exists)
-/// and dev certificates under `certs` if there are none. Returns the config path.
+/// Name of the wrapping public key file `init` writes beside the config.
+pub const WRAPPING_KEY_FILE: &str = "wrapping-key.pub";
+
+/// The backup wrapping key pair of the master key in `master_key_file`.
+fn wrapping_key(master_key_file: &Path) -> Result<WrappingKey, String> {
+    let master = MasterKey::load(master_key_file).map_err(|e| e.to_string())?;
+    WrappingKey::derive(&master).map_err(|e| e.to_string())
+}
+
+/// Creates the master key, policy and config under `dir` (reusing what exists),
+/// dev certificates under `certs` if there are none, and the wrapping public
+/// key file beside the config. Returns the config path.
 pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, String> {
     tls::install_crypto_provider();
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -198,7 +194,7 @@ pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, Str
         MasterKey::generate(&config.master_key_file).map_err(|e| e.to_string())?;
     }
     if !config.policy_file.exists() {
-        std::fs::write(&config.policy_file, Policy::dev_default_toml())
+        std::fs::write(&config.policy_file, crate::policy::dev_default_toml())
             .map_err(|e| format!("cannot write {}: {e}", config.policy_file.display()))?;
     }
     let path = dir.join("vault.toml");
@@ -222,5 +218,9 @@ pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, Str
         abs(&config.tls.ca).display(),
     );
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    datakeys::write_public_key_file(
+        &dir.join(WRAPPING_KEY_FILE),
+        &wrapping_key(&config.master_key_file)?,
+    )?;
     Ok(path)
 }

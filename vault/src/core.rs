@@ -4,12 +4,12 @@
 
 use std::sync::{Arc, RwLock};
 
-use recvault_runtime::{identity, logging};
+use recvault_audit::{AuditLog, AuditRecord};
 use tonic::{Request, Status};
 
 use crate::{
-    audit::{AuditLog, AuditRecord, Outcome},
     config::VaultConfig,
+    datakeys::WrappingKey,
     error::{VaultError, code_name},
     ids::TenantId,
     keyring::{self, Keyring, MasterKey},
@@ -26,22 +26,19 @@ pub const MIN_DECRYPT_VERSION: &str = "min_decrypt_version";
 pub struct VaultCore {
     pub config: VaultConfig,
     pub master: MasterKey,
+    /// The backup wrapping key pair, derived from `master` at start-up.
+    pub wrapping_key: WrappingKey,
     pub keyring: RwLock<Keyring>,
     pub store: Arc<Store>,
-    pub audit: AuditLog,
+    pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyFile>,
     pub leases: Arc<Leases>,
     pub metrics: crate::metrics::VaultMetrics,
 }
 
-/// Who is calling and which RPC: taken once at the start of every handler.
-#[derive(Debug, Clone)]
-pub struct Call {
-    pub operation: &'static str,
-    pub identity: Option<String>,
-    pub cert_fingerprint: String,
-    pub request_id: String,
-}
+/// Who is calling and which RPC: taken once at the start of every handler
+/// (the same type the uploader audits its calls with).
+pub use recvault_audit::grpc::Call;
 
 /// Audit fields a handler learns while it works (ids, lease purpose).
 #[derive(Debug, Default, Clone)]
@@ -96,17 +93,7 @@ impl VaultCore {
             // refusals layer.
             reached.mark();
         }
-        let peer = identity::peer_identity(request);
-        Call {
-            operation,
-            cert_fingerprint: peer
-                .as_ref()
-                .map(|p| p.cert_sha256.clone())
-                .or_else(|| identity::peer_fingerprint(request))
-                .unwrap_or_default(),
-            identity: peer.map(|p| p.id),
-            request_id: logging::request_id(request),
-        }
+        Call::of(request, operation)
     }
 
     /// Checks the policy. The denial itself is audited by [`VaultCore::finish`].
@@ -149,6 +136,25 @@ impl VaultCore {
             return Ok(());
         }
         self.authorize(call, role, None)
+    }
+
+    /// Checks that the peer holds some role, any one, for at least one
+    /// tenant: for calls that reveal nothing secret but are still not for
+    /// strangers (`GetWrappingKey`).
+    pub fn authorize_any_role(&self, call: &Call) -> Result<(), VaultError> {
+        let identity = call
+            .identity
+            .as_deref()
+            .ok_or(VaultError::Unauthenticated)?;
+        if !self.policy.current().roles_of(identity).is_empty() {
+            return Ok(());
+        }
+        Err(VaultError::PermissionDenied {
+            identity: identity.to_owned(),
+            operation: call.operation.to_owned(),
+            role: "manager, uploader, auditor or admin".to_owned(),
+            scope: String::new(),
+        })
     }
 
     /// Writes the audit event for a finished RPC and returns its result. If the
@@ -219,23 +225,12 @@ impl VaultCore {
     }
 
     fn record(call: &Call, subject: Subject, code: tonic::Code) -> AuditRecord {
-        let outcome = match code {
-            tonic::Code::Ok => Outcome::Allowed,
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => Outcome::Denied,
-            _ => Outcome::Error,
-        };
         AuditRecord {
-            identity: call
-                .identity
-                .clone()
-                .unwrap_or_else(|| "unauthenticated".into()),
-            cert_fingerprint: call.cert_fingerprint.clone(),
             tenant_id: subject.tenant_id,
             credential_id: subject.credential_id,
             lease_id: subject.lease_id,
-            request_id: call.request_id.clone(),
             detail: subject.detail,
-            ..AuditRecord::now(call.operation, outcome, code_name(code))
+            ..call.record(code)
         }
     }
 

@@ -4,11 +4,11 @@
 //! plaintext only to the uploader identity as a short lease over mTLS, and
 //! writes every access to a hash-chained, fail-closed audit log.
 
-pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod core;
 pub mod crypto;
+pub mod datakeys;
 pub mod error;
 pub mod ids;
 pub mod keyring;

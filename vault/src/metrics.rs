@@ -1,10 +1,14 @@
 //! The vault's Prometheus metrics (served on their own loopback port): calls
-//! by operation and code, leases granted and denied, live leases, audit
-//! commit latency. Never a credential id or anything derived from a secret.
+//! by operation and code, leases granted and denied, live leases, backup
+//! data-key unwraps granted, denied and refused, audit commit latency. Never a credential id or anything derived from a secret.
 
 use std::{sync::Arc, time::Duration};
 
 use recvault_runtime::metrics::{Counter, Gauge, Histogram, Registry};
+
+const UNWRAPS: &str = "recvault_vault_data_key_unwraps_total";
+const UNWRAPS_HELP: &str =
+    "UnwrapDataKey calls by outcome (refused: the wrapped key did not open).";
 
 /// Handles to the vault's metrics.
 #[derive(Debug)]
@@ -13,6 +17,10 @@ pub struct VaultMetrics {
     pub leases_granted: Arc<Counter>,
     pub leases_denied: Arc<Counter>,
     pub leases_active: Arc<Gauge>,
+    pub unwraps_granted: Arc<Counter>,
+    pub unwraps_denied: Arc<Counter>,
+    /// Wrapped keys that did not open (wrong tenant or recording, altered bytes).
+    pub unwraps_refused: Arc<Counter>,
     pub audit_append: Arc<Histogram>,
     pub audit_failures: Arc<Counter>,
     calls: std::sync::RwLock<std::collections::HashMap<(&'static str, &'static str), Arc<Counter>>>,
@@ -25,6 +33,9 @@ impl VaultMetrics {
             leases_granted: r.counter("recvault_vault_leases_total", "AcquireLease calls by outcome.", &[("outcome", "granted")]),
             leases_denied: r.counter("recvault_vault_leases_total", "AcquireLease calls by outcome.", &[("outcome", "denied")]),
             leases_active: r.gauge("recvault_vault_leases_active", "Leases neither released nor expired.", &[]),
+            unwraps_granted: r.counter(UNWRAPS, UNWRAPS_HELP, &[("outcome", "granted")]),
+            unwraps_denied: r.counter(UNWRAPS, UNWRAPS_HELP, &[("outcome", "denied")]),
+            unwraps_refused: r.counter(UNWRAPS, UNWRAPS_HELP, &[("outcome", "refused")]),
             audit_append: r.histogram(
                 "recvault_vault_audit_commit_seconds",
                 "Time from handing an audit event to the writer until it is durable (group commit).",

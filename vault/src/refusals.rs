@@ -25,14 +25,11 @@ use std::{
     task::{Context, Poll},
 };
 
+use recvault_audit::{AuditRecord, Outcome};
 use recvault_runtime::{identity, logging::REQUEST_ID_HEADER};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::{
-    audit::{AuditRecord, Outcome},
-    core::VaultCore,
-    error::code_name,
-};
+use crate::{core::VaultCore, error::code_name};
 
 /// Path prefix of the vault's own services.
 const VAULT_PATH_PREFIX: &str = "/recvault.vault.v1.";

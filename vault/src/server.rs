@@ -1,26 +1,28 @@
 //! Assembles and runs the vault: loads the key, keyring, stores, policy and
-//! TLS, then serves the four APIs plus health and reflection over mTLS until
+//! TLS, then serves the five APIs plus health and reflection over mTLS until
 //! shutdown. Nothing here decides policy or touches plaintext.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use recvault_proto::vault::v1::{
-    audit_server::AuditServer, credentials_server::CredentialsServer, keys_server::KeysServer,
-    leases_server::LeasesServer,
+    audit_server::AuditServer, credentials_server::CredentialsServer,
+    data_keys_server::DataKeysServer, keys_server::KeysServer, leases_server::LeasesServer,
 };
 use recvault_runtime::tls::{self, ReloadingServerTls};
 use tokio::net::TcpListener;
 
+use recvault_audit::{AuditKey, AuditLog, GroupCommitOptions};
+
 use crate::{
-    audit::{AuditKey, AuditLog, GroupCommitOptions},
     config::VaultConfig,
     core::VaultCore,
+    datakeys::WrappingKey,
     keyring::MasterKey,
     leases::Leases,
     policy::PolicyFile,
     service::{
-        audit::AuditService, credentials::CredentialsService, keys::KeysService,
-        leases::LeasesService,
+        audit::AuditService, credentials::CredentialsService, datakeys::DataKeysService,
+        keys::KeysService, leases::LeasesService,
     },
     store::Store,
 };
@@ -38,8 +40,10 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("keyring: {0}")]
     Keyring(String),
+    #[error("{0}")]
+    WrappingKey(#[from] crate::datakeys::DataKeyError),
     #[error("audit log: {0}")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] recvault_audit::AuditError),
     #[error("{0}")]
     Policy(String),
     #[error("{0}")]
@@ -54,7 +58,7 @@ pub enum StartError {
 }
 
 /// The audit key for a master key (also used by the offline `audit verify`).
-pub fn audit_key(master: &MasterKey) -> Result<AuditKey, crate::audit::AuditError> {
+pub fn audit_key(master: &MasterKey) -> Result<AuditKey, recvault_audit::AuditError> {
     AuditKey::new(master.derive(AUDIT_KEY_INFO, 32))
 }
 
@@ -64,15 +68,17 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
     let master = MasterKey::load(&config.master_key_file)?;
     let store = Arc::new(Store::open(&config.database)?);
     let keyring = VaultCore::load_keyring(&master, &store).map_err(StartError::Keyring)?;
-    let audit = AuditLog::open(
+    let wrapping_key = WrappingKey::derive(&master)?;
+    let audit = Arc::new(AuditLog::open(
         &config.audit_database,
         audit_key(&master)?,
         GroupCommitOptions::default(),
-    )?;
+    )?);
     let policy = PolicyFile::load(&config.policy_file).map_err(StartError::Policy)?;
     Ok(Arc::new(VaultCore {
         config,
         master,
+        wrapping_key,
         keyring: std::sync::RwLock::new(keyring),
         store,
         audit,
@@ -128,6 +134,7 @@ impl Bound {
             "recvault.vault.v1.Leases",
             "recvault.vault.v1.Keys",
             "recvault.vault.v1.Audit",
+            "recvault.vault.v1.DataKeys",
             "",
         ] {
             health_reporter
@@ -183,6 +190,10 @@ impl Bound {
             )
             .add_service(
                 AuditServer::new(AuditService::new(core.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                DataKeysServer::new(DataKeysService::new(core.clone()))
+                    .max_decoding_message_size(max),
             )
             .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
             .await?;

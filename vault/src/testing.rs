@@ -11,7 +11,7 @@ use std::{
 use recvault_runtime::{devcerts, tls};
 use tokio::sync::oneshot;
 
-use crate::{config::VaultConfig, core::VaultCore, keyring::MasterKey, policy::Policy, server};
+use crate::{config::VaultConfig, core::VaultCore, keyring::MasterKey, server};
 
 /// Identities the test certificates are made for: every role, plus some
 /// with no grant at all.
@@ -43,7 +43,7 @@ pub fn prepare(root: &Path) -> VaultConfig {
     let config = VaultConfig::for_data_dir(&data, &certs, SocketAddr::from(([127, 0, 0, 1], 0)));
     if !config.master_key_file.exists() {
         MasterKey::generate(&config.master_key_file).expect("master key");
-        std::fs::write(&config.policy_file, Policy::dev_default_toml()).expect("policy");
+        std::fs::write(&config.policy_file, crate::policy::dev_default_toml()).expect("policy");
     }
     config
 }

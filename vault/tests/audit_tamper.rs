@@ -9,9 +9,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use recvault_audit::{AuditError, VerifyReport, verify_path};
 use recvault_proto::vault::v1::{AuditFilter, GetCredentialRequest};
 use recvault_vault::{
-    audit::{AuditError, VerifyReport, verify_path},
     keyring::MasterKey,
     server::{self, StartError},
     testing::{TestVault, prepare},

@@ -6,9 +6,10 @@ mod common;
 
 use common::*;
 use recvault_proto::vault::v1::{
-    AuditFilter, CredentialKind, DeleteCredentialRequest, GetCredentialRequest, KeyStatusRequest,
-    ListCredentialsRequest, QueryEventsRequest, ReleaseLeaseRequest, RetireKeysRequest,
-    RewrapRequest, RotateKeyRequest, SetTenantLimitRequest, TailEventsRequest, VerifyChainRequest,
+    AuditFilter, CredentialKind, DeleteCredentialRequest, GetCredentialRequest,
+    GetWrappingKeyRequest, KeyStatusRequest, ListCredentialsRequest, QueryEventsRequest,
+    ReleaseLeaseRequest, RetireKeysRequest, RewrapRequest, RotateKeyRequest, SetTenantLimitRequest,
+    TailEventsRequest, VerifyChainRequest,
 };
 use recvault_vault::testing::{TEST_IDENTITIES, TestVault};
 use tonic::{Code, Status};
@@ -31,9 +32,11 @@ enum Rpc {
     Query,
     Tail,
     Verify,
+    WrappingKey,
+    Unwrap,
 }
 
-const RPCS: [Rpc; 14] = [
+const RPCS: [Rpc; 16] = [
     Rpc::Put,
     Rpc::Get,
     Rpc::List,
@@ -48,16 +51,31 @@ const RPCS: [Rpc; 14] = [
     Rpc::Query,
     Rpc::Tail,
     Rpc::Verify,
+    Rpc::WrappingKey,
+    Rpc::Unwrap,
 ];
 
+/// Identities that hold a role in the dev policy.
+const ROLE_HOLDERS: [&str; 4] = ["manager", "uploader", "auditor", "admin"];
+
 impl Rpc {
-    /// The role the policy requires (DESIGN.md "Identity and authorization").
+    /// The role the policy requires, as the denial names it.
     fn role(self) -> &'static str {
         match self {
             Rpc::Put | Rpc::Get | Rpc::List | Rpc::Delete => "manager",
-            Rpc::Acquire | Rpc::Release => "uploader",
+            Rpc::Acquire | Rpc::Release | Rpc::Unwrap => "uploader",
             Rpc::Rotate | Rpc::Rewrap | Rpc::KeyStatus | Rpc::SetLimit | Rpc::Retire => "admin",
             Rpc::Query | Rpc::Tail | Rpc::Verify => "auditor",
+            // The public wrapping key: any identity that holds some role.
+            Rpc::WrappingKey => "manager, uploader, auditor or admin",
+        }
+    }
+
+    /// Whether `identity` may make this call under the dev policy.
+    fn allows(self, identity: &str) -> bool {
+        match self {
+            Rpc::WrappingKey => ROLE_HOLDERS.contains(&identity),
+            _ => identity == self.role(),
         }
     }
 
@@ -77,6 +95,8 @@ impl Rpc {
             Rpc::Query => op::QUERY,
             Rpc::Tail => op::TAIL,
             Rpc::Verify => op::VERIFY,
+            Rpc::WrappingKey => op::GET_WRAPPING_KEY,
+            Rpc::Unwrap => op::UNWRAP,
         }
     }
 
@@ -95,6 +115,8 @@ impl Rpc {
 struct Fixture {
     credential_id: String,
     lease_id: String,
+    /// A data key of tenant acme's recording rec-1, wrapped to the vault: (enc, wrapped).
+    wrapped: (Vec<u8>, Vec<u8>),
 }
 
 /// Makes one call of `rpc` as `identity` with a well-formed request, so that
@@ -185,11 +207,23 @@ async fn call(vault: &TestVault, identity: &str, rpc: Rpc, fx: &Fixture) -> Resu
             .verify_chain(VerifyChainRequest {})
             .await
             .map(drop),
+        Rpc::WrappingKey => data_keys(vault, identity)
+            .get_wrapping_key(GetWrappingKeyRequest {})
+            .await
+            .map(drop),
+        Rpc::Unwrap => {
+            let (enc, wrapped) = &fx.wrapped;
+            let (request, _) = unwrap_request(TENANT, "rec-1", enc, wrapped);
+            data_keys(vault, identity)
+                .unwrap_data_key(request)
+                .await
+                .map(drop)
+        }
     }
 }
 
 /// Each of the eight test identities (four roles, plus vault, recorder,
-/// stranger and other, which hold no grant) calls each of the 14 RPCs.
+/// stranger and other, which hold no grant) calls each of the 16 RPCs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
     let (_dir, vault) = start().await;
@@ -197,16 +231,18 @@ async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
         .await
         .credential_id;
     let lease_id = acquire(&vault, &credential_id).await.lease_id;
+    let (_, enc, wrapped) = wrap_data_key(vault.core.wrapping_key.public_key(), TENANT, "rec-1");
     let fx = Fixture {
         credential_id,
         lease_id,
+        wrapped: (enc, wrapped),
     };
 
     let mut denials = Vec::new();
     let mut failures = Vec::new();
     for identity in TEST_IDENTITIES {
         for rpc in RPCS {
-            let granted = identity == rpc.role();
+            let granted = rpc.allows(identity);
             let got = call(&vault, identity, rpc, &fx).await;
             let code = got.as_ref().err().map_or(Code::Ok, Status::code);
             let want = if granted {
@@ -234,11 +270,13 @@ async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
         "role matrix mismatches:\n{}",
         failures.join("\n")
     );
-    // 4 roles × 14 RPCs, each role allowed for its own RPCs only.
-    assert_eq!(
-        denials.len(),
-        TEST_IDENTITIES.len() * RPCS.len() - RPCS.len()
-    );
+    // Each RPC is allowed to its role only; GetWrappingKey to all four roles.
+    let allowed: usize = RPCS
+        .iter()
+        .map(|rpc| TEST_IDENTITIES.iter().filter(|i| rpc.allows(i)).count())
+        .sum();
+    assert_eq!(allowed, RPCS.len() + 3);
+    assert_eq!(denials.len(), TEST_IDENTITIES.len() * RPCS.len() - allowed);
 
     // Denied calls had no effect: only the fixture and the manager's own put exist.
     let names: Vec<_> = credentials(&vault, "manager")
@@ -278,7 +316,7 @@ async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
     }
 
     // Allowed calls are audited too, and not as denials.
-    for identity in ["manager", "uploader", "admin", "auditor"] {
+    for identity in ROLE_HOLDERS {
         let events = query(
             &vault,
             AuditFilter {
@@ -287,7 +325,7 @@ async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
             },
         )
         .await;
-        for rpc in RPCS.iter().filter(|r| r.role() == identity) {
+        for rpc in RPCS.iter().filter(|r| r.allows(identity)) {
             let for_rpc: Vec<_> = events
                 .iter()
                 .filter(|e| e.operation == rpc.operation())
@@ -435,6 +473,41 @@ async fn tenant_scoped_grants_and_lease_holders() {
         })
         .await
         .unwrap();
+
+    // "other" may unwrap the data keys of acme's recordings, not globex's.
+    let public = vault.core.wrapping_key.public_key().to_vec();
+    let (data_key, enc, wrapped) = wrap_data_key(&public, "acme", "rec-a");
+    let (request, private) = unwrap_request("acme", "rec-a", &enc, &wrapped);
+    let answer = data_keys(&vault, "other")
+        .unwrap_data_key(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(open_resealed(&answer, &private, "acme", "rec-a"), data_key);
+    let (_, enc, wrapped) = wrap_data_key(&public, "globex", "rec-g");
+    let (request, _) = unwrap_request("globex", "rec-g", &enc, &wrapped);
+    let status = expect_code(
+        data_keys(&vault, "other").unwrap_data_key(request).await,
+        Code::PermissionDenied,
+    );
+    assert!(
+        status.message().contains("uploader role for tenant globex"),
+        "{status:?}"
+    );
+    let denied = query(
+        &vault,
+        AuditFilter {
+            identity: spiffe("other"),
+            operation: op::UNWRAP.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let outcomes: Vec<_> = denied
+        .iter()
+        .map(|e| (e.tenant_id.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [("acme", "allowed"), ("globex", "denied")]);
 }
 
 /// An identity without the role learns nothing from its input either: a

@@ -25,8 +25,15 @@ use crate::tls::TlsFiles;
 pub const TRUST_DOMAIN: &str = "recvault.local";
 
 /// Every identity the product uses.
-pub const IDENTITIES: [&str; 6] = [
-    "vault", "uploader", "manager", "auditor", "admin", "recorder",
+pub const IDENTITIES: [&str; 7] = [
+    "vault",
+    "uploader",
+    "manager",
+    "auditor",
+    "admin",
+    "recorder",
+    // A manager scoped to the tenant `demo` only (the main job shows the scope).
+    "manager-demo",
 ];
 
 /// `spiffe://recvault.local/<name>`.

@@ -1,14 +1,17 @@
 //! What both recvault services share and nothing else: mTLS configuration
 //! (TLS 1.3 only, client certificates required, files reloaded on change),
-//! peer identity from certificates, dev certificates, logging, process
+//! peer identity from certificates, the policy format (identity → roles per
+//! tenant), dev certificates, logging, process
 //! hardening and locked, zeroizing memory for secrets. No key handling lives here.
 
 pub mod config;
+pub mod datakey;
 pub mod devcerts;
 pub mod hardening;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod probe;
 pub mod secret;
 pub mod shutdown;

@@ -6,17 +6,20 @@
 
 pub mod fs;
 pub mod s3;
+pub mod source;
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
-pub use self::fs::FsDestination;
+pub use self::fs::{FsAllowedRoots, FsDestination, FsRootError};
 pub use self::s3::{S3Destination, S3Options};
+pub use self::source::{FileSource, RangeFuture, RangeReader, Source};
 use crate::credential::{CredentialError, S3Credential};
 
 /// A storage provider a destination can point at.
@@ -211,19 +214,29 @@ pub enum Destination {
 
 impl Destination {
     /// Builds a destination. `secret` is the leased credential payload (the
-    /// provider's JSON); `fs` needs none. Uses default [`S3Options`].
+    /// provider's JSON); `fs` needs none. Uses default [`S3Options`] and no
+    /// allowed `fs` roots, so a local-directory destination is refused, as
+    /// with the uploader's default config: use [`Destination::with_options`].
     pub fn new(config: &DestinationConfig, secret: Option<&[u8]>) -> Result<Self, DeliveryError> {
-        Self::with_options(config, secret, S3Options::default())
+        Self::with_options(
+            config,
+            secret,
+            S3Options::default(),
+            &FsAllowedRoots::default(),
+        )
     }
 
-    /// As [`Destination::new`], with explicit S3 transfer options.
+    /// As [`Destination::new`], with explicit S3 transfer options and the
+    /// directories an `fs` destination may write under (the uploader's
+    /// `[destinations].fs_allowed_roots`; re-checked before every write).
     pub fn with_options(
         config: &DestinationConfig,
         secret: Option<&[u8]>,
         options: S3Options,
+        fs_roots: &FsAllowedRoots,
     ) -> Result<Self, DeliveryError> {
         match config.provider {
-            Provider::Fs => Ok(Destination::Fs(FsDestination::new(config)?)),
+            Provider::Fs => Ok(Destination::Fs(FsDestination::new(config, fs_roots)?)),
             Provider::S3 => {
                 let destination = s3::describe(config);
                 let Some(secret) = secret else {
@@ -249,10 +262,14 @@ impl Destination {
         }
     }
 
-    /// Uploads `source`, writes the `<name>.sha256` sidecar, and verifies.
+    /// Uploads the recording read from `source`, writes the `<name>.sha256`
+    /// sidecar, and verifies. `object` is what intake recorded: a source of
+    /// another size, or whose bytes do not hash to it, is not delivered
+    /// ([`DeliveryError::SourceMismatch`]); one whose reads fail
+    /// authentication is not either ([`DeliveryError::BackupCorrupt`]).
     pub async fn deliver(
         &self,
-        source: &Path,
+        source: Arc<dyn Source>,
         object: &ObjectInfo,
         hooks: &DeliveryHooks<'_>,
     ) -> Result<Delivery, DeliveryError> {
@@ -288,16 +305,28 @@ impl Destination {
     }
 }
 
-/// Joins `prefix` and `name` into an object key: slashes are normalised
-/// (no leading, trailing or doubled `/`), and `.`/`..` segments, NUL and a
-/// `name` containing `/` are refused, so a key never escapes its prefix.
+/// Joins `prefix` and `name` into an object key, for every provider.
+///
+/// Leading, doubled and trailing slashes in the prefix are normalised away,
+/// so a key is never absolute (destinations stored with a prefix such as
+/// `/rec//` keep their keys; new ones are refused by [`check_prefix`]).
+/// Refused, so that a key never climbs out of its prefix (a `..` in an S3 key
+/// is just text, but the same key names a path in a local directory): a
+/// prefix with a `.`/`..` segment; a `name` that is empty, `.`/`..` or
+/// contains `/` or `\`; and ASCII control characters (0x00–0x1F, 0x7F, NUL
+/// included) in either.
 pub fn object_key(prefix: &str, name: &str) -> Result<String, KeyError> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\'])
+        || name.chars().any(|c| c.is_ascii_control())
+    {
         return Err(KeyError::Name);
     }
     let mut key = String::with_capacity(prefix.len() + name.len() + 1);
     for segment in prefix.split('/').filter(|s| !s.is_empty()) {
-        if segment == "." || segment == ".." || segment.contains('\0') {
+        if segment == "." || segment == ".." || segment.chars().any(|c| c.is_ascii_control()) {
             return Err(KeyError::Prefix);
         }
         key.push_str(segment);
@@ -307,15 +336,30 @@ pub fn object_key(prefix: &str, name: &str) -> Result<String, KeyError> {
     Ok(key)
 }
 
+/// Checks a prefix a manager sends (PutDestination): what [`object_key`]
+/// refuses, and a leading `/` too, since a prefix names a folder relative to
+/// the bucket or directory, never an absolute path.
+pub fn check_prefix(prefix: &str) -> Result<(), KeyError> {
+    if prefix.starts_with('/') {
+        return Err(KeyError::Prefix);
+    }
+    object_key(prefix, "x").map(|_| ())
+}
+
 /// An object name or prefix that could escape its place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
-    /// The file name is empty, `.`/`..`, or contains `/` or NUL.
-    #[error("file name must be non-empty and must not be \".\" or \"..\" or contain '/' or NUL")]
+    /// The file name is empty, `.`/`..`, or contains `/`, `\` or a control character.
+    #[error(
+        "a file name must not be empty, \".\" or \"..\", or contain '/', '\\' or control characters"
+    )]
     Name,
-    /// The prefix has a `.` or `..` segment or a NUL.
-    #[error("prefix must not contain \".\" or \"..\" segments or NUL")]
+    /// The prefix starts with `/`, or has a `.`/`..` segment or a control character.
+    #[error(
+        "a prefix must be relative (no leading '/') without \".\" or \"..\" segments or control \
+         characters; use one such as \"recordings/2024\""
+    )]
     Prefix,
 }
 
@@ -328,6 +372,19 @@ pub fn sidecar_name(name: &str) -> String {
 /// (two spaces: text mode, as GNU coreutils prints it).
 pub fn sidecar_contents(sha256: &[u8; 32], name: &str) -> String {
     format!("{}  {name}\n", hex::encode(sha256))
+}
+
+/// Refuses a source whose size is not the one recorded at intake (the
+/// backup changed since): nothing of it is sent.
+pub(crate) fn check_source_size(
+    source: &dyn Source,
+    object: &ObjectInfo,
+) -> Result<(), DeliveryError> {
+    if source.size() == object.size {
+        Ok(())
+    } else {
+        Err(DeliveryError::SourceMismatch { what: "size" })
+    }
 }
 
 /// Which step of a destination check failed.
@@ -412,23 +469,33 @@ pub enum DeliveryError {
         /// Which field is missing or invalid.
         source: CredentialError,
     },
-    /// The recording could not be read from the backup store.
-    #[error("cannot read recording {path}: {source}; check the backup store")]
+    /// The recording could not be read from its source (the backup store).
+    /// Retried, unless the backup is gone.
+    #[error("cannot read the recording from its backup: {source}; check the backup store")]
     Source {
-        /// The backup file.
-        path: PathBuf,
         /// The I/O error.
         source: io::Error,
     },
-    /// The backup file does not match what was recorded at intake: it was not
+    /// Reading the recording failed authentication
+    /// ([`io::ErrorKind::InvalidData`] from its [`Source`]): the stored
+    /// backup was modified or damaged. Permanent: what was read is not
+    /// delivered, a multipart upload is aborted, and the job's backup is
+    /// marked corrupt so it is never sent; the backup needs attention.
+    #[error(
+        "the recording's backup failed authentication ({detail}); it was not delivered \
+         and will not be: the backup is corrupt or was modified, check the backup store"
+    )]
+    BackupCorrupt {
+        /// What the source reported (never key material or recording bytes).
+        detail: String,
+    },
+    /// The backup does not match what was recorded at intake: it was not
     /// (completely) delivered. Retrying cannot help; the backup needs attention.
     #[error(
-        "recording {path} does not match its recorded {what}; it was not delivered: \
+        "the recording's backup does not match its recorded {what}; it was not delivered: \
          the backup is corrupt or changed, check the backup store"
     )]
     SourceMismatch {
-        /// The backup file.
-        path: PathBuf,
         /// What differs: "size", "SHA-256", "CRC-32".
         what: &'static str,
     },
@@ -440,6 +507,10 @@ pub enum DeliveryError {
         /// The directory.
         path: PathBuf,
     },
+    /// A directory destination is not (or no longer) inside any of the
+    /// uploader's `[destinations].fs_allowed_roots`, or none is configured.
+    #[error("{0}")]
+    FsRoot(FsRootError),
     /// The provider answered with an error.
     #[error("{operation} {location} failed: {}; {hint}", summary(*status, code.as_deref(), message.as_deref()))]
     Provider {
@@ -520,6 +591,19 @@ fn summary(status: Option<u16>, code: Option<&str>, message: Option<&str>) -> St
 }
 
 impl DeliveryError {
+    /// An error reading the recording from its [`Source`]: a failed
+    /// authentication ([`io::ErrorKind::InvalidData`]) is
+    /// [`DeliveryError::BackupCorrupt`], anything else [`DeliveryError::Source`].
+    pub fn from_source_read(error: io::Error) -> Self {
+        if error.kind() == io::ErrorKind::InvalidData {
+            DeliveryError::BackupCorrupt {
+                detail: error.to_string(),
+            }
+        } else {
+            DeliveryError::Source { source: error }
+        }
+    }
+
     /// Whether retrying cannot help until someone changes something (the
     /// credential, the bucket, the destination, the backup). Permanent errors
     /// send the job to RETAINED; the rest are retried with backoff.
@@ -528,7 +612,9 @@ impl DeliveryError {
             DeliveryError::Config { .. }
             | DeliveryError::Credential { .. }
             | DeliveryError::SourceMismatch { .. }
-            | DeliveryError::BucketMissing { .. } => true,
+            | DeliveryError::BackupCorrupt { .. }
+            | DeliveryError::BucketMissing { .. }
+            | DeliveryError::FsRoot(_) => true,
             DeliveryError::Source { source, .. } => source.kind() == io::ErrorKind::NotFound,
             DeliveryError::Provider { permanent, .. } => *permanent,
             DeliveryError::Write { source, .. } => source.kind() == io::ErrorKind::PermissionDenied,
@@ -542,7 +628,7 @@ impl DeliveryError {
     pub fn probe_step(&self) -> ProbeStep {
         match self {
             DeliveryError::Credential { .. } => ProbeStep::Auth,
-            DeliveryError::BucketMissing { .. } => ProbeStep::Bucket,
+            DeliveryError::BucketMissing { .. } | DeliveryError::FsRoot(_) => ProbeStep::Bucket,
             DeliveryError::Provider { step, .. } | DeliveryError::Connection { step, .. } => *step,
             DeliveryError::Write { source, .. }
                 if source.kind() == io::ErrorKind::PermissionDenied =>
@@ -707,14 +793,30 @@ mod tests {
     #[test]
     fn keys_are_normalised_and_contained() {
         assert_eq!(object_key("", "a.mp4").unwrap(), "a.mp4");
-        assert_eq!(
-            object_key("/rec//2024/", "a.mp4").unwrap(),
-            "rec/2024/a.mp4"
-        );
+        assert_eq!(object_key("rec//2024/", "a.mp4").unwrap(), "rec/2024/a.mp4");
+        // Stored before leading slashes were refused: still never absolute.
+        assert_eq!(object_key("/rec//", "a.mp4").unwrap(), "rec/a.mp4");
+        assert_eq!(object_key("/", "a.mp4").unwrap(), "a.mp4");
         assert_eq!(object_key("rec", "a.mp4").unwrap(), "rec/a.mp4");
-        assert_eq!(object_key("../x", "a"), Err(KeyError::Prefix));
-        assert_eq!(object_key("a/./b", "a"), Err(KeyError::Prefix));
-        for bad in ["", ".", "..", "x/y", "a\0b"] {
+        assert_eq!(object_key("a..b/c.", "x..y").unwrap(), "a..b/c./x..y");
+        for bad in [
+            "../x", "a/./b", "a/..", ".", "/../x", "a\0b", "a\nb", "a\x7fb", "a\x1f",
+        ] {
+            assert_eq!(object_key(bad, "a"), Err(KeyError::Prefix), "{bad:?}");
+            assert_eq!(check_prefix(bad), Err(KeyError::Prefix), "{bad:?}");
+        }
+        for absolute in ["/rec", "//rec", "/"] {
+            assert_eq!(
+                check_prefix(absolute),
+                Err(KeyError::Prefix),
+                "{absolute:?}"
+            );
+        }
+        assert_eq!(check_prefix(""), Ok(()));
+        assert_eq!(check_prefix("rec//2024/"), Ok(()));
+        for bad in [
+            "", ".", "..", "x/y", "/x", "a\\b", "a\0b", "a\tb", "a\x7f", "\x01",
+        ] {
             assert_eq!(object_key("p", bad), Err(KeyError::Name), "{bad:?}");
         }
     }

@@ -1,10 +1,12 @@
 //! S3 and S3-compatible delivery with aws-sdk-s3 low-level calls: single PUT or
-//! multipart, streamed from disk, with our own CRC-32 sent as plain headers,
-//! then verified (provider checksum, else read-back). It never logs or formats
-//! a request, a response dump or the credential, and never buffers a whole file.
+//! multipart, streamed from the recording's [`Source`], with our own CRC-32
+//! sent as plain headers, then verified (provider checksum, else read-back).
+//! It never opens the backup itself, never logs or formats a request, a
+//! response dump or the credential, and never buffers a whole file.
+
+mod body;
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,18 +19,21 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
-use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt as _;
 use tokio::task::JoinSet;
 
+use self::body::ReadErrors;
 use super::{
-    Delivery, DeliveryError, DeliveryHooks, DestinationConfig, ObjectInfo, ProbeError, VerifiedBy,
-    classify_provider, connect_hint, describe_connect_error, sidecar_contents, sidecar_name,
+    Delivery, DeliveryError, DeliveryHooks, DestinationConfig, ObjectInfo, ProbeError, Source,
+    VerifiedBy, check_source_size, classify_provider, connect_hint, describe_connect_error,
+    sidecar_contents, sidecar_name,
 };
 use crate::credential::S3Credential;
 
@@ -38,7 +43,7 @@ const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 const MAX_PARTS: u64 = 10_000;
 /// Read buffer for computing a part's CRC-32.
 const CRC_BUFFER: usize = 256 * 1024;
-/// Read buffer for the SDK's file body.
+/// Most bytes of a request body read from the source at a time.
 const BODY_BUFFER: usize = 256 * 1024;
 /// Read-backs of objects up to this size use one GET; larger ones use
 /// ranged GETs requested ahead (see `S3Destination::read_back_ranged`).
@@ -50,7 +55,7 @@ const READ_BACK_RANGE: u64 = 4 * 1024 * 1024;
 /// The `x-amz-meta-*` key that carries the SHA-256 (hex).
 const SHA256_METADATA: &str = "sha256";
 
-/// Transfer settings. Parts are streamed from disk and read-backs are hashed
+/// Transfer settings. Parts are streamed from the source and read-backs are hashed
 /// as they arrive, so memory stays a few MiB per connection whatever the
 /// file size or part size.
 #[derive(Debug, Clone)]
@@ -230,23 +235,12 @@ impl S3Destination {
     /// Uploads, writes the sidecar, verifies. See [`super::Destination::deliver`].
     pub async fn deliver(
         &self,
-        source: &Path,
+        source: Arc<dyn Source>,
         object: &ObjectInfo,
         hooks: &DeliveryHooks<'_>,
     ) -> Result<Delivery, DeliveryError> {
         let key = self.object_key(&object.name)?;
-        let metadata = tokio::fs::metadata(source)
-            .await
-            .map_err(|e| DeliveryError::Source {
-                path: source.to_owned(),
-                source: e,
-            })?;
-        if metadata.len() != object.size {
-            return Err(DeliveryError::SourceMismatch {
-                path: source.to_owned(),
-                what: "size",
-            });
-        }
+        check_source_size(source.as_ref(), object)?;
         self.check_bucket().await?;
 
         let multipart = object.size >= self.options.multipart_threshold;
@@ -328,26 +322,25 @@ impl S3Destination {
         }
     }
 
-    /// One PutObject streamed from the file, with `x-amz-checksum-crc32` as a
-    /// plain header: S3 checks it against the bytes received and answers 400
-    /// BadDigest on mismatch
+    /// One PutObject streamed from the source with an explicit length, with
+    /// `x-amz-checksum-crc32` (the intake CRC-32) as a plain header: S3 checks
+    /// it against the bytes received and answers 400 BadDigest on mismatch
     /// (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html>).
+    /// A source that fails mid-body fails the request, so nothing is stored
+    /// under the key (the provider never receives the declared length). The
+    /// SDK may resend the request after a 5xx or a broken connection: the
+    /// body then reads the range from the source again (see
+    /// [`body::streamed`]). A failed source read is not resent by the SDK (it
+    /// is the caller's error, not the connection's); the job's own retry
+    /// policy decides, and a backup that failed authentication is not retried.
     async fn put_single(
         &self,
-        source: &Path,
+        source: Arc<dyn Source>,
         object: &ObjectInfo,
         key: &str,
     ) -> Result<(), DeliveryError> {
-        let body = ByteStream::read_from()
-            .path(source)
-            .buffer_size(BODY_BUFFER)
-            .length(Length::Exact(object.size))
-            .build()
-            .await
-            .map_err(|e| DeliveryError::Source {
-                path: source.to_owned(),
-                source: std::io::Error::other(e),
-            })?;
+        let errors = ReadErrors::default();
+        let body = body::streamed(source, 0, object.size, BODY_BUFFER, errors.clone());
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -359,7 +352,10 @@ impl S3Destination {
             .metadata(SHA256_METADATA, hex::encode(object.sha256))
             .send()
             .await
-            .map_err(|e| self.sdk_error(e, "PutObject", key))?;
+            .map_err(|e| match errors.take() {
+                Some(read) => DeliveryError::from_source_read(read),
+                None => self.sdk_error(e, "PutObject", key),
+            })?;
         Ok(())
     }
 
@@ -386,12 +382,12 @@ impl S3Destination {
     }
 
     /// Multipart upload: CreateMultipartUpload declaring a FULL_OBJECT CRC-32,
-    /// parts streamed from disk each with its own `x-amz-checksum-crc32`, and
+    /// parts streamed from the source each with its own `x-amz-checksum-crc32`, and
     /// CompleteMultipartUpload with the whole object's CRC-32
     /// (<https://docs.aws.amazon.com/AmazonS3/latest/userguide/checking-object-integrity.html#full-object-checksums>).
     async fn put_multipart(
         &self,
-        source: &Path,
+        source: Arc<dyn Source>,
         object: &ObjectInfo,
         key: &str,
         hooks: &DeliveryHooks<'_>,
@@ -632,7 +628,7 @@ impl S3Destination {
     #[allow(clippy::too_many_arguments)]
     async fn upload_and_complete(
         &self,
-        source: &Path,
+        source: Arc<dyn Source>,
         object: &ObjectInfo,
         key: &str,
         upload_id: &str,
@@ -646,7 +642,7 @@ impl S3Destination {
             bucket: self.bucket.clone(),
             key: key.to_owned(),
             upload_id: upload_id.to_owned(),
-            path: source.to_owned(),
+            source,
             location: self.location_with_endpoint(key),
             corrupt: self.options.corrupt_checksum_for_test,
         });
@@ -699,16 +695,13 @@ impl S3Destination {
         let parts: Vec<PartDone> = done.into_iter().flatten().collect();
 
         // The parts' CRCs, combined, must equal the CRC recorded at intake:
-        // otherwise the file changed on disk and must not be completed.
+        // otherwise the backup changed since and must not be completed.
         let mut whole = crc32fast::Hasher::new();
         for p in &parts {
             whole.combine(&crc32fast::Hasher::new_with_initial_len(p.crc32, p.len));
         }
         if whole.finalize() != object.crc32 {
-            return Err(DeliveryError::SourceMismatch {
-                path: source.to_owned(),
-                what: "CRC-32",
-            });
+            return Err(DeliveryError::SourceMismatch { what: "CRC-32" });
         }
 
         let completed = CompletedMultipartUpload::builder()
@@ -1092,7 +1085,7 @@ struct PartShared {
     bucket: String,
     key: String,
     upload_id: String,
-    path: PathBuf,
+    source: Arc<dyn Source>,
     location: String,
     corrupt: bool,
 }
@@ -1108,7 +1101,8 @@ struct PartDone {
     sent_crc32: u32,
 }
 
-/// Computes the part's CRC-32 from disk, then streams it with that CRC as the
+/// Computes the part's CRC-32 by reading its range from the source, then
+/// streams it from a second read of the range with that CRC as the
 /// `x-amz-checksum-crc32` header (the value must be known before the body is
 /// sent, since no trailers are used). A part already uploaded by an earlier
 /// attempt with the same size (and CRC-32, when listed) is kept.
@@ -1119,14 +1113,9 @@ async fn upload_part(
     len: u64,
     previous: Option<ExistingPart>,
 ) -> Result<PartDone, DeliveryError> {
-    let path = shared.path.clone();
-    let crc32 = tokio::task::spawn_blocking(move || crc32_of_range(&path, offset, len))
+    let crc32 = source_range_crc32(shared.source.as_ref(), offset, len)
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        .map_err(|e| DeliveryError::Source {
-            path: shared.path.clone(),
-            source: e,
-        })?;
+        .map_err(DeliveryError::from_source_read)?;
     let sent_crc32 = if shared.corrupt { !crc32 } else { crc32 };
 
     if let Some(previous) = previous
@@ -1146,17 +1135,14 @@ async fn upload_part(
         });
     }
 
-    let body = ByteStream::read_from()
-        .path(&shared.path)
-        .buffer_size(BODY_BUFFER)
-        .offset(offset)
-        .length(Length::Exact(len))
-        .build()
-        .await
-        .map_err(|e| DeliveryError::Source {
-            path: shared.path.clone(),
-            source: std::io::Error::other(e),
-        })?;
+    let errors = ReadErrors::default();
+    let body = body::streamed(
+        Arc::clone(&shared.source),
+        offset,
+        len,
+        BODY_BUFFER,
+        errors.clone(),
+    );
     let out = shared
         .client
         .upload_part()
@@ -1169,7 +1155,10 @@ async fn upload_part(
         .body(body)
         .send()
         .await
-        .map_err(|e| sdk_error(e, "UploadPart", shared.location.clone()))?;
+        .map_err(|e| match errors.take() {
+            Some(read) => DeliveryError::from_source_read(read),
+            None => sdk_error(e, "UploadPart", shared.location.clone()),
+        })?;
     let e_tag = out.e_tag.ok_or_else(|| DeliveryError::Provider {
         location: shared.location.clone(),
         operation: "UploadPart",
@@ -1302,16 +1291,16 @@ fn read_back_failed(e: &(dyn std::error::Error + 'static), location: String) -> 
     }
 }
 
-fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = std::fs::File::open(path)?;
-    file.seek(SeekFrom::Start(offset))?;
-    let mut reader = file.take(len);
+/// CRC-32 of the source's bytes `offset .. offset + len`, read in
+/// [`CRC_BUFFER`] pieces (crc32fast folds a piece in microseconds, so this
+/// stays on the async runtime; a source that decrypts does its own work).
+async fn source_range_crc32(source: &dyn Source, offset: u64, len: u64) -> std::io::Result<u32> {
+    let mut reader = source.open_range(offset, len).await?;
     let mut buf = vec![0u8; CRC_BUFFER];
     let mut hasher = crc32fast::Hasher::new();
     let mut read: u64 = 0;
     loop {
-        let n = reader.read(&mut buf)?;
+        let n = reader.read(&mut buf).await?;
         if n == 0 {
             break;
         }
@@ -1321,7 +1310,7 @@ fn crc32_of_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
     if read != len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
-            "the file is shorter than recorded",
+            format!("the source returned {read} of the {len} bytes of range {offset}+{len}"),
         ));
     }
     Ok(hasher.finalize())

@@ -242,6 +242,7 @@ impl fmt::Debug for JobId {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -258,10 +259,37 @@ mod tests {
     #[test]
     fn file_names_are_plain() {
         assert!(FileName::parse("call 2024-05-01.mp4").is_ok());
-        for bad in ["", ".", "..", "../x", "a/b", "a\\b", "a\nb", "x..y"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "..\\x",
+            "a/b",
+            "/etc/passwd",
+            "a\\b",
+            "\\x",
+            "a\nb",
+            "x..y",
+            "nul\0",
+            "\x01",
+            "a\x1f",
+            "del\x7f",
+            "\u{85}",
+        ] {
             assert!(FileName::parse(bad).is_err(), "{bad:?}");
         }
+        assert!(FileName::parse("n".repeat(MAX_FILE_NAME_LEN)).is_ok());
+        assert!(FileName::parse("n".repeat(MAX_FILE_NAME_LEN + 1)).is_err());
         assert!(FileName::parse("\u{e9}".repeat(128)).is_err()); // 256 bytes
+        // Whatever FileName accepts forms a key for every provider.
+        for good in ["call.mp4", "a b.mp4", ".hidden", "x.", "caf\u{e9}.mp4"] {
+            let name = FileName::parse(good).unwrap();
+            assert!(
+                crate::destination::object_key("p", name.as_str()).is_ok(),
+                "{good:?}"
+            );
+        }
     }
 
     #[test]

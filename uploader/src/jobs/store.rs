@@ -24,7 +24,10 @@ use crate::digest::Sha256Digest;
 /// 2. `jobs.object_key` (the recording's key at its destination) and the
 ///    unique index `jobs_by_object_key`: two recordings never get the same
 ///    key at one destination.
-const SCHEMA_VERSION: i64 = 2;
+/// 3. `jobs.stored_sha256`: the SHA-256 of the backup file as stored
+///    (encrypted), which the scrub checks without a key; NULL for a backup
+///    written in clear by an older uploader.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -51,6 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     multipart_upload_id TEXT,               -- kept across a crash so it is resumed or aborted
     request_id          TEXT,
     object_key          TEXT,               -- key at destination_id; NULL = registered at the next attempt
+    stored_sha256       BLOB CHECK (stored_sha256 IS NULL OR length(stored_sha256) = 32),
+                                            -- of the encrypted backup file; NULL = written in clear
     UNIQUE (tenant_id, recording_id)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
@@ -262,6 +267,8 @@ pub struct NewJob {
     pub sha256: Sha256Digest,
     /// Bytes.
     pub size: u64,
+    /// SHA-256 of the backup file as stored (encrypted); `None` for a backup in clear.
+    pub stored_sha256: Option<Sha256Digest>,
     /// `x-request-id` of the Upload call, for tracing one recording through logs.
     pub request_id: Option<String>,
 }
@@ -287,6 +294,9 @@ pub struct Job {
     pub sha256: Sha256Digest,
     /// Bytes.
     pub size: u64,
+    /// SHA-256 of the backup file as stored (encrypted): what the scrub
+    /// checks. `None` for a backup written in clear by an older uploader.
+    pub stored_sha256: Option<Sha256Digest>,
     /// Where the job is.
     pub state: JobState,
     /// Attempts started since creation or the last resend.
@@ -557,8 +567,8 @@ impl JobStore {
                 tx.execute(
                     "INSERT INTO jobs (job_id, tenant_id, recording_id, destination_id, file_name,
                         content_type, backup_path, sha256, size, state, attempts, next_attempt_at,
-                        created_at, updated_at, request_id, object_key)
-                     VALUES (:id, :t, :r, :d, :f, :ct, :p, :sha, :size, 'STORED', 0, :now, :now, :now, :req, :key)",
+                        created_at, updated_at, request_id, object_key, stored_sha256)
+                     VALUES (:id, :t, :r, :d, :f, :ct, :p, :sha, :size, 'STORED', 0, :now, :now, :now, :req, :key, :stored)",
                     named_params! {
                         ":id": new.job_id.to_string(),
                         ":t": new.tenant_id.as_str(),
@@ -573,6 +583,7 @@ impl JobStore {
                         ":now": now,
                         ":req": new.request_id,
                         ":key": object_key,
+                        ":stored": new.stored_sha256.as_ref().map(|d| d.as_bytes().as_slice()),
                     },
                 )?;
                 add_event(
@@ -1218,6 +1229,18 @@ fn migrate(tx: &Transaction<'_>) -> Result<()> {
     if !has_object_key {
         migrate_object_keys(tx)?;
     }
+    let has_stored_sha256 = tx
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'stored_sha256'")?
+        .exists([])?;
+    if !has_stored_sha256 {
+        // Version 2 → 3. Every existing backup was written in clear, so NULL
+        // is right for all of them: they are read as plaintext, and the scrub
+        // keeps checking their content SHA-256.
+        tx.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN stored_sha256 BLOB
+                CHECK (stored_sha256 IS NULL OR length(stored_sha256) = 32)",
+        )?;
+    }
     Ok(())
 }
 
@@ -1416,7 +1439,7 @@ fn add_event(
 const COLUMNS: &str = "job_id, tenant_id, recording_id, destination_id, file_name, content_type,
     backup_path, sha256, size, state, attempts, last_error, location, verified_by,
     next_attempt_at, created_at, updated_at, backup_corrupt, backup_deleted,
-    multipart_upload_id, request_id, object_key";
+    multipart_upload_id, request_id, object_key, stored_sha256";
 
 fn get_tx(conn: &Connection, job_id: JobId) -> Result<Job> {
     select_one(
@@ -1492,6 +1515,14 @@ fn job_from_row(row: &Row<'_>) -> Result<Job> {
         })?,
         size: u64::try_from(size)
             .map_err(|_| JobStoreError::Corrupt(format!("job {job_id}: size {size}")))?,
+        stored_sha256: row
+            .get::<_, Option<Vec<u8>>>("stored_sha256")?
+            .map(|b| {
+                Sha256Digest::from_slice(&b).ok_or_else(|| {
+                    JobStoreError::Corrupt(format!("job {job_id}: stored_sha256 is not 32 bytes"))
+                })
+            })
+            .transpose()?,
         state: JobState::from_db(&state)
             .ok_or_else(|| JobStoreError::Corrupt(format!("job {job_id}: state {state:?}")))?,
         attempts: u32::try_from(attempts)

@@ -5,10 +5,16 @@ use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use recvault_proto::uploader::v1 as pb;
-use tokio::{io::AsyncReadExt, sync::broadcast::error::RecvError};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    sync::broadcast::error::RecvError,
+};
 use tonic::{Request, Response, Status};
 
-use super::{Role, Shared};
+use recvault_runtime::policy::{Role, TenantScope};
+
+use super::{Call, Shared, Subject};
+use crate::datakey::OpenError;
 use crate::destination::{Destination, Provider, object_key};
 use crate::jobs::{
     DestinationId, Job, JobFilter, JobId, JobState, ReleasedUpload, Resend, TenantId,
@@ -118,6 +124,7 @@ impl JobsService {
             &record.config,
             lease.as_ref().map(|l| l.secret()),
             self.shared.s3.clone(),
+            &self.shared.fs_roots,
         ) {
             Ok(destination) => destination.abort_multipart(&key, &upload_id).await,
             Err(e) => Err(e),
@@ -152,42 +159,57 @@ impl JobsService {
     }
 }
 
+/// Reads until `buf` is full or the reader ends; returns the bytes read.
+async fn fill(reader: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]).await? {
+            0 => break,
+            m => n += m,
+        }
+    }
+    Ok(n)
+}
+
 fn job_id(value: &str) -> Result<JobId, Status> {
     JobId::parse(value).map_err(|e| Status::invalid_argument(format!("job_id: {}", e.problem())))
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::jobs_server::Jobs for JobsService {
-    type WatchJobStream = Stream_<pb::Job>;
-    type FetchBackupStream = Stream_<pb::FetchBackupResponse>;
-
-    async fn get_job(
+/// The handlers; the trait methods below take the call, run these and audit the result.
+impl JobsService {
+    async fn get_job_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
         let job = self
             .shared
-            .jobs
-            .get(job_id(&request.get_ref().job_id)?)
+            .visible_job(call, job_id(&request.get_ref().job_id)?, subject)
             .await?;
         Ok(Response::new(job.to_proto()))
     }
 
-    async fn list_jobs(
+    async fn list_jobs_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
+        subject.tenant_id = request.get_ref().tenant_id.clone();
+        let scope = self.shared.require_role(call, Role::Manager)?;
         let r = request.into_inner();
         let tenant_id = match r.tenant_id.as_str() {
             "" => None,
-            t => Some(
-                TenantId::parse(t)
-                    .map_err(|e| Status::invalid_argument(format!("tenant_id: {}", e.problem())))?,
-            ),
+            t => {
+                let tenant = TenantId::parse(t)
+                    .map_err(|e| Status::invalid_argument(format!("tenant_id: {}", e.problem())))?;
+                self.shared
+                    .require_tenant(call, Role::Manager, tenant.as_str())?;
+                Some(tenant)
+            }
         };
         let state = match pb::JobState::try_from(r.state) {
             Ok(pb::JobState::Unspecified) => None,
@@ -199,29 +221,48 @@ impl pb::jobs_server::Jobs for JobsService {
                 )));
             }
         };
-        let jobs = self
-            .shared
-            .jobs
-            .list(JobFilter {
-                tenant_id,
-                state,
-                limit: if r.limit == 0 { 1000 } else { r.limit },
-            })
-            .await?;
+        let limit = if r.limit == 0 { 1000 } else { r.limit };
+        // No tenant named: every tenant the caller may see (all, or each of
+        // its tenants, newest first across them).
+        let tenants = match (tenant_id, scope) {
+            (Some(t), _) => vec![Some(t)],
+            (None, TenantScope::All) => vec![None],
+            (None, TenantScope::Only(set)) => set
+                .into_iter()
+                .filter_map(|t| TenantId::parse(t).ok())
+                .map(Some)
+                .collect(),
+        };
+        let mut jobs = Vec::new();
+        for tenant_id in tenants {
+            jobs.extend(
+                self.shared
+                    .jobs
+                    .list(JobFilter {
+                        tenant_id,
+                        state,
+                        limit,
+                    })
+                    .await?,
+            );
+        }
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at));
+        jobs.truncate(usize::try_from(limit.min(1000)).unwrap_or(1000));
         Ok(Response::new(pb::ListJobsResponse {
             jobs: jobs.iter().map(|j| j.to_proto()).collect(),
         }))
     }
 
-    async fn watch_job(
+    async fn watch_job_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::WatchJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
+    ) -> Result<Response<<Self as pb::jobs_server::Jobs>::WatchJobStream>, Status> {
         let id = job_id(&request.get_ref().job_id)?;
         // Subscribe before reading the current state so no change is missed.
         let mut changes = self.shared.jobs.subscribe();
-        let current = self.shared.jobs.get(id).await?;
+        let current = self.shared.visible_job(call, id, subject).await?;
         let jobs = self.shared.jobs.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
@@ -254,17 +295,18 @@ impl pb::jobs_server::Jobs for JobsService {
         )))
     }
 
-    async fn resend_job(
+    async fn resend_job_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::ResendJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
         let r = request.into_inner();
         let id = job_id(&r.job_id)?;
+        let job = self.shared.visible_job(call, id, subject).await?;
         let resend = match r.destination_id.as_str() {
             "" => Resend::default(),
             d => {
-                let job = self.shared.jobs.get(id).await?;
                 let record = self
                     .shared
                     .destinations
@@ -309,12 +351,14 @@ impl pb::jobs_server::Jobs for JobsService {
         Ok(Response::new(job.to_proto()))
     }
 
-    async fn get_job_history(
+    async fn get_job_history_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobHistory>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
         let id = job_id(&request.get_ref().job_id)?;
+        self.shared.visible_job(call, id, subject).await?;
         let events = self.shared.jobs.history(id).await?;
         Ok(Response::new(pb::JobHistory {
             job_id: id.to_string(),
@@ -332,15 +376,16 @@ impl pb::jobs_server::Jobs for JobsService {
         }))
     }
 
-    async fn fetch_backup(
+    async fn fetch_backup_inner(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<pb::FetchBackupRequest>,
-    ) -> Result<Response<Self::FetchBackupStream>, Status> {
-        self.shared.authorize(&request, Role::Manager)?;
+    ) -> Result<Response<<Self as pb::jobs_server::Jobs>::FetchBackupStream>, Status> {
+        let request_id = call.request_id.clone();
         let job = self
             .shared
-            .jobs
-            .get(job_id(&request.get_ref().job_id)?)
+            .visible_job(call, job_id(&request.get_ref().job_id)?, subject)
             .await?;
         if job.backup_deleted {
             return Err(Status::failed_precondition(format!(
@@ -349,28 +394,49 @@ impl pb::jobs_server::Jobs for JobsService {
                 job.location.as_deref().unwrap_or("the destination")
             )));
         }
-        let mut file = self
-            .shared
-            .backups
-            .open_read(&job.backup_path)
-            .await
-            .map_err(|e| {
-                Status::data_loss(format!("backup of job {} cannot be read: {e}", job.job_id))
-            })?;
+        // Decrypts while streaming: the data key is unwrapped first (a vault
+        // that is down refuses the call at once); a segment that does not
+        // authenticate ends the stream with DATA_LOSS and marks the backup.
+        let reader = match crate::datakey::open_backup(
+            &self.shared.backups,
+            &self.shared.vault,
+            &job,
+            "fetch-backup",
+            &request_id,
+        )
+        .await
+        {
+            Ok(reader) => reader,
+            Err(e) => {
+                if let OpenError::Corrupt(detail) = &e {
+                    let _ = self
+                        .shared
+                        .jobs
+                        .mark_backup_corrupt(job.job_id, detail.clone())
+                        .await;
+                }
+                return Err(e.into_status(job.job_id));
+            }
+        };
+        let source = reader.source();
+        let mut plaintext = source.open_range(0, source.size()).await.map_err(|e| {
+            Status::data_loss(format!("backup of job {} cannot be read: {e}", job.job_id))
+        })?;
+        let jobs = self.shared.jobs.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             use sha2::Digest;
             let mut sha = sha2::Sha256::new();
             let mut buf = vec![0u8; FETCH_CHUNK];
             loop {
-                let n = match file.read(&mut buf).await {
+                let n = match fill(&mut plaintext, &mut buf).await {
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::data_loss(format!(
-                                "reading the backup failed: {e}"
-                            ))))
-                            .await;
+                        let detail = format!("reading the backup failed: {e}");
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            let _ = jobs.mark_backup_corrupt(job.job_id, detail.clone()).await;
+                        }
+                        let _ = tx.send(Err(Status::data_loss(detail))).await;
                         return;
                     }
                 };
@@ -389,14 +455,14 @@ impl pb::jobs_server::Jobs for JobsService {
             }
             let digest: [u8; 32] = sha.finalize().into();
             if digest != *job.sha256.as_bytes() {
-                let _ = tx
-                    .send(Err(Status::data_loss(format!(
-                        "backup of job {} no longer matches its SHA-256 {} (read {})",
-                        job.job_id,
-                        job.sha256,
-                        hex::encode(digest)
-                    ))))
-                    .await;
+                let detail = format!(
+                    "backup of job {} no longer matches its SHA-256 {} (read {})",
+                    job.job_id,
+                    job.sha256,
+                    hex::encode(digest)
+                );
+                let _ = jobs.mark_backup_corrupt(job.job_id, detail.clone()).await;
+                let _ = tx.send(Err(Status::data_loss(detail))).await;
                 return;
             }
             let _ = tx
@@ -410,5 +476,85 @@ impl pb::jobs_server::Jobs for JobsService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::jobs_server::Jobs for JobsService {
+    type WatchJobStream = Stream_<pb::Job>;
+    type FetchBackupStream = Stream_<pb::FetchBackupResponse>;
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/GetJob");
+        let mut subject = Subject::default();
+        let result = self.get_job_inner(&call, &mut subject, request).await;
+        self.shared.finish(&call, subject, result).await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/ListJobs");
+        let mut subject = Subject::default();
+        let result = self.list_jobs_inner(&call, &mut subject, request).await;
+        self.shared.finish(&call, subject, result).await
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/WatchJob");
+        let mut subject = Subject::default();
+        let result = self.watch_job_inner(&call, &mut subject, request).await;
+        self.shared.finish(&call, subject, result).await
+    }
+
+    async fn resend_job(
+        &self,
+        request: Request<pb::ResendJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/ResendJob");
+        let mut subject = Subject::default();
+        let result = self.resend_job_inner(&call, &mut subject, request).await;
+        self.shared.finish(&call, subject, result).await
+    }
+
+    async fn get_job_history(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobHistory>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/GetJobHistory");
+        let mut subject = Subject::default();
+        let result = self
+            .get_job_history_inner(&call, &mut subject, request)
+            .await;
+        self.shared.finish(&call, subject, result).await
+    }
+
+    async fn fetch_backup(
+        &self,
+        request: Request<pb::FetchBackupRequest>,
+    ) -> Result<Response<Self::FetchBackupStream>, Status> {
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Jobs/FetchBackup");
+        let mut subject = Subject::default();
+        let result = self.fetch_backup_inner(&call, &mut subject, request).await;
+        self.shared.finish(&call, subject, result).await
     }
 }

@@ -7,10 +7,11 @@ use futures_util::StreamExt;
 use recvault_proto::uploader::v1::{
     UploadHeader, UploadRequest, UploadResponse, recordings_server, upload_request::Part,
 };
-use recvault_runtime::logging;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Role, Shared};
+use recvault_runtime::policy::Role;
+
+use super::{Call, Shared, Subject};
 use crate::destination::object_key;
 use crate::destination_store::DestinationRecord;
 use crate::ingest;
@@ -63,9 +64,11 @@ impl RecordingsService {
     /// The Upload call once the caller holds the recorder role.
     async fn ingest(
         &self,
+        call: &Call,
+        subject: &mut Subject,
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
-        let request_id = logging::request_id(&request);
+        let request_id = call.request_id.clone();
         let mut stream = request.into_inner();
         // Check the destination, and that no other recording uses the file
         // name there, before taking any bytes, so a refusal comes at once
@@ -78,6 +81,12 @@ impl RecordingsService {
             })??;
         let mut object_key = None;
         if let Some(Part::Header(header)) = &first.part {
+            subject.tenant_id = header.tenant_id.clone();
+            subject.recording_id = header.recording_id.clone();
+            subject.destination_id = header.destination_id.clone();
+            // The tenant the recorder names must be one of its own.
+            self.shared
+                .require_tenant(call, Role::Recorder, &header.tenant_id)?;
             let destination = self
                 .shared
                 .destinations
@@ -113,6 +122,17 @@ impl RecordingsService {
                 return Err(e.into());
             }
         };
+        subject.job_id = job.job_id.to_string();
+        subject.detail = format!(
+            "{} bytes, sha256 {}{}",
+            job.size,
+            job.sha256,
+            if created {
+                ""
+            } else {
+                ", duplicate of a stored recording"
+            }
+        );
         if created {
             self.shared.metrics.ingested.inc();
             self.shared.wake.notify_one();
@@ -136,7 +156,13 @@ impl recordings_server::Recordings for RecordingsService {
         &self,
         request: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
-        self.shared.authorize(&request, Role::Recorder)?;
+        let call = self
+            .shared
+            .call(&request, "recvault.uploader.v1.Recordings/Upload");
+        let mut subject = Subject::default();
+        if let Err(denied) = self.shared.require_role(&call, Role::Recorder) {
+            return self.shared.finish(&call, subject, Err(denied)).await;
+        }
         let result = match request
             .extensions()
             .get::<crate::activity::BodyActivity>()
@@ -144,10 +170,10 @@ impl recordings_server::Recordings for RecordingsService {
         {
             Some(activity) => {
                 crate::activity::BODY_ACTIVITY
-                    .scope(activity, self.ingest(request))
+                    .scope(activity, self.ingest(&call, &mut subject, request))
                     .await
             }
-            None => self.ingest(request).await,
+            None => self.ingest(&call, &mut subject, request).await,
         };
         if result.is_err() {
             // Refused after authorization, whatever the reason (destination,
@@ -155,6 +181,6 @@ impl recordings_server::Recordings for RecordingsService {
             // storage): nothing was stored.
             self.shared.metrics.ingest_rejected.inc();
         }
-        result
+        self.shared.finish(&call, subject, result).await
     }
 }

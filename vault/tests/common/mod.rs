@@ -12,12 +12,15 @@ use std::{
 
 use recvault_proto::vault::v1::{
     AcquireLeaseRequest, AcquireLeaseResponse, AuditEvent, AuditFilter, CredentialKind,
-    PutCredentialRequest, PutCredentialResponse, QueryEventsRequest, VerifyChainRequest,
-    VerifyChainResponse, audit_client::AuditClient, credentials_client::CredentialsClient,
+    PutCredentialRequest, PutCredentialResponse, QueryEventsRequest, UnwrapDataKeyRequest,
+    UnwrapDataKeyResponse, VerifyChainRequest, VerifyChainResponse, audit_client::AuditClient,
+    credentials_client::CredentialsClient, data_keys_client::DataKeysClient,
     keys_client::KeysClient, leases_client::LeasesClient,
 };
+use recvault_runtime::datakey::{RESEAL_INFO, WRAP_INFO, binding};
 use recvault_runtime::devcerts;
 use recvault_vault::{config::VaultConfig, testing::TestVault};
+use rustls::crypto::hpke::{EncapsulatedSecret, Hpke, HpkePrivateKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tempfile::TempDir;
 use tokio::{io::AsyncReadExt, net::TcpStream};
@@ -40,6 +43,8 @@ pub mod op {
     pub const QUERY: &str = "recvault.vault.v1.Audit/QueryEvents";
     pub const TAIL: &str = "recvault.vault.v1.Audit/TailEvents";
     pub const VERIFY: &str = "recvault.vault.v1.Audit/VerifyChain";
+    pub const GET_WRAPPING_KEY: &str = "recvault.vault.v1.DataKeys/GetWrappingKey";
+    pub const UNWRAP: &str = "recvault.vault.v1.DataKeys/UnwrapDataKey";
 }
 
 /// A fresh temporary directory and a vault serving from it.
@@ -77,6 +82,78 @@ pub fn keys(vault: &TestVault, identity: &str) -> KeysClient<Channel> {
 
 pub fn audit(vault: &TestVault, identity: &str) -> AuditClient<Channel> {
     AuditClient::new(vault.channel(identity))
+}
+
+pub fn data_keys(vault: &TestVault, identity: &str) -> DataKeysClient<Channel> {
+    DataKeysClient::new(vault.channel(identity))
+}
+
+/// The HPKE suite of backup data keys (RFC 9180: DHKEM(X25519, HKDF-SHA256),
+/// HKDF-SHA256, AES-256-GCM), as the uploader uses it.
+pub fn hpke() -> &'static dyn Hpke {
+    rustls::crypto::aws_lc_rs::hpke::DH_KEM_X25519_HKDF_SHA256_AES_256
+}
+
+/// A recording's data key wrapped the way the uploader wraps it: a fresh
+/// random key sealed to `public_key` with WRAP_INFO and the recording's
+/// binding. Returns (data key, enc, wrapped key).
+pub fn wrap_data_key(
+    public_key: &[u8],
+    tenant: &str,
+    recording: &str,
+) -> ([u8; 32], Vec<u8>, Vec<u8>) {
+    let mut data_key = [0u8; 32];
+    getrandom::fill(&mut data_key).unwrap();
+    let (enc, wrapped) = hpke()
+        .seal(
+            WRAP_INFO,
+            &binding(tenant, recording),
+            &data_key,
+            &rustls::crypto::hpke::HpkePublicKey(public_key.to_vec()),
+        )
+        .unwrap();
+    (data_key, enc.0, wrapped)
+}
+
+/// An UnwrapDataKey request for a wrapped key, with a fresh ephemeral
+/// recipient key pair; the private half comes back to open the answer.
+pub fn unwrap_request(
+    tenant: &str,
+    recording: &str,
+    enc: &[u8],
+    wrapped: &[u8],
+) -> (UnwrapDataKeyRequest, HpkePrivateKey) {
+    let (public, private) = hpke().generate_key_pair().unwrap();
+    let request = UnwrapDataKeyRequest {
+        tenant_id: tenant.into(),
+        recording_id: recording.into(),
+        key_version: 1,
+        enc: enc.to_vec(),
+        wrapped_key: wrapped.to_vec(),
+        recipient_public_key: public.0,
+        purpose: "deliver".into(),
+        job_id: "5f0c6f9e-1b2a-4c3d-8e9f-0a1b2c3d4e5f".into(),
+    };
+    (request, private)
+}
+
+/// Opens an UnwrapDataKey answer with the ephemeral private key: RESEAL_INFO
+/// and the same binding as the wrap.
+pub fn open_resealed(
+    response: &UnwrapDataKeyResponse,
+    private: &HpkePrivateKey,
+    tenant: &str,
+    recording: &str,
+) -> Vec<u8> {
+    hpke()
+        .open(
+            &EncapsulatedSecret(response.enc.clone()),
+            RESEAL_INFO,
+            &binding(tenant, recording),
+            &response.sealed_key,
+            private,
+        )
+        .unwrap()
 }
 
 /// An S3 credential's JSON secret.

@@ -4,11 +4,11 @@
 
 use std::{path::Path, sync::Arc};
 
-use recvault_runtime::secret::SecretBytes;
-use recvault_vault::audit::{
+use recvault_audit::{
     AuditEvent, AuditFilter, AuditKey, AuditLog, AuditRecord, GENESIS_HASH, GroupCommitOptions,
     Outcome, VerifyReport, chain_hash, export_jsonl, verify_path,
 };
+use recvault_runtime::secret::SecretBytes;
 use rusqlite::Connection;
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -538,6 +538,9 @@ async fn export_jsonl_writes_proto_shaped_lines() {
         "hash",
         "cert_fingerprint",
         "detail",
+        "job_id",
+        "recording_id",
+        "destination_id",
     ];
     let mut got = fields.clone();
     got.sort_unstable();

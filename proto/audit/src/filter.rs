@@ -1,9 +1,10 @@
-//! Query filters, translated to one parameterised SELECT.
+//! Query filters, translated to one parameterised SELECT, and the same test
+//! for events arriving live (TailEvents).
 
 use rusqlite::types::Value;
 use time::OffsetDateTime;
 
-use super::{Outcome, store::COLUMNS};
+use super::{AuditEvent, Outcome, store::COLUMNS};
 
 /// Which events a query or export returns: every set field must match exactly
 /// (AND). Times are `since <= time < until`. Results are in sequence order.
@@ -27,9 +28,34 @@ pub struct AuditFilter {
     pub request_id: Option<String>,
     /// Lease id.
     pub lease_id: Option<String>,
+    /// Uploader job id.
+    pub job_id: Option<String>,
+    /// Recording id.
+    pub recording_id: Option<String>,
+    /// Destination id.
+    pub destination_id: Option<String>,
 }
 
 impl AuditFilter {
+    /// Whether `event` matches: the same test as the database query, for
+    /// events that arrive live instead of from a SELECT.
+    pub fn matches(&self, event: &AuditEvent) -> bool {
+        let r = &event.record;
+        let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        self.since.is_none_or(|t| r.time >= t)
+            && self.until.is_none_or(|t| r.time < t)
+            && eq(&self.identity, &r.identity)
+            && eq(&self.tenant_id, &r.tenant_id)
+            && eq(&self.credential_id, &r.credential_id)
+            && eq(&self.operation, &r.operation)
+            && self.outcome.is_none_or(|o| o == r.outcome)
+            && eq(&self.request_id, &r.request_id)
+            && eq(&self.lease_id, &r.lease_id)
+            && eq(&self.job_id, &r.job_id)
+            && eq(&self.recording_id, &r.recording_id)
+            && eq(&self.destination_id, &r.destination_id)
+    }
+
     /// `SELECT` for events after `after_sequence` matching this filter, and its
     /// parameters. Column names are constants; values are always bound.
     pub(crate) fn to_sql(&self, after_sequence: u64, limit: Option<u32>) -> (String, Vec<Value>) {
@@ -56,6 +82,9 @@ impl AuditFilter {
             ("operation = ?", &self.operation),
             ("request_id = ?", &self.request_id),
             ("lease_id = ?", &self.lease_id),
+            ("job_id = ?", &self.job_id),
+            ("recording_id = ?", &self.recording_id),
+            ("destination_id = ?", &self.destination_id),
         ];
         for (clause, value) in text_filters {
             if let Some(value) = value {

@@ -1,14 +1,20 @@
-//! The tamper-evident, fail-closed audit log: one HMAC-chained event per RPC,
-//! durable (fsynced SQLite commit, grouped) before the RPC may answer.
-//! It never records secrets, not even hashed, and never hands out its key.
+//! The tamper-evident, fail-closed audit log both recvault services write:
+//! one HMAC-chained event per RPC, durable (fsynced SQLite commit, grouped)
+//! before the RPC may answer. It never records secrets, not even hashed, and
+//! never hands out its key. [`grpc`] holds what every `Audit` gRPC service
+//! shares, [`offline`] the `audit verify` and `audit export` commands.
 //!
 //! Fail closed: a service that gets *any* error from [`AuditLog::append`] must
-//! answer its RPC with gRPC `UNAVAILABLE` and must not release plaintext.
+//! answer its RPC with gRPC `UNAVAILABLE` and must not release what the event
+//! is about (plaintext, recording bytes).
 
 mod anchor;
 mod chain;
 mod error;
 mod filter;
+pub mod grpc;
+mod keyfile;
+pub mod offline;
 mod store;
 mod writer;
 
@@ -30,6 +36,7 @@ use tokio::sync::{broadcast, oneshot};
 pub use chain::GENESIS_HASH;
 pub use error::AuditError;
 pub use filter::AuditFilter;
+pub use keyfile::KeyFileError;
 
 use chain::{ChainVerifier, HashInput};
 use store::StoredRow;
@@ -48,7 +55,8 @@ const TAIL_CAPACITY: usize = 4096;
 /// Read-only connections kept for queries.
 const READ_POOL_SIZE: usize = 4;
 
-/// The 256-bit HMAC key of the chain, derived from the master key by the keyring.
+/// The 256-bit HMAC key of the chain: the vault derives it from its master
+/// key, the uploader reads it from its own key file ([`AuditKey::load_file`]).
 pub struct AuditKey(SecretBytes);
 
 impl AuditKey {
@@ -151,6 +159,12 @@ pub struct AuditRecord {
     pub request_id: String,
     /// Free text such as a lease purpose; never a secret.
     pub detail: String,
+    /// Uploader job the call concerned, or empty (always, in the vault).
+    pub job_id: String,
+    /// Recording the call concerned, or empty.
+    pub recording_id: String,
+    /// Delivery destination the call concerned, or empty.
+    pub destination_id: String,
 }
 
 impl AuditRecord {
@@ -169,6 +183,9 @@ impl AuditRecord {
             code: code.into(),
             request_id: String::new(),
             detail: String::new(),
+            job_id: String::new(),
+            recording_id: String::new(),
+            destination_id: String::new(),
         }
     }
 
@@ -187,6 +204,7 @@ impl AuditRecord {
                 &self.request_id,
                 &self.detail,
             ],
+            recording: [&self.job_id, &self.recording_id, &self.destination_id],
         }
     }
 
@@ -208,6 +226,9 @@ impl AuditRecord {
             &mut self.code,
             &mut self.request_id,
             &mut self.detail,
+            &mut self.job_id,
+            &mut self.recording_id,
+            &mut self.destination_id,
         ] {
             if field.len() > MAX_FIELD_BYTES {
                 let cut = (0..=MAX_FIELD_BYTES)
@@ -254,6 +275,9 @@ impl Serialize for AuditEvent {
             hash: String,
             cert_fingerprint: &'a str,
             detail: &'a str,
+            job_id: &'a str,
+            recording_id: &'a str,
+            destination_id: &'a str,
         }
         let r = &self.record;
         let time = r
@@ -276,6 +300,9 @@ impl Serialize for AuditEvent {
             hash: hex::encode(self.hash),
             cert_fingerprint: &r.cert_fingerprint,
             detail: &r.detail,
+            job_id: &r.job_id,
+            recording_id: &r.recording_id,
+            destination_id: &r.destination_id,
         }
         .serialize(s)
     }
@@ -336,7 +363,7 @@ pub struct VerifyReport {
     pub reason: String,
 }
 
-/// The audit log of one vault. Share it as `Arc<AuditLog>`; dropping it
+/// The audit log of one service. Share it as `Arc<AuditLog>`; dropping it
 /// finishes the queued appends and stops the writer thread.
 pub struct AuditLog {
     path: PathBuf,
@@ -552,7 +579,7 @@ impl Drop for AuditLog {
 
 /// Verifies the log at `path` offline (read-only), e.g. from a CLI.
 ///
-/// It cannot see events removed from the end of the log; the running vault's
+/// It cannot see events removed from the end of the log; the running service's
 /// [`AuditLog::verify`] can, against the head it committed.
 pub fn verify_path(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
     let conn = store::open_reader(path)?;
@@ -607,7 +634,7 @@ fn check_anchor(
             sequence: head.0 + 1,
             reason: format!(
                 "events {}..={} were committed (the anchor names {}) but are missing: the log was truncated or restored from an older copy \
-                 (if you restored it from a backup on purpose, move {} aside; the vault then warns and anchors the restored head)",
+                 (if you restored it from a backup on purpose, move {} aside; the service then warns and anchors the restored head)",
                 head.0 + 1,
                 anchored.sequence,
                 anchored.sequence,

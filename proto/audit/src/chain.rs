@@ -1,5 +1,29 @@
 //! The hash chain: how an event's HMAC is computed, and how a stream of
 //! stored rows is checked against it. Pure functions; no I/O.
+//!
+//! The HMAC input of one event (HMAC-SHA-256, RFC 2104), every `field(x)`
+//! being `u32be(len(x)) ‖ x`:
+//!
+//! ```text
+//! "recvault.audit.v1" ‖ prev_hash (32) ‖ u64be(sequence)
+//!   ‖ field(i64be(time_unix_nanos))
+//!   ‖ field(identity) ‖ field(cert_fingerprint) ‖ field(operation)
+//!   ‖ field(tenant_id) ‖ field(credential_id) ‖ field(lease_id)
+//!   ‖ field(outcome) ‖ field(code) ‖ field(request_id) ‖ field(detail)
+//!   [ ‖ "recvault.audit.v1.ext.recording"
+//!     ‖ field(job_id) ‖ field(recording_id) ‖ field(destination_id) ]
+//! ```
+//!
+//! The bracketed extension block (schema v2, for the uploader's recording
+//! events) is appended only when at least one of its three fields is
+//! non-empty. So an event without them, which is every vault event, hashes
+//! byte for byte as before the block existed, and logs written before it
+//! still verify. It stays unambiguous: every field before it is
+//! length-prefixed, so the v1 input ends at a fixed, parseable point, and an
+//! input with the block is a strict extension of one without it that no v1
+//! input can equal (the tag marks which block follows, for any later one).
+//! Blanking the three columns of an uploader event removes the block and
+//! breaks the hash, like any other edit.
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -9,6 +33,9 @@ use super::{AuditKey, store::StoredRow};
 
 /// Separates audit HMACs from every other use of the same key.
 const DOMAIN: &[u8] = b"recvault.audit.v1";
+
+/// Starts the extension block of job, recording and destination ids.
+const RECORDING_EXTENSION: &[u8] = b"recvault.audit.v1.ext.recording";
 
 /// Hash of the (absent) event before sequence 1.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -20,10 +47,14 @@ pub(crate) struct HashInput<'a> {
     /// identity, cert_fingerprint, operation, tenant_id, credential_id,
     /// lease_id, outcome, code, request_id, detail — in this order, forever.
     pub fields: [&'a str; 10],
+    /// job_id, recording_id, destination_id: the extension block, hashed
+    /// only when any is non-empty (see the module documentation).
+    pub recording: [&'a str; 3],
 }
 
-/// `HMAC-SHA-256(key, DOMAIN ‖ prev_hash ‖ u64be(sequence) ‖ field*)`, every
-/// field as `u32be(len) ‖ bytes` so that no two records share an encoding.
+/// `HMAC-SHA-256(key, DOMAIN ‖ prev_hash ‖ u64be(sequence) ‖ field* [‖ extension])`,
+/// every field as `u32be(len) ‖ bytes` so that no two records share an
+/// encoding; the layout is in the module documentation.
 pub(crate) fn event_hash(
     key: &AuditKey,
     prev_hash: &[u8; 32],
@@ -38,6 +69,12 @@ pub(crate) fn event_hash(
     put_field(&mut mac, &input.time_unix_nanos.to_be_bytes());
     for field in input.fields {
         put_field(&mut mac, field.as_bytes());
+    }
+    if input.recording.iter().any(|f| !f.is_empty()) {
+        mac.update(RECORDING_EXTENSION);
+        for field in input.recording {
+            put_field(&mut mac, field.as_bytes());
+        }
     }
     mac.finalize().into_bytes().into()
 }
@@ -118,7 +155,7 @@ impl<'k> ChainVerifier<'k> {
             && head_seq == self.next_sequence
             && !bool::from(head_hash.ct_eq(&hash))
         {
-            return Err(self.broken("differs from the event this vault committed".into()));
+            return Err(self.broken("differs from the event this process committed".into()));
         }
         self.prev_hash = hash;
         self.next_sequence += 1;
@@ -170,6 +207,14 @@ mod tests {
         HashInput {
             time_unix_nanos: 1_700_000_000_123_456_789,
             fields,
+            recording: ["", "", ""],
+        }
+    }
+
+    fn with_recording<'a>(fields: [&'a str; 10], recording: [&'a str; 3]) -> HashInput<'a> {
+        HashInput {
+            recording,
+            ..input(fields)
         }
     }
 
@@ -224,6 +269,77 @@ mod tests {
         assert_ne!(
             event_hash(&key(), &GENESIS_HASH, 1, &input(a)),
             event_hash(&key(), &GENESIS_HASH, 1, &input(b))
+        );
+    }
+
+    const RECORDING: [&str; 3] = ["job-1", "rec-1", "dst-1"];
+
+    /// No extension block when all three are empty: the v1 layout, unchanged.
+    /// (Full-record known answers, extension included, are the data file
+    /// `tests/data/chain_vectors.json`, run by `tests/chain_vectors.rs`.)
+    #[test]
+    fn empty_extension_hashes_as_v1() {
+        let hash = event_hash(
+            &key(),
+            &GENESIS_HASH,
+            1,
+            &with_recording(FIELDS, ["", "", ""]),
+        );
+        assert_eq!(hex::encode(hash), PINNED);
+    }
+
+    #[test]
+    fn every_extension_field_is_bound() {
+        let base = event_hash(&key(), &GENESIS_HASH, 1, &with_recording(FIELDS, RECORDING));
+        assert_ne!(base, event_hash(&key(), &GENESIS_HASH, 1, &input(FIELDS)));
+        for i in 0..RECORDING.len() {
+            let mut recording = RECORDING;
+            recording[i] = "x";
+            assert_ne!(
+                base,
+                event_hash(&key(), &GENESIS_HASH, 1, &with_recording(FIELDS, recording)),
+                "extension field {i}"
+            );
+            // Each one alone also adds the block (and says which it is).
+            let mut alone = ["", "", ""];
+            alone[i] = "x";
+            let mut other = ["", "", ""];
+            other[(i + 1) % 3] = "x";
+            assert_ne!(
+                event_hash(&key(), &GENESIS_HASH, 1, &with_recording(FIELDS, alone)),
+                event_hash(&key(), &GENESIS_HASH, 1, &with_recording(FIELDS, other)),
+                "extension field {i} alone"
+            );
+        }
+    }
+
+    /// Bytes moved from `detail` into the block, or between its fields, change the hash.
+    #[test]
+    fn extension_boundaries_are_unambiguous() {
+        let mut longer = FIELDS;
+        longer[9] = "rec-1job-1";
+        assert_ne!(
+            event_hash(
+                &key(),
+                &GENESIS_HASH,
+                1,
+                &with_recording(FIELDS, ["job-1", "", ""])
+            ),
+            event_hash(&key(), &GENESIS_HASH, 1, &input(longer))
+        );
+        assert_ne!(
+            event_hash(
+                &key(),
+                &GENESIS_HASH,
+                1,
+                &with_recording(FIELDS, ["job-1r", "ec-1", ""])
+            ),
+            event_hash(
+                &key(),
+                &GENESIS_HASH,
+                1,
+                &with_recording(FIELDS, ["job-1", "rec-1", ""])
+            )
         );
     }
 }

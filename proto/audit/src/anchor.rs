@@ -24,7 +24,7 @@ use sha2::Sha256;
 
 use super::{AuditError, AuditKey};
 
-/// Longest time between a commit and the anchor naming it (while the vault runs).
+/// Longest time between a commit and the anchor naming it (while the service runs).
 pub(crate) const ANCHOR_INTERVAL: Duration = Duration::from_secs(1);
 
 const MAGIC: &str = "recvault-audit-anchor-v1";

@@ -2,6 +2,12 @@
 //! here, with its SHA-256, before anything else happens to it. It never
 //! decides when a backup may go; the worker deletes one only after a verified delivery.
 //!
+//! Backups are encrypted at rest ([`format`]): each recording gets a fresh
+//! data key, sealed to the vault's wrapping public key ([`wrapping`]) in the
+//! file's header, so no plaintext byte reaches this directory (staging
+//! included) and only the vault can give the key back ([`source`] reads a
+//! backup with it). Deleting a backup file also destroys its wrapped key.
+//!
 //! Layout under the store's directory:
 //! - `staging/<job_id>.part`: a recording being received (mode 0600); removed
 //!   on any error, on drop, and at start-up.
@@ -9,15 +15,25 @@
 //!   rename after the SHA-256 matched and the file was fsynced. Names come
 //!   from validated ids only, never from the client's file name.
 
+pub mod format;
+pub mod source;
+pub mod wrapping;
+
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read as _, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use recvault_runtime::secret::SecretBytes;
 use sha2::{Digest as _, Sha256};
+use zeroize::Zeroize as _;
 
+use self::format::{FormatError, Header, NONCE_PREFIX_LEN, SEGMENT_SIZE, SegmentKey, TAG_LEN};
+use self::wrapping::{WrapError, WrappingKey};
 use crate::digest::Sha256Digest;
-use crate::jobs::{JobId, TenantId};
+use crate::jobs::{JobId, RecordingId, TenantId};
+
+pub use self::source::EncryptedSource;
 
 /// Write buffer in front of the staging file, so small chunks still become large writes.
 const WRITE_BUFFER_BYTES: usize = 1 << 20;
@@ -63,6 +79,25 @@ pub enum BackupError {
     /// A blocking task running file I/O panicked or was cancelled.
     #[error("backup store task failed: {0}")]
     Task(String),
+    /// The OS random number generator failed (no data key could be made).
+    #[error("backup store: the OS random number generator failed: {0}")]
+    Random(getrandom::Error),
+    /// The data key could not be sealed to the wrapping key.
+    #[error("backup store: {0}")]
+    Wrap(#[from] WrapError),
+    /// A backup starts with the RVBK magic but its header is not valid.
+    #[error("backup {}: {source}", path.display())]
+    Format {
+        /// The backup.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: FormatError,
+    },
+    /// The recording has more segments than the format can number (far past
+    /// any configured size limit).
+    #[error("the recording is too large for one backup")]
+    TooLarge,
 }
 
 impl BackupError {
@@ -97,10 +132,14 @@ pub struct StoredBackup {
     pub id: JobId,
     /// Absolute path of the object.
     pub path: PathBuf,
-    /// SHA-256 of the content, computed while it was written.
+    /// SHA-256 of the recording (plaintext), computed while it was written:
+    /// the recording's identity.
     pub sha256: Sha256Digest,
-    /// Bytes.
+    /// Plaintext bytes.
     pub size: u64,
+    /// SHA-256 of the stored file (header and ciphertext), so the scrub can
+    /// check the bytes at rest without any key.
+    pub stored_sha256: Sha256Digest,
 }
 
 /// The backup directory. Cheap to clone.
@@ -108,14 +147,16 @@ pub struct StoredBackup {
 pub struct BackupStore {
     staging: PathBuf,
     objects: PathBuf,
+    wrapping: WrappingKey,
 }
 
 impl BackupStore {
     /// Opens (creating, mode 0700) the store at `dir` and removes staging
     /// files a previous process left behind: they were never acknowledged.
+    /// New backups get their data key wrapped to `wrapping`.
     ///
     /// Blocking; call it at start-up.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+    pub fn open(dir: impl AsRef<Path>, wrapping: WrappingKey) -> Result<Self> {
         let dir = dir.as_ref();
         ensure_private_dir_all(dir)?;
         let root = dir
@@ -140,7 +181,16 @@ impl BackupStore {
         if stale > 0 {
             tracing::info!(stale, dir = %staging.display(), "removed unfinished uploads left by a previous run");
         }
-        Ok(Self { staging, objects })
+        Ok(Self {
+            staging,
+            objects,
+            wrapping,
+        })
+    }
+
+    /// The wrapping key new backups are sealed to.
+    pub fn wrapping_key(&self) -> &WrappingKey {
+        &self.wrapping
     }
 
     /// Where recordings being received live (tests check it is empty after errors).
@@ -153,11 +203,32 @@ impl BackupStore {
         &self.objects
     }
 
-    /// Starts a new backup for `tenant`: a fresh `staging/<id>.part` (0600).
+    /// Starts a new backup of `recording` for `tenant`: a fresh data key from
+    /// the OS CSPRNG, wrapped to the vault's key and bound to both ids, and
+    /// a fresh `staging/<id>.part` (0600) holding the header. The vault is
+    /// not called.
     ///
     /// Blocking (one `open`); the writer's methods are blocking too, so drive
     /// it from a blocking thread (see `ingest`).
-    pub fn begin(&self, tenant: &TenantId) -> Result<BackupWriter> {
+    pub fn begin(&self, tenant: &TenantId, recording: &RecordingId) -> Result<BackupWriter> {
+        let mut data_key = SecretBytes::zeroed(recvault_runtime::datakey::KEY_LEN);
+        getrandom::fill(data_key.expose_secret_mut()).map_err(BackupError::Random)?;
+        let mut nonce_prefix = [0u8; NONCE_PREFIX_LEN];
+        getrandom::fill(&mut nonce_prefix).map_err(BackupError::Random)?;
+        let (enc, wrapped) = self
+            .wrapping
+            .wrap(&data_key, tenant.as_str(), recording.as_str())?;
+        let header = Header::new(
+            self.wrapping.version(),
+            nonce_prefix,
+            enc,
+            wrapped,
+            tenant.as_str(),
+            recording.as_str(),
+        );
+        let key = SegmentKey::new(data_key)
+            .unwrap_or_else(|_| unreachable!("the data key is made 32 bytes long above"));
+
         let id = JobId::new_random();
         let staging_path = self.staging.join(format!("{id}{PART_SUFFIX}"));
         let file = OpenOptions::new()
@@ -166,15 +237,23 @@ impl BackupStore {
             .mode(0o600)
             .open(&staging_path)
             .map_err(BackupError::io("create", &staging_path))?;
-        Ok(BackupWriter {
+        let mut writer = BackupWriter {
             id,
             staging_path,
             tenant_dir: self.objects.join(tenant.as_str()),
             objects_dir: self.objects.clone(),
             file: Some(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)),
             hasher: Sha256::new(),
+            stored: Sha256::new(),
             size: 0,
-        })
+            segment: Vec::with_capacity(SEGMENT_SIZE as usize + TAG_LEN),
+            index: 0,
+            key,
+            header,
+        };
+        let header_bytes = writer.header.as_bytes().to_owned();
+        writer.write_stored(&header_bytes)?;
+        Ok(writer)
     }
 
     /// Refuses paths that are not `objects/<tenant>/<id>` of this store, so a
@@ -191,16 +270,50 @@ impl BackupStore {
         }
     }
 
-    /// Opens a backup for streaming it out (upload, FetchBackup).
-    pub async fn open_read(&self, path: &Path) -> Result<tokio::fs::File> {
+    /// Reads a backup's header: `None` when the file does not start with the
+    /// RVBK magic (a backup written in clear by an older uploader).
+    pub async fn read_header(&self, path: &Path) -> Result<Option<Header>> {
         self.check(path)?;
-        tokio::fs::File::open(path)
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(format::MAX_HEADER_LEN);
+            File::open(&path)
+                .and_then(|f| f.take(format::MAX_HEADER_LEN as u64).read_to_end(&mut buf))
+                .map_err(BackupError::io("read", &path))?;
+            match Header::parse(&buf) {
+                Ok(header) => Ok(Some(header)),
+                Err(FormatError::NoMagic) => Ok(None),
+                Err(source) => Err(BackupError::Format { path, source }),
+            }
+        })
+        .await
+        .map_err(|e| BackupError::Task(e.to_string()))?
+    }
+
+    /// Opens a backup written in clear by an older uploader, for reading.
+    pub async fn open_legacy(&self, path: &Path) -> Result<crate::destination::FileSource> {
+        self.check(path)?;
+        crate::destination::FileSource::open(path)
             .await
             .map_err(BackupError::io("open", path))
     }
 
-    /// Re-reads a backup and returns its SHA-256 and size, on a blocking
-    /// thread with a bounded buffer (before each attempt, and by the scrub).
+    /// Opens an encrypted backup for reading with its data key (see
+    /// [`EncryptedSource::open`]: the last segment is authenticated here).
+    pub async fn open_encrypted(
+        &self,
+        path: &Path,
+        header: Header,
+        data_key: SecretBytes,
+    ) -> Result<EncryptedSource, io::Error> {
+        self.check(path)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        EncryptedSource::open(path, header, data_key).await
+    }
+
+    /// Re-reads a backup file and returns the SHA-256 and length of its
+    /// stored bytes, on a blocking thread with a bounded buffer (the scrub;
+    /// for a backup in clear these are the recording's).
     pub async fn rehash(&self, path: &Path) -> Result<(Sha256Digest, u64)> {
         self.check(path)?;
         let path = path.to_owned();
@@ -254,7 +367,9 @@ pub fn hash_file(path: &Path) -> Result<(Sha256Digest, u64)> {
     Ok((d.sha256, d.size))
 }
 
-/// A backup being written. Hashes as it writes; nothing is held whole in memory.
+/// A backup being written: hashes the plaintext, encrypts it segment by
+/// segment and hashes what it stores; nothing is held whole in memory and no
+/// plaintext is written.
 ///
 /// Dropping it before [`BackupWriter::finish`] succeeded removes the staging file.
 pub struct BackupWriter {
@@ -264,8 +379,18 @@ pub struct BackupWriter {
     objects_dir: PathBuf,
     /// `None` once finished (the file then belongs to the object directory).
     file: Option<BufWriter<File>>,
+    /// Of the plaintext: the recording's identity.
     hasher: Sha256,
+    /// Of the bytes written to the file.
+    stored: Sha256,
     size: u64,
+    /// Plaintext of the segment being filled. A full segment stays here until
+    /// more bytes arrive, since only `finish` knows which segment is the last.
+    segment: Vec<u8>,
+    /// Index of the segment being filled.
+    index: u32,
+    key: SegmentKey,
+    header: Header,
 }
 
 impl std::fmt::Debug for BackupWriter {
@@ -289,21 +414,58 @@ impl BackupWriter {
         self.size
     }
 
-    /// Appends `data` and feeds it to the running SHA-256. Blocking.
+    /// The backup's header (what the vault needs to unwrap its data key).
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Appends `data`: feeds it to the running SHA-256 and encrypts every
+    /// segment it completes. Blocking.
     pub fn write_chunk(&mut self, data: &[u8]) -> Result<()> {
-        let Some(file) = self.file.as_mut() else {
+        if self.file.is_none() {
             return Err(BackupError::Abandoned);
-        };
-        file.write_all(data)
-            .map_err(BackupError::io("write", &self.staging_path))?;
+        }
         self.hasher.update(data);
         self.size += data.len() as u64;
+        let full = SEGMENT_SIZE as usize;
+        let mut rest = data;
+        while !rest.is_empty() {
+            if self.segment.len() == full {
+                self.seal_segment(false)?;
+            }
+            let take = (full - self.segment.len()).min(rest.len());
+            self.segment.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+        }
         Ok(())
     }
 
-    /// Makes the backup durable if its SHA-256 is `expected`: flush, fsync
-    /// the file, rename into `objects/<tenant>/<id>`, fsync the directory.
-    /// On any error the staging file is removed. Blocking.
+    /// Encrypts the buffered segment, writes it, and starts the next one.
+    fn seal_segment(&mut self, last: bool) -> Result<()> {
+        let mut segment = std::mem::take(&mut self.segment);
+        self.key.seal(&self.header, self.index, last, &mut segment);
+        let written = self.write_stored(&segment);
+        segment.clear();
+        self.segment = segment;
+        written?;
+        self.index = self.index.checked_add(1).ok_or(BackupError::TooLarge)?;
+        Ok(())
+    }
+
+    /// Writes bytes that go to disk as they are (header, sealed segments).
+    fn write_stored(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(BackupError::Abandoned);
+        };
+        file.write_all(bytes)
+            .map_err(BackupError::io("write", &self.staging_path))?;
+        self.stored.update(bytes);
+        Ok(())
+    }
+
+    /// Makes the backup durable if its SHA-256 is `expected`: seal the last
+    /// segment, flush, fsync the file, rename into `objects/<tenant>/<id>`,
+    /// fsync the directory. On any error the staging file is removed. Blocking.
     pub fn finish(mut self, expected: Sha256Digest) -> Result<StoredBackup> {
         let computed = Sha256Digest::from_hasher(std::mem::take(&mut self.hasher));
         if computed != expected {
@@ -313,6 +475,10 @@ impl BackupWriter {
                 size: self.size,
             });
         }
+        // An empty recording still gets one (empty) last segment, so a file
+        // cut back to its header does not read as an empty recording.
+        self.seal_segment(true)?;
+        let stored_sha256 = Sha256Digest::from_hasher(std::mem::take(&mut self.stored));
         let Some(buffered) = self.file.take() else {
             return Err(BackupError::Abandoned);
         };
@@ -340,12 +506,15 @@ impl BackupWriter {
             path: target,
             sha256: computed,
             size: self.size,
+            stored_sha256,
         })
     }
 }
 
 impl Drop for BackupWriter {
     fn drop(&mut self) {
+        // The recording's plaintext of the unfinished segment.
+        self.segment.zeroize();
         // Empty after a successful finish: the file has become an object.
         if self.staging_path.as_os_str().is_empty() {
             return;
@@ -389,34 +558,89 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::destination::Source as _;
+    use rustls::crypto::hpke::{EncapsulatedSecret, HpkePrivateKey};
+    use tokio::io::AsyncReadExt as _;
 
     fn tenant() -> TenantId {
         TenantId::parse("t1").expect("valid")
     }
 
-    #[test]
-    fn finish_renames_into_objects_and_drop_cleans_staging() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(BackupError::io("tempdir", Path::new("/tmp")))?;
-        let store = BackupStore::open(dir.path())?;
-        let mut w = store.begin(&tenant())?;
-        w.write_chunk(b"hello ")?;
-        w.write_chunk(b"world")?;
-        let stored = w.finish(Sha256Digest::of(b"hello world"))?;
-        assert_eq!(fs::read(&stored.path).ok(), Some(b"hello world".to_vec()));
+    fn recording() -> RecordingId {
+        RecordingId::parse("rec-1").expect("valid")
+    }
+
+    fn store(dir: &Path) -> (BackupStore, HpkePrivateKey) {
+        let (public, private) = wrapping::suite().generate_key_pair().unwrap();
+        let key = WrappingKey::new(1, public.0.as_slice().try_into().unwrap());
+        (BackupStore::open(dir, key).unwrap(), private)
+    }
+
+    /// What the vault does: open the header's wrapped key with the private key.
+    fn unwrap(header: &Header, private: &HpkePrivateKey) -> SecretBytes {
+        let key = wrapping::suite()
+            .open(
+                &EncapsulatedSecret(header.enc.to_vec()),
+                recvault_runtime::datakey::WRAP_INFO,
+                &header.binding(),
+                &header.wrapped_key,
+                private,
+            )
+            .unwrap();
+        SecretBytes::new(key)
+    }
+
+    async fn read_back(store: &BackupStore, path: &Path, private: &HpkePrivateKey) -> Vec<u8> {
+        let header = store.read_header(path).await.unwrap().unwrap();
+        let key = unwrap(&header, private);
+        let source = store.open_encrypted(path, header, key).await.unwrap();
+        let mut out = Vec::new();
+        source
+            .open_range(0, source.size())
+            .await
+            .unwrap()
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn finish_encrypts_renames_into_objects_and_drop_cleans_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, private) = store(dir.path());
+        let mut w = store.begin(&tenant(), &recording()).unwrap();
+        w.write_chunk(b"hello ").unwrap();
+        w.write_chunk(b"world").unwrap();
+        let stored = w.finish(Sha256Digest::of(b"hello world")).unwrap();
+        let on_disk = fs::read(&stored.path).unwrap();
+        assert!(on_disk.starts_with(b"RVBK"));
+        assert!(!on_disk.windows(5).any(|w| w == b"hello" || w == b"world"));
+        assert_eq!(stored.stored_sha256, Sha256Digest::of(&on_disk));
+        assert_eq!(
+            store.rehash(&stored.path).await.unwrap().0,
+            stored.stored_sha256
+        );
+        assert_eq!(
+            read_back(&store, &stored.path, &private).await,
+            b"hello world"
+        );
         assert_eq!(stored.size, 11);
+        assert_eq!(stored.sha256, Sha256Digest::of(b"hello world"));
         assert!(stored.path.starts_with(store.objects_dir().join("t1")));
 
-        let mut w = store.begin(&tenant())?;
-        w.write_chunk(b"partial")?;
+        let mut w = store.begin(&tenant(), &recording()).unwrap();
+        w.write_chunk(b"partial").unwrap();
         drop(w);
         assert_eq!(
             fs::read_dir(store.staging_dir()).map(Iterator::count).ok(),
             Some(0)
         );
 
-        let mut w = store.begin(&tenant())?;
-        w.write_chunk(b"abc")?;
+        let mut w = store.begin(&tenant(), &recording()).unwrap();
+        w.write_chunk(b"abc").unwrap();
         assert!(matches!(
             w.finish(Sha256Digest::of(b"abd")),
             Err(BackupError::DigestMismatch { size: 3, .. })
@@ -425,21 +649,20 @@ mod tests {
             fs::read_dir(store.staging_dir()).map(Iterator::count).ok(),
             Some(0)
         );
-        assert_eq!(store.list_objects()?.len(), 1);
-        Ok(())
+        assert_eq!(store.list_objects().unwrap().len(), 1);
     }
 
     #[test]
-    fn open_removes_stale_staging_and_check_refuses_outside_paths() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(BackupError::io("tempdir", Path::new("/tmp")))?;
-        let store = BackupStore::open(dir.path())?;
-        let w = store.begin(&tenant())?;
+    fn open_removes_stale_staging_and_check_refuses_outside_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store(dir.path());
+        let w = store.begin(&tenant(), &recording()).unwrap();
         std::mem::forget(w); // simulates a crash: the staging file stays
         assert_eq!(
             fs::read_dir(store.staging_dir()).map(Iterator::count).ok(),
             Some(1)
         );
-        let store = BackupStore::open(dir.path())?;
+        let store = BackupStore::open(dir.path(), store.wrapping_key().clone()).unwrap();
         assert_eq!(
             fs::read_dir(store.staging_dir()).map(Iterator::count).ok(),
             Some(0)
@@ -458,6 +681,5 @@ mod tests {
             );
         }
         assert!(store.check(&objects.join("t1/abc")).is_ok());
-        Ok(())
     }
 }

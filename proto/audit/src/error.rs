@@ -7,13 +7,13 @@ use std::path::PathBuf;
 /// Messages name paths, sequence numbers and SQLite's own error text, never
 /// record contents or key material. A service maps *any* error from
 /// [`AuditLog::append`](super::AuditLog::append) to gRPC `UNAVAILABLE` and
-/// withholds the response: the vault fails closed when it cannot audit.
+/// withholds the response: a service fails closed when it cannot audit.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
     /// The audit key does not have the required length.
     #[error(
-        "audit key must be 32 bytes, got {len}; derive it with the keyring's audit-key derivation"
+        "audit key must be 32 bytes, got {len}; derive it from the master key (vault) or read it from audit_key_file (uploader)"
     )]
     InvalidKey {
         /// Length of the rejected key.
@@ -32,7 +32,7 @@ pub enum AuditError {
 
     /// The database was written by a newer schema than this build understands.
     #[error(
-        "audit database {path} has schema version {found}, this build knows {supported}; run a newer vaultd"
+        "audit database {path} has schema version {found}, this build knows {supported}; run a newer release of the service"
     )]
     Schema {
         /// The database file.
@@ -63,7 +63,7 @@ pub enum AuditError {
     },
 
     /// The writer thread has stopped (the log is shutting down, or it crashed).
-    #[error("audit log is closed; the request was not performed, restart the vault")]
+    #[error("audit log is closed; the request was not performed, restart the service")]
     Closed,
 
     /// A record cannot be stored as given.
@@ -81,7 +81,7 @@ pub enum AuditError {
         source: rusqlite::Error,
     },
 
-    /// A stored row cannot be decoded into an event (edited outside the vault).
+    /// A stored row cannot be decoded into an event (edited outside the service).
     #[error("audit event {sequence} cannot be decoded: {reason}; run `verify` on the database")]
     Corrupt {
         /// The row's sequence number.

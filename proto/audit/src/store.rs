@@ -1,9 +1,10 @@
-//! SQLite storage for audit events: schema, connections, row mapping.
-//! Only the writer thread inserts; everything else opens read-only.
+//! SQLite storage for audit events: schema, migrations, connections, row
+//! mapping. Only the writer thread inserts (and migrates); everything else
+//! opens read-only and never changes the file.
 
 use std::{path::Path, time::Duration};
 
-use rusqlite::{Connection, OpenFlags, Row, Transaction};
+use rusqlite::{Connection, OpenFlags, Row, Transaction, TransactionBehavior};
 use time::OffsetDateTime;
 
 use super::{
@@ -11,10 +12,12 @@ use super::{
     chain::{self, HashInput},
 };
 
-/// `PRAGMA user_version` of the schema below.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA user_version` of the newest schema: [`SCHEMA_V1`], then [`MIGRATE_V2`].
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA: &str = "
+/// Version 1, as the first vault releases created it. A new database is
+/// created with it and then migrated, so every database takes the same path.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS audit_events (
     sequence         INTEGER PRIMARY KEY,  -- 1-based, gapless, assigned by the writer
     time_unix_nanos  INTEGER NOT NULL,
@@ -38,10 +41,31 @@ CREATE INDEX IF NOT EXISTS audit_events_request ON audit_events (request_id, seq
 CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (time_unix_nanos);
 ";
 
+/// Version 2: the uploader's job, recording and destination ids. Existing
+/// rows get empty strings, which is exactly what they hashed (an event with
+/// all three empty has no extension block, see `chain.rs`), so old chains
+/// still verify. SQLite adds a column with a constant default without
+/// rewriting the table.
+const MIGRATE_V2: &str = "
+ALTER TABLE audit_events ADD COLUMN job_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_events ADD COLUMN recording_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE audit_events ADD COLUMN destination_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS audit_events_job ON audit_events (job_id, sequence);
+";
+
+/// Lets a read-only connection read a version-1 file as version 2 (the new
+/// columns empty, as they would be after the migration) without writing to
+/// it: a TEMP view shadows the table for unqualified names, and the temp
+/// schema lives with the connection, not in the file.
+const READ_V1_AS_V2: &str = "
+CREATE TEMP VIEW audit_events AS
+    SELECT *, '' AS job_id, '' AS recording_id, '' AS destination_id FROM main.audit_events;
+";
+
 /// Column list shared by every SELECT, in [`StoredRow::from_row`] order.
 pub(crate) const COLUMNS: &str = "sequence, time_unix_nanos, identity, cert_fingerprint, \
     operation, tenant_id, credential_id, lease_id, outcome, code, request_id, detail, \
-    prev_hash, hash";
+    prev_hash, hash, job_id, recording_id, destination_id";
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,7 +75,7 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, AuditError> {
         path: path.to_owned(),
         source,
     };
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
@@ -74,9 +98,46 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, AuditError> {
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(open_err)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction: a crash
+/// midway leaves the old version, intact, for the next start to migrate.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), AuditError> {
+    let open_err = |source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(open_err)?;
+    let version = schema_version(&tx, path)?;
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1).map_err(open_err)?;
+    }
+    if version < 2 {
+        tx.execute_batch(MIGRATE_V2).map_err(open_err)?;
+    }
+    if version != SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_err)?;
+        if version > 0 {
+            tracing::info!(database = %path.display(), from = version, to = SCHEMA_VERSION,
+                "audit database schema migrated");
+        }
+    }
+    tx.commit().map_err(open_err)
+}
+
+/// `PRAGMA user_version`, refused when newer than this build knows.
+fn schema_version(conn: &Connection, path: &Path) -> Result<i64, AuditError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(open_err)?;
+        .map_err(|source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
     if version > SCHEMA_VERSION {
         return Err(AuditError::Schema {
             path: path.to_owned(),
@@ -84,10 +145,7 @@ pub(crate) fn open_writer(path: &Path) -> Result<Connection, AuditError> {
             supported: SCHEMA_VERSION,
         });
     }
-    conn.execute_batch(SCHEMA).map_err(open_err)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-        .map_err(open_err)?;
-    Ok(conn)
+    Ok(version)
 }
 
 /// Opens an existing database read-only (queries, verification, export).
@@ -102,6 +160,11 @@ pub(crate) fn open_reader(path: &Path) -> Result<Connection, AuditError> {
     )
     .map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // A log that no writer of this version has opened yet (offline verify or
+    // export right after an upgrade) is read as it will look once migrated.
+    if schema_version(&conn, path)? == 1 {
+        conn.execute_batch(READ_V1_AS_V2).map_err(open_err)?;
+    }
     Ok(conn)
 }
 
@@ -167,7 +230,8 @@ pub(crate) fn insert(
     let mut stmt = tx.prepare_cached(
         "INSERT INTO audit_events (sequence, time_unix_nanos, identity, cert_fingerprint, \
          operation, tenant_id, credential_id, lease_id, outcome, code, request_id, detail, \
-         prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+         prev_hash, hash, job_id, recording_id, destination_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?;
     stmt.execute(rusqlite::params![
         sequence,
@@ -184,6 +248,9 @@ pub(crate) fn insert(
         r.detail,
         &event.prev_hash[..],
         &event.hash[..],
+        r.job_id,
+        r.recording_id,
+        r.destination_id,
     ])?;
     Ok(())
 }
@@ -206,6 +273,9 @@ pub(crate) struct StoredRow {
     pub detail: String,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
+    pub job_id: String,
+    pub recording_id: String,
+    pub destination_id: String,
 }
 
 impl StoredRow {
@@ -225,6 +295,9 @@ impl StoredRow {
             detail: row.get(11)?,
             prev_hash: row.get(12)?,
             hash: row.get(13)?,
+            job_id: row.get(14)?,
+            recording_id: row.get(15)?,
+            destination_id: row.get(16)?,
         })
     }
 
@@ -243,6 +316,7 @@ impl StoredRow {
                 &self.request_id,
                 &self.detail,
             ],
+            recording: [&self.job_id, &self.recording_id, &self.destination_id],
         }
     }
 
@@ -280,6 +354,9 @@ impl StoredRow {
                 code: self.code,
                 request_id: self.request_id,
                 detail: self.detail,
+                job_id: self.job_id,
+                recording_id: self.recording_id,
+                destination_id: self.destination_id,
             },
             prev_hash,
             hash,

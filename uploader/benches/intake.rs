@@ -1,0 +1,133 @@
+//! Intake benchmark (not a test): the backup writer's whole path with
+//! encryption at rest — SHA-256 of the plaintext, AES-256-GCM per 64 KiB
+//! segment, SHA-256 of the stored bytes, write, fsync, rename — against the
+//! same path without encryption (what the writer did before: SHA-256, write,
+//! fsync, rename, with the same 1 MiB write buffer), in one run, alternating,
+//! on the same disk. Prints MiB/s for both and the ratio.
+//!
+//! ```text
+//! cargo bench -p recvault-uploader --bench intake
+//! ```
+//!
+//! Environment (optional): `BENCH_INTAKE_MIB` (1024), `BENCH_INTAKE_RUNS`
+//! (3 pairs), `BENCH_CHUNK_KIB` (1024: the chunk size a recorder sends),
+//! `BENCH_DIR` (`target/tmp/bench-intake`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use recvault_uploader::backup::BackupStore;
+use recvault_uploader::backup::wrapping::{WrappingKey, suite};
+use recvault_uploader::digest::Sha256Digest;
+use recvault_uploader::jobs::{RecordingId, TenantId};
+use sha2::{Digest as _, Sha256};
+
+const MIB: usize = 1024 * 1024;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The writer without encryption: buffered writes, SHA-256, fsync, rename,
+/// directory fsync (the backup store's path before encryption at rest).
+fn write_plain(dir: &Path, chunk: &[u8], chunks: usize, expected: Sha256Digest) -> PathBuf {
+    let staging = dir.join("plain.part");
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staging)
+        .expect("create");
+    let mut out = BufWriter::with_capacity(MIB, file);
+    let mut sha = Sha256::new();
+    for _ in 0..chunks {
+        out.write_all(chunk).expect("write");
+        sha.update(chunk);
+    }
+    assert_eq!(Sha256Digest::from_hasher(sha), expected);
+    let file = out.into_inner().expect("flush");
+    file.sync_all().expect("fsync");
+    drop(file);
+    let target = dir.join("plain");
+    fs::rename(&staging, &target).expect("rename");
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .expect("fsync dir");
+    target
+}
+
+fn main() {
+    let total_mib = env_usize("BENCH_INTAKE_MIB", 1024);
+    let runs = env_usize("BENCH_INTAKE_RUNS", 3).max(1);
+    let chunk_len = env_usize("BENCH_CHUNK_KIB", 1024) * 1024;
+    let dir = std::env::var_os("BENCH_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp/bench-intake"),
+        PathBuf::from,
+    );
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(dir.join("plain")).expect("bench dir");
+
+    let chunks = total_mib * MIB / chunk_len;
+    let mut chunk = vec![0u8; chunk_len];
+    getrandom::fill(&mut chunk).expect("random");
+    let mut sha = Sha256::new();
+    for _ in 0..chunks {
+        sha.update(&chunk);
+    }
+    let expected = Sha256Digest::from_hasher(sha);
+    let mib = (chunks * chunk_len) as f64 / MIB as f64;
+
+    let (public, _private) = suite().generate_key_pair().expect("key pair");
+    let key = WrappingKey::new(1, public.0.as_slice().try_into().expect("32 bytes"));
+    let store = BackupStore::open(dir.join("store"), key).expect("store");
+    let tenant = TenantId::parse("bench").expect("tenant");
+
+    println!(
+        "intake: {mib:.0} MiB in {} KiB chunks, {runs} pairs, alternating, in {}",
+        chunk_len / 1024,
+        dir.display()
+    );
+    let (mut plain, mut encrypted) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let start = Instant::now();
+        let path = write_plain(&dir.join("plain"), &chunk, chunks, expected);
+        let secs = start.elapsed().as_secs_f64();
+        plain.push(mib / secs);
+        fs::remove_file(path).expect("remove");
+
+        let start = Instant::now();
+        let recording = RecordingId::parse(format!("bench-{run}")).expect("recording");
+        let mut writer = store.begin(&tenant, &recording).expect("begin");
+        for _ in 0..chunks {
+            writer.write_chunk(&chunk).expect("write");
+        }
+        let stored = writer.finish(expected).expect("finish");
+        let secs_enc = start.elapsed().as_secs_f64();
+        encrypted.push(mib / secs_enc);
+        fs::remove_file(stored.path).expect("remove");
+        println!(
+            "  pair {}: without encryption {:.0} MiB/s, encrypted {:.0} MiB/s",
+            run + 1,
+            mib / secs,
+            mib / secs_enc
+        );
+    }
+    let (p, e) = (median(plain), median(encrypted));
+    println!(
+        "median: without encryption {p:.0} MiB/s, encrypted {e:.0} MiB/s; ratio {:.3} (cost {:.1} %)",
+        e / p,
+        (1.0 - e / p) * 100.0
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
