@@ -1,4 +1,4 @@
-//! Periodic scrub (DESIGN.md promise 4): re-hashes every backup still held for
+//! Periodic scrub (the README's promise that a damaged backup is found): re-hashes every backup still held for
 //! an undelivered job and marks the ones whose SHA-256 changed, loudly. An
 //! encrypted backup is checked against the SHA-256 of its stored bytes, taken
 //! when it was written, so the scrub needs no key and never sees plaintext; a

@@ -1,4 +1,4 @@
-//! Our own backup store (DESIGN.md promise 3): every recording is made durable
+//! Our own backup store (a recording is never lost): every recording is made durable
 //! here, with its SHA-256, before anything else happens to it. It never
 //! decides when a backup may go; the worker deletes one only after a verified delivery.
 //!

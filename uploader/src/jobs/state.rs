@@ -1,4 +1,4 @@
-//! The job state machine of DESIGN.md "Uploader" and the one function that
+//! The uploader's job state machine (uploader/README.md) and the one function that
 //! says which transitions are legal. It stores nothing; the job store calls
 //! [`check_transition`] inside the transaction that changes the state.
 
@@ -99,7 +99,7 @@ pub struct IllegalTransition {
     pub to: JobState,
 }
 
-/// Allows exactly the edges of the DESIGN.md state machine:
+/// Allows exactly the edges of the job state machine:
 ///
 /// - `STORED | RETRYING → UPLOADING` (an attempt claims the job),
 /// - `UPLOADING → VERIFYING → DELIVERED` (never DELIVERED without verifying),
