@@ -210,43 +210,8 @@ fn percentile(sorted: &[u64], p: f64) -> Duration {
 /// Runs `concurrency` tasks, each calling in a loop until `length` is over.
 /// Every call started in the window is counted and timed; a call that fails
 /// is counted as an error and makes the benchmark fail.
-/// User + system CPU time of this process so far (Linux `/proc/self/stat`,
-/// in USER_HZ = 100 ticks per second), or `None` elsewhere.
-fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    Some(Duration::from_millis(stat_cpu_ticks(&stat)?.1 * 10))
-}
-
-/// From one `stat` line: the command name and utime + stime in USER_HZ
-/// ticks (the 14th and 15th fields; the name is parenthesised and may hold
-/// spaces, so fields are counted after its closing parenthesis).
-fn stat_cpu_ticks(stat: &str) -> Option<(&str, u64)> {
-    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-    let mut fields = stat.get(close + 2..)?.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((&stat[open + 1..close], utime + stime))
-}
-
-/// User + system CPU time of this process's threads named `name` (Linux
-/// `/proc/self/task/*/stat`), or `None` elsewhere.
-fn threads_cpu(name: &str) -> Option<Duration> {
-    let mut ticks = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
-            continue;
-        };
-        if let Some((comm, t)) = stat_cpu_ticks(&stat)
-            && comm == name
-        {
-            ticks += t;
-        }
-    }
-    Some(Duration::from_millis(ticks * 10))
-}
-
 async fn phase<C: Caller>(callers: &[C], concurrency: usize, length: Duration) -> Phase {
-    let cpu_start = process_cpu();
+    let cpu_start = recvault_runtime::cpu::process();
     let start = Instant::now();
     let deadline = start + length;
     let mut tasks = tokio::task::JoinSet::new();
@@ -285,7 +250,7 @@ async fn phase<C: Caller>(callers: &[C], concurrency: usize, length: Duration) -
     }
     let elapsed = start.elapsed();
     let cpu = cpu_start
-        .zip(process_cpu())
+        .zip(recvault_runtime::cpu::process())
         .map(|(a, b)| b.saturating_sub(a));
     if let Some(status) = first_error {
         panic!("{errors} calls failed; first: {status:?}");
@@ -452,11 +417,11 @@ async fn run(settings: Settings) {
         let b = phase(&baseline, settings.concurrency, length).await;
         println!("round {round} baseline Health/Check       {}", b.line());
         let before = vault.core.audit.stats();
-        let writer_before = threads_cpu("audit-writer");
+        let writer_before = recvault_runtime::cpu::threads("audit-writer");
         let wait_before = vault.core.metrics.audit_append.count_and_sum();
         let v = phase(&acquire, settings.concurrency, length).await;
         let writer_cpu = writer_before
-            .zip(threads_cpu("audit-writer"))
+            .zip(recvault_runtime::cpu::threads("audit-writer"))
             .map_or(Duration::ZERO, |(a, b)| b.saturating_sub(a));
         let after = vault.core.audit.stats();
         let wait_after = vault.core.metrics.audit_append.count_and_sum();

@@ -2,9 +2,10 @@
 //! (TLS 1.3 only, client certificates required, files reloaded on change),
 //! peer identity from certificates, the policy format (identity → roles per
 //! tenant), dev certificates, logging, process
-//! hardening and locked, zeroizing memory for secrets. No key handling lives here.
+//! hardening, CPU time from `/proc` for the benchmarks and locked, zeroizing memory for secrets. No key handling lives here.
 
 pub mod config;
+pub mod cpu;
 pub mod datakey;
 pub mod devcerts;
 pub mod hardening;

@@ -386,13 +386,26 @@ impl SegmentKey {
 
     /// Encrypts `segment` (plaintext) in place and appends its tag.
     pub fn seal(&self, header: &Header, index: u32, last: bool, segment: &mut Vec<u8>) {
+        self.seal_tail(header, index, last, segment, 0);
+    }
+
+    /// Encrypts `buf[start..]` (segment `index`'s plaintext) in place and
+    /// appends its tag, leaving `buf[..start]` (segments sealed before) as it is.
+    pub fn seal_tail(
+        &self,
+        header: &Header,
+        index: u32,
+        last: bool,
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) {
         let nonce = Nonce::assume_unique_for_key(header.nonce(index, last));
         // AES-GCM sealing fails only for inputs past 2^36 bytes; a segment is at most 16 MiB.
         let tag = self
             .0
-            .seal_in_place_separate_tag(nonce, Aad::from(&header.digest), segment)
+            .seal_in_place_separate_tag(nonce, Aad::from(&header.digest), &mut buf[start..])
             .unwrap_or_else(|_| unreachable!("AES-256-GCM seal of a bounded segment"));
-        segment.extend_from_slice(tag.as_ref());
+        buf.extend_from_slice(tag.as_ref());
     }
 
     /// Decrypts segment `index` (ciphertext ‖ tag) in place; returns the plaintext.

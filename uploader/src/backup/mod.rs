@@ -20,9 +20,11 @@ pub mod source;
 pub mod wrapping;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read as _, Write};
+use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
 
 use recvault_runtime::secret::SecretBytes;
 use sha2::{Digest as _, Sha256};
@@ -34,9 +36,6 @@ use crate::digest::Sha256Digest;
 use crate::jobs::{JobId, RecordingId, TenantId};
 
 pub use self::source::EncryptedSource;
-
-/// Write buffer in front of the staging file, so small chunks still become large writes.
-const WRITE_BUFFER_BYTES: usize = 1 << 20;
 
 const STAGING: &str = "staging";
 const OBJECTS: &str = "objects";
@@ -237,22 +236,24 @@ impl BackupStore {
             .mode(0o600)
             .open(&staging_path)
             .map_err(BackupError::io("create", &staging_path))?;
-        let mut writer = BackupWriter {
+        let sink = StoredSink::start(file)
+            .map_err(BackupError::io("start a writer for", &staging_path))?;
+        let mut batch = Vec::with_capacity(BATCH_BYTES + SEGMENT_SIZE as usize + TAG_LEN);
+        batch.extend_from_slice(header.as_bytes());
+        let writer = BackupWriter {
             id,
             staging_path,
             tenant_dir: self.objects.join(tenant.as_str()),
             objects_dir: self.objects.clone(),
-            file: Some(BufWriter::with_capacity(WRITE_BUFFER_BYTES, file)),
+            sink: Some(sink),
             hasher: Sha256::new(),
-            stored: Sha256::new(),
             size: 0,
-            segment: Vec::with_capacity(SEGMENT_SIZE as usize + TAG_LEN),
+            segment_start: batch.len(),
+            batch,
             index: 0,
             key,
             header,
         };
-        let header_bytes = writer.header.as_bytes().to_owned();
-        writer.write_stored(&header_bytes)?;
         Ok(writer)
     }
 
@@ -367,8 +368,19 @@ pub fn hash_file(path: &Path) -> Result<(Sha256Digest, u64)> {
     Ok((d.sha256, d.size))
 }
 
-/// A backup being written: hashes the plaintext, encrypts it segment by
-/// segment and hashes what it stores; nothing is held whole in memory and no
+/// Sealed bytes are handed to the writer thread in batches of about this
+/// many bytes (whole segments), so it makes large writes without a copy.
+const BATCH_BYTES: usize = 8 * (SEGMENT_SIZE as usize + TAG_LEN);
+
+/// Batches queued for the writer thread at most: bounds the memory of one
+/// intake (about `(2 + depth)` batches) and lets the caller's thread run ahead
+/// of the disk by that much.
+const WRITER_QUEUE_DEPTH: usize = 2;
+
+/// A backup being written: hashes the plaintext and encrypts it segment by
+/// segment on the caller's thread, while a writer thread of its own writes
+/// the sealed bytes to the staging file and hashes what it wrote (so one
+/// recording's intake uses two cores). Nothing is held whole in memory and no
 /// plaintext is written.
 ///
 /// Dropping it before [`BackupWriter::finish`] succeeded removes the staging file.
@@ -377,16 +389,17 @@ pub struct BackupWriter {
     staging_path: PathBuf,
     tenant_dir: PathBuf,
     objects_dir: PathBuf,
-    /// `None` once finished (the file then belongs to the object directory).
-    file: Option<BufWriter<File>>,
+    /// `None` once finished or failed.
+    sink: Option<StoredSink>,
     /// Of the plaintext: the recording's identity.
     hasher: Sha256,
-    /// Of the bytes written to the file.
-    stored: Sha256,
     size: u64,
-    /// Plaintext of the segment being filled. A full segment stays here until
-    /// more bytes arrive, since only `finish` knows which segment is the last.
-    segment: Vec<u8>,
+    /// Bytes not yet handed to the writer: sealed segments (the header first),
+    /// then from `segment_start` the plaintext of the segment being filled. A
+    /// full segment stays unsealed until more bytes arrive, since only
+    /// `finish` knows which segment is the last.
+    batch: Vec<u8>,
+    segment_start: usize,
     /// Index of the segment being filled.
     index: u32,
     key: SegmentKey,
@@ -420,9 +433,9 @@ impl BackupWriter {
     }
 
     /// Appends `data`: feeds it to the running SHA-256 and encrypts every
-    /// segment it completes. Blocking.
+    /// segment it completes. Blocking (when the writer thread is behind).
     pub fn write_chunk(&mut self, data: &[u8]) -> Result<()> {
-        if self.file.is_none() {
+        if self.sink.is_none() {
             return Err(BackupError::Abandoned);
         }
         self.hasher.update(data);
@@ -430,42 +443,63 @@ impl BackupWriter {
         let full = SEGMENT_SIZE as usize;
         let mut rest = data;
         while !rest.is_empty() {
-            if self.segment.len() == full {
+            let filled = self.batch.len() - self.segment_start;
+            if filled == full {
                 self.seal_segment(false)?;
+                continue;
             }
-            let take = (full - self.segment.len()).min(rest.len());
-            self.segment.extend_from_slice(&rest[..take]);
+            let take = (full - filled).min(rest.len());
+            self.batch.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
         }
         Ok(())
     }
 
-    /// Encrypts the buffered segment, writes it, and starts the next one.
+    /// Encrypts the segment being filled in place, hands the batch to the
+    /// writer once it is large enough (or this was the last segment), and
+    /// starts the next segment.
     fn seal_segment(&mut self, last: bool) -> Result<()> {
-        let mut segment = std::mem::take(&mut self.segment);
-        self.key.seal(&self.header, self.index, last, &mut segment);
-        let written = self.write_stored(&segment);
-        segment.clear();
-        self.segment = segment;
-        written?;
+        self.key.seal_tail(
+            &self.header,
+            self.index,
+            last,
+            &mut self.batch,
+            self.segment_start,
+        );
         self.index = self.index.checked_add(1).ok_or(BackupError::TooLarge)?;
+        if last || self.batch.len() >= BATCH_BYTES {
+            let sink = self.sink.as_mut().ok_or(BackupError::Abandoned)?;
+            let next = sink.spare();
+            // Only sealed bytes leave: the batch ends with a sealed segment.
+            let sealed = std::mem::replace(&mut self.batch, next);
+            if let Err(e) = sink.send(sealed) {
+                return Err(self.failed(e));
+            }
+        }
+        self.segment_start = self.batch.len();
         Ok(())
     }
 
-    /// Writes bytes that go to disk as they are (header, sealed segments).
-    fn write_stored(&mut self, bytes: &[u8]) -> Result<()> {
-        let Some(file) = self.file.as_mut() else {
-            return Err(BackupError::Abandoned);
-        };
-        file.write_all(bytes)
-            .map_err(BackupError::io("write", &self.staging_path))?;
-        self.stored.update(bytes);
-        Ok(())
+    /// The writer thread stopped: takes its error and drops the sink.
+    fn failed(&mut self, _: Stopped) -> BackupError {
+        match self.sink.take().map(StoredSink::finish) {
+            Some(Err(e)) => self.thread_error(e),
+            // It stopped without an error only if it was told to.
+            _ => BackupError::Abandoned,
+        }
+    }
+
+    fn thread_error(&self, e: SinkError) -> BackupError {
+        match e {
+            SinkError::Io(e) => BackupError::io("write", &self.staging_path)(e),
+            SinkError::Panicked => BackupError::Task("the backup writer thread panicked".into()),
+        }
     }
 
     /// Makes the backup durable if its SHA-256 is `expected`: seal the last
-    /// segment, flush, fsync the file, rename into `objects/<tenant>/<id>`,
-    /// fsync the directory. On any error the staging file is removed. Blocking.
+    /// segment, let the writer finish, fsync the file, rename into
+    /// `objects/<tenant>/<id>`, fsync the directory. On any error the staging
+    /// file is removed. Blocking.
     pub fn finish(mut self, expected: Sha256Digest) -> Result<StoredBackup> {
         let computed = Sha256Digest::from_hasher(std::mem::take(&mut self.hasher));
         if computed != expected {
@@ -478,13 +512,11 @@ impl BackupWriter {
         // An empty recording still gets one (empty) last segment, so a file
         // cut back to its header does not read as an empty recording.
         self.seal_segment(true)?;
-        let stored_sha256 = Sha256Digest::from_hasher(std::mem::take(&mut self.stored));
-        let Some(buffered) = self.file.take() else {
+        let Some(sink) = self.sink.take() else {
             return Err(BackupError::Abandoned);
         };
-        let file = buffered
-            .into_inner()
-            .map_err(|e| BackupError::io("write", &self.staging_path)(e.into_error()))?;
+        let (file, stored) = sink.finish().map_err(|e| self.thread_error(e))?;
+        let stored_sha256 = Sha256Digest::from_hasher(stored);
         // The data must be on disk before the rename makes it visible as a
         // backup, or a power loss could leave a complete name over empty blocks.
         file.sync_all()
@@ -514,12 +546,13 @@ impl BackupWriter {
 impl Drop for BackupWriter {
     fn drop(&mut self) {
         // The recording's plaintext of the unfinished segment.
-        self.segment.zeroize();
+        self.batch.zeroize();
+        // Stops and joins the writer thread, which closes the file.
+        drop(self.sink.take());
         // Empty after a successful finish: the file has become an object.
         if self.staging_path.as_os_str().is_empty() {
             return;
         }
-        drop(self.file.take());
         match fs::remove_file(&self.staging_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -528,6 +561,84 @@ impl Drop for BackupWriter {
                 error = %e,
                 "could not remove an unfinished upload; it is removed at the next start"
             ),
+        }
+    }
+}
+
+/// The writer thread stopped taking batches (an error, or a panic).
+struct Stopped;
+
+enum SinkError {
+    Io(io::Error),
+    Panicked,
+}
+
+/// A staging file's writer thread: writes the sealed batches it is sent, in
+/// order, and hashes what it wrote; gives the file and the hash back at the
+/// end. Batches come back through `spare` to be filled again.
+struct StoredSink {
+    batches: Option<mpsc::SyncSender<Vec<u8>>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+    thread: Option<thread::JoinHandle<io::Result<(File, Sha256)>>>,
+}
+
+impl StoredSink {
+    fn start(file: File) -> io::Result<Self> {
+        let (batches, queue) = mpsc::sync_channel::<Vec<u8>>(WRITER_QUEUE_DEPTH);
+        let (give_back, spare) = mpsc::sync_channel::<Vec<u8>>(WRITER_QUEUE_DEPTH + 2);
+        let thread = thread::Builder::new()
+            .name("backup-writer".into())
+            .spawn(move || {
+                let mut file = file;
+                let mut stored = Sha256::new();
+                for mut batch in queue {
+                    file.write_all(&batch)?;
+                    stored.update(&batch);
+                    batch.clear();
+                    // Full only if the caller stopped taking spares; then drop it.
+                    let _ = give_back.try_send(batch);
+                }
+                Ok((file, stored))
+            })?;
+        Ok(Self {
+            batches: Some(batches),
+            spare,
+            thread: Some(thread),
+        })
+    }
+
+    /// An empty batch buffer: one the writer gave back, or a new one.
+    fn spare(&self) -> Vec<u8> {
+        self.spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH_BYTES + SEGMENT_SIZE as usize + TAG_LEN))
+    }
+
+    /// Queues `batch`, waiting while the queue is full.
+    fn send(&self, batch: Vec<u8>) -> Result<(), Stopped> {
+        match &self.batches {
+            Some(tx) => tx.send(batch).map_err(|_| Stopped),
+            None => Err(Stopped),
+        }
+    }
+
+    /// Lets the thread write what is queued and returns the file and the
+    /// SHA-256 of everything it wrote.
+    fn finish(mut self) -> Result<(File, Sha256), SinkError> {
+        self.batches = None;
+        match self.thread.take().map(thread::JoinHandle::join) {
+            Some(Ok(Ok(done))) => Ok(done),
+            Some(Ok(Err(e))) => Err(SinkError::Io(e)),
+            Some(Err(_)) | None => Err(SinkError::Panicked),
+        }
+    }
+}
+
+impl Drop for StoredSink {
+    fn drop(&mut self) {
+        self.batches = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -341,7 +341,8 @@ impl S3Destination {
     ) -> Result<(), DeliveryError> {
         let errors = ReadErrors::default();
         let body = body::streamed(source, 0, object.size, BODY_BUFFER, errors.clone());
-        self.client
+        let sent = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
@@ -351,12 +352,52 @@ impl S3Destination {
             .checksum_crc32(crc32_header(self.recording_crc(object.crc32)))
             .metadata(SHA256_METADATA, hex::encode(object.sha256))
             .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(()),
+            Err(e) => match errors.take() {
+                Some(read) => Err(DeliveryError::from_source_read(read)),
+                None => Err(self
+                    .explain_broken_put(key, self.sdk_error(e, "PutObject", key))
+                    .await),
+            },
+        }
+    }
+
+    /// A server that refuses a request's signature before reading its body
+    /// may close the connection while the body is still being sent; the
+    /// client then sees a broken pipe (transient) instead of the 403, and a
+    /// wrong secret would be retried as an outage. So after a broken PutObject
+    /// this asks again with a request that has no body (GetObject of the
+    /// key's first byte, under the same credential): SignatureDoesNotMatch or
+    /// InvalidAccessKeyId there is the answer. Anything else (NoSuchKey,
+    /// AccessDenied for a write-only credential, another broken connection)
+    /// keeps the original error.
+    async fn explain_broken_put(&self, key: &str, original: DeliveryError) -> DeliveryError {
+        if !matches!(original, DeliveryError::Connection { .. }) {
+            return original;
+        }
+        let Err(e) = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range("bytes=0-0")
+            .send()
             .await
-            .map_err(|e| match errors.take() {
-                Some(read) => DeliveryError::from_source_read(read),
-                None => self.sdk_error(e, "PutObject", key),
-            })?;
-        Ok(())
+        else {
+            return original;
+        };
+        let answer = self.sdk_error(e, "PutObject", key);
+        match &answer {
+            DeliveryError::Provider {
+                code: Some(code), ..
+            } if code == "SignatureDoesNotMatch" || code == "InvalidAccessKeyId" => {
+                tracing::info!(location = %self.location(key), %code, "the PutObject connection broke; a request without a body named the reason");
+                answer
+            }
+            _ => original,
+        }
     }
 
     async fn put_bytes(
