@@ -172,6 +172,25 @@ impl DeliverySettings {
     }
 }
 
+/// `path` with symlinks resolved: the whole path if it exists, else its
+/// nearest existing ancestor resolved and the rest appended.
+fn resolved(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return missing.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
+}
+
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7444))
 }
@@ -260,7 +279,56 @@ impl UploaderConfig {
                 message: MISSING_WRAPPING_KEY.to_owned(),
             });
         }
+        if let Some(message) = config.fs_root_over_own_files() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            });
+        }
         Ok(config)
+    }
+
+    /// An `fs` destination writes files named by recorders. So no allowed
+    /// root may hold a file of the uploader's own (its job store, audit log,
+    /// policy, keys, certificates: a recording named `uploader-policy.toml`
+    /// would replace the policy) or overlap the backup directory. Paths are
+    /// compared resolved (symlinks followed where they exist).
+    fn fs_root_over_own_files(&self) -> Option<String> {
+        let audit = self.audit_database();
+        let files: [(&str, &Path); 10] = [
+            ("database", &self.database),
+            ("audit_database", &audit),
+            ("policy_file", &self.policy_file),
+            ("audit_key_file", &self.audit_key_file),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.ca", &self.tls.ca),
+            ("vault.tls.cert", &self.vault.tls.cert),
+            ("vault.tls.key", &self.vault.tls.key),
+            ("vault.tls.ca", &self.vault.tls.ca),
+        ];
+        let wrapping = self.backup.wrapping_key_file.as_deref();
+        let backups = resolved(&self.backup_dir);
+        for root in &self.destinations.fs_allowed_roots {
+            let root_resolved = resolved(root);
+            let named = files
+                .iter()
+                .copied()
+                .chain(wrapping.map(|w| ("backup.wrapping_key_file", w)))
+                .find(|(_, file)| resolved(file).starts_with(&root_resolved))
+                .map(|(name, file)| format!("{name} ({})", file.display()));
+            let named = named.or_else(|| {
+                (backups.starts_with(&root_resolved) || root_resolved.starts_with(&backups))
+                    .then(|| format!("backup_dir ({})", self.backup_dir.display()))
+            });
+            if let Some(what) = named {
+                return Some(format!(
+                    "[destinations].fs_allowed_roots entry {} overlaps the uploader's own {what}:                      recordings delivered there could replace it. Choose a root that holds none                      of the uploader's files",
+                    root.display()
+                ));
+            }
+        }
+        None
     }
 
     /// The audit log's database: `audit_database`, or `audit.db` beside `database`.
@@ -402,6 +470,28 @@ mod tests {
             }
             c
         })
+    }
+
+    #[test]
+    fn an_fs_root_over_the_uploaders_own_files_is_refused() {
+        for (root, names) in [
+            (".", "database"),
+            ("b", "backup_dir"),
+            ("b/inner", "backup_dir"),
+            ("/", "database"),
+        ] {
+            let err = load(&format!(
+                "[destinations]\nfs_allowed_roots = [\"{root}\"]\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("[destinations].fs_allowed_roots") && err.contains(names),
+                "{root}: {err}"
+            );
+        }
+        // A sibling directory of the uploader's files is fine.
+        load("[destinations]\nfs_allowed_roots = [\"delivered\"]\n").unwrap();
     }
 
     #[test]
