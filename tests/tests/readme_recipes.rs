@@ -6,7 +6,7 @@
 
 use std::{process::Command, time::Duration};
 
-use recvault_tests::{Daemon, binary, grpcurl, workspace_root};
+use recvault_tests::{Daemon, binary, grpcurl, http_get, workspace_root};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -146,17 +146,4 @@ fn readme_grpcurl_recipes_work_against_the_running_main_job() {
         "{metrics}"
     );
     main_job.stop();
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).unwrap();
-    body
 }

@@ -61,7 +61,8 @@ struct S3 {
     secret_key: String,
     root: tempfile::TempDir,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
-    _server: recvault_tests::s3::S3Server,
+    /// `None` while stopped (an outage).
+    server: Option<recvault_tests::s3::S3Server>,
 }
 
 struct Recorder {
@@ -138,8 +139,31 @@ impl S3 {
             secret_key,
             root,
             seen,
-            _server: server,
+            server: Some(server),
         }
+    }
+
+    /// An outage: the port refuses connections and open ones are closed.
+    fn stop(&mut self) {
+        drop(self.server.take().expect("S3 running"));
+    }
+
+    /// Back on the same address, with the same bytes and key pair.
+    async fn restart(&mut self) {
+        let addr = self.endpoint.trim_start_matches("http://").parse().unwrap();
+        let server = recvault_tests::s3::serve(
+            self.root.path(),
+            addr,
+            &self.access_key,
+            &self.secret_key,
+            Some(Recorder {
+                seen: self.seen.clone(),
+            }),
+        )
+        .await
+        .unwrap();
+        assert_eq!(server.endpoint, self.endpoint);
+        self.server = Some(server);
     }
 
     /// Where s3s-fs keeps the bytes of `BUCKET/PREFIX/name`.
@@ -214,9 +238,19 @@ enum Tamper {
 // The rig: vaultd + uploaderd (real binaries) + S3, in one temporary directory.
 // ---------------------------------------------------------------------------
 
+/// The `[delivery]` retry settings a rig's uploader runs with.
+#[derive(Debug, Clone, Copy)]
+enum Retries {
+    /// Fast backoff (200 ms .. 1 s), transient failures retried for 60 s,
+    /// failures that may be permanent this many times.
+    Fast { doubtful: u32 },
+    /// No retry setting in the config: what uploaderd ships with.
+    Shipped,
+}
+
 #[derive(Debug, Clone)]
 struct Settings {
-    max_attempts: u32,
+    retries: Retries,
     multipart_threshold: usize,
     part_size: usize,
     part_concurrency: usize,
@@ -227,7 +261,7 @@ struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            max_attempts: 5,
+            retries: Retries::Fast { doubtful: 5 },
             multipart_threshold: 16 * MIB,
             part_size: 8 * MIB,
             part_concurrency: 4,
@@ -402,10 +436,7 @@ fs_allowed_roots = ["{fs_root}"]
 
 [delivery]
 workers = 2
-max_attempts = {attempts}
-retry_base_ms = 200
-retry_max_secs = 1
-scrub_interval_secs = 0
+{retries}scrub_interval_secs = 0
 multipart_threshold_bytes = {threshold}
 part_size_bytes = {part}
 part_concurrency = {concurrency}
@@ -420,7 +451,13 @@ part_concurrency = {concurrency}
             key = file("uploader.key"),
             ca = file("ca.crt"),
             vault = self.vault_addr,
-            attempts = s.max_attempts,
+            retries = match s.retries {
+                Retries::Fast { doubtful } => format!(
+                    "retry_window_secs = 60\nmax_doubtful_failures = {doubtful}\n\
+                     retry_base_ms = 200\nretry_max_secs = 1\n"
+                ),
+                Retries::Shipped => String::new(),
+            },
             threshold = s.multipart_threshold,
             part = s.part_size,
             concurrency = s.part_concurrency,
@@ -442,6 +479,16 @@ part_concurrency = {concurrency}
         });
         self.uploader_addr = served_addr(&line);
         self.uploader = Some(daemon);
+    }
+
+    /// The uploader's metrics address, from its log line.
+    fn uploader_metrics_addr(&self) -> String {
+        let log = self.uploader.as_ref().expect("uploader running").output();
+        log.split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split("/metrics").next())
+            .expect("uploaderd logs its metrics address")
+            .to_owned()
     }
 
     /// SIGKILL, as a crash would.
@@ -1117,7 +1164,7 @@ async fn fs_destinations_outside_the_allowed_roots_and_climbing_names_are_refuse
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_jobs_and_destinations_are_not_found_and_audited() {
     let mut rig = Rig::new(Settings {
-        max_attempts: 1,
+        retries: Retries::Fast { doubtful: 1 },
         ..Settings::default()
     })
     .await;
@@ -1445,7 +1492,6 @@ async fn wrong_secret_is_retained_with_backup_then_resend_after_fix_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_down_means_retrying_and_delivery_once_it_returns() {
     let mut rig = Rig::new(Settings {
-        max_attempts: 60,
         vault_port: Some(free_port()),
         ..Settings::default()
     })
@@ -1508,6 +1554,148 @@ async fn vault_down_means_retrying_and_delivery_once_it_returns() {
     rig.wait_backup_empty().await;
     let secret = rig.s3.secret_key.clone();
     rig.assert_secret_not_logged(&[&secret]);
+}
+
+/// What is down for a minute in [`an_outage_of_a_minute_delivers_everything`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    Vault,
+    S3,
+}
+
+/// With the retry settings uploaderd ships with (no retry line in its
+/// config), the vault or the S3 server down for 60 s while 10 recordings are
+/// due: none is RETAINED during or after the outage, all are DELIVERED
+/// byte-identical once it ends, and both audit chains verify.
+async fn an_outage_of_a_minute_delivers_everything(outage: Outage) {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let mut rig = Rig::new(Settings {
+        retries: Retries::Shipped,
+        vault_port: Some(free_port()),
+        ..Settings::default()
+    })
+    .await;
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    rig.start_uploader();
+    let destination = rig.put_destination(&credential.credential_id).await;
+    match outage {
+        Outage::Vault => rig.stop_vault(),
+        Outage::S3 => rig.s3.stop(),
+    }
+    let down = Instant::now();
+    let mut recordings = Vec::new();
+    for i in 0..10u64 {
+        let data = random_bytes(64 * 1024 + i as usize, 100 + i);
+        let name = format!("outage-{i}.mp4");
+        let job_id = rig
+            .upload(
+                &destination,
+                &format!("rec-outage-{i}"),
+                &name,
+                &data,
+                16 * 1024,
+                Tamper::None,
+            )
+            .await
+            .unwrap_or_else(|s| panic!("Upload during the outage: {s:?}{}", rig.context()))
+            .job_id;
+        recordings.push((job_id, name, data));
+    }
+    // During the outage: attempts fail and are scheduled again, never given up.
+    let mut max_attempts = 0;
+    while down.elapsed() < OUTAGE {
+        for job in rig.all_jobs().await {
+            assert_ne!(
+                state(&job),
+                up::JobState::Retained,
+                "RETAINED during a {outage:?} outage of {:?}: {job:?}{}",
+                down.elapsed(),
+                rig.context()
+            );
+            assert_ne!(state(&job), up::JobState::Delivered, "{job:?}");
+            max_attempts = max_attempts.max(job.attempts);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let job = rig.get_job(&recordings[0].0).await;
+    eprintln!(
+        "{outage:?} down {:?}: up to {max_attempts} attempts per job; job 0 is {:?}, next attempt {:?}: {}",
+        down.elapsed(),
+        state(&job),
+        job.next_attempt_at,
+        job.last_error
+    );
+    assert!(
+        max_attempts >= 2,
+        "attempts should have failed during the outage"
+    );
+    assert!(
+        job.next_attempt_at.is_some(),
+        "a waiting job shows when it tries next: {job:?}"
+    );
+    match outage {
+        Outage::Vault => rig.start_vault(),
+        Outage::S3 => rig.s3.restart().await,
+    }
+    let back = Instant::now();
+    // The backoff ceiling after a minute of failures is about 64 s (full jitter).
+    for (job_id, name, data) in &recordings {
+        let job = rig
+            .wait_job(job_id, "DELIVERED", Duration::from_secs(330), |j| {
+                assert_ne!(state(j), up::JobState::Retained, "{j:?}");
+                state(j) == up::JobState::Delivered
+            })
+            .await;
+        assert!(job.last_error.is_empty(), "{job:?}");
+        check_download(&rig, name, data);
+    }
+    eprintln!(
+        "{outage:?}: all 10 delivered {:?} after it returned",
+        back.elapsed()
+    );
+    rig.wait_backup_empty().await;
+    let history = rig
+        .jobs()
+        .get_job_history(up::GetJobRequest {
+            job_id: recordings[0].0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history
+            .events
+            .iter()
+            .any(|e| e.message.contains("(transient), retrying at")),
+        "the history says why and when: {history:?}"
+    );
+    let metrics = recvault_tests::http_get(&rig.uploader_metrics_addr(), "/metrics");
+    assert!(
+        metrics.contains("recvault_uploader_retries_total{class=\"transient\"}"),
+        "{metrics}"
+    );
+    let verified = up::audit_client::AuditClient::new(rig.channel(&rig.uploader_addr, "auditor"))
+        .verify_chain(vt::VerifyChainRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "uploader chain: {verified:?}");
+    let verified = vt::audit_client::AuditClient::new(rig.channel(&rig.vault_addr, "auditor"))
+        .verify_chain(vt::VerifyChainRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.ok, "vault chain: {verified:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vault_down_for_a_minute_with_shipped_retries_delivers_everything() {
+    an_outage_of_a_minute_delivers_everything(Outage::Vault).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_s3_server_down_for_a_minute_with_shipped_retries_delivers_everything() {
+    an_outage_of_a_minute_delivers_everything(Outage::S3).await;
 }
 
 /// 5: uploaderd is SIGKILLed while a multipart upload is in progress; on

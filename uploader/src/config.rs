@@ -133,7 +133,17 @@ impl DestinationSettings {
 pub struct DeliverySettings {
     /// Deliveries in flight at once.
     pub workers: usize,
-    pub max_attempts: u32,
+    /// Replaced by `retry_window_secs` and `max_doubtful_failures`; only
+    /// read to refuse it with a message.
+    #[serde(rename = "max_attempts")]
+    pub replaced_max_attempts: Option<u32>,
+    /// How long transient failures (the vault or the provider unreachable,
+    /// 5xx, throttling, timeouts) are retried, from the job's first failed
+    /// attempt. Then RETAINED.
+    pub retry_window_secs: u64,
+    /// Failed attempts whose error may be permanent (an unexpected 4xx, a
+    /// copy that did not verify) before the job is RETAINED.
+    pub max_doubtful_failures: u32,
     pub retry_base_ms: u64,
     pub retry_max_secs: u64,
     /// Re-hash retained backups this often (0 disables the scrub).
@@ -150,7 +160,9 @@ impl Default for DeliverySettings {
     fn default() -> Self {
         Self {
             workers: 4,
-            max_attempts: 8,
+            replaced_max_attempts: None,
+            retry_window_secs: 6 * 3600,
+            max_doubtful_failures: 5,
             retry_base_ms: 1000,
             retry_max_secs: 300,
             scrub_interval_secs: 3600,
@@ -165,7 +177,8 @@ impl Default for DeliverySettings {
 impl DeliverySettings {
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
-            max_attempts: self.max_attempts.max(1),
+            max_doubtful: self.max_doubtful_failures.max(1),
+            window: Duration::from_secs(self.retry_window_secs),
             base: Duration::from_millis(self.retry_base_ms.max(1)),
             max: Duration::from_secs(self.retry_max_secs.max(1)),
         }
@@ -279,6 +292,17 @@ impl UploaderConfig {
                 message: MISSING_WRAPPING_KEY.to_owned(),
             });
         }
+        if config.delivery.replaced_max_attempts.is_some() {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "[delivery].max_attempts was replaced: transient failures (vault or \
+                          provider unreachable, 5xx, timeouts) are now retried for \
+                          retry_window_secs (default 21600, 6 h), and failures that may be \
+                          permanent up to max_doubtful_failures times (default 5); remove \
+                          max_attempts and set those instead"
+                    .into(),
+            });
+        }
         if let Some(message) = config.fs_root_over_own_files() {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -323,7 +347,9 @@ impl UploaderConfig {
             });
             if let Some(what) = named {
                 return Some(format!(
-                    "[destinations].fs_allowed_roots entry {} overlaps the uploader's own {what}:                      recordings delivered there could replace it. Choose a root that holds none                      of the uploader's files",
+                    "[destinations].fs_allowed_roots entry {} overlaps the uploader's own {what}: \
+                     recordings delivered there could replace it. Choose a root that holds none \
+                     of the uploader's files",
                     root.display()
                 ));
             }
@@ -399,8 +425,8 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/uploader.example.toml");
         let config = UploaderConfig::load(&path).expect("example parses");
         assert_eq!(
-            config.delivery.max_attempts,
-            DeliverySettings::default().max_attempts
+            config.delivery.retry_policy(),
+            DeliverySettings::default().retry_policy()
         );
         assert_eq!(config.ingest_limits(), IngestLimits::default());
         let policy_path = path.with_file_name("uploader-policy.example.toml");
@@ -470,6 +496,23 @@ mod tests {
             }
             c
         })
+    }
+
+    #[test]
+    fn the_replaced_max_attempts_names_its_successors() {
+        let err = load("[delivery]\nmax_attempts = 8\n")
+            .unwrap_err()
+            .to_string();
+        for part in ["max_attempts", "retry_window_secs", "max_doubtful_failures"] {
+            assert!(err.contains(part), "{err}");
+        }
+        let config =
+            load("[delivery]\nretry_window_secs = 60\nmax_doubtful_failures = 2\n").unwrap();
+        let policy = config.delivery.retry_policy();
+        assert_eq!(
+            (policy.window, policy.max_doubtful),
+            (Duration::from_secs(60), 2)
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ pub struct UploaderMetrics {
     pub ingest_rejected: Arc<Counter>,
     pub delivered: Arc<Counter>,
     pub bytes_delivered: Arc<Counter>,
-    pub retries: Arc<Counter>,
+    retries_transient: Arc<Counter>,
+    retries_doubtful: Arc<Counter>,
     pub retained: Arc<Counter>,
     pub verification_failures: Arc<Counter>,
     pub scrub_checked: Arc<Counter>,
@@ -32,6 +33,8 @@ const STATES: [JobState; 6] = [
     JobState::Retrying,
     JobState::Retained,
 ];
+
+const RETRIES_HELP: &str = "Delivery attempts that failed and were scheduled again: class=\"transient\" (retried for [delivery].retry_window_secs) or \"doubtful\" (may be permanent; [delivery].max_doubtful_failures).";
 
 impl UploaderMetrics {
     pub fn new() -> Arc<Self> {
@@ -54,13 +57,19 @@ impl UploaderMetrics {
                 "recvault_uploader_bytes_delivered_total",
                 "Bytes of recordings delivered and verified.",
             ),
-            retries: c(
+            retries_transient: r.counter(
                 "recvault_uploader_retries_total",
-                "Delivery attempts that failed and were scheduled again.",
+                RETRIES_HELP,
+                &[("class", "transient")],
+            ),
+            retries_doubtful: r.counter(
+                "recvault_uploader_retries_total",
+                RETRIES_HELP,
+                &[("class", "doubtful")],
             ),
             retained: c(
                 "recvault_uploader_retained_total",
-                "Jobs that ended RETAINED (permanent error or attempts exhausted).",
+                "Jobs that ended RETAINED (permanent error, retry window over, or doubtful-failure budget used up).",
             ),
             verification_failures: c(
                 "recvault_uploader_verification_failures_total",
@@ -80,6 +89,15 @@ impl UploaderMetrics {
             ),
             registry: r,
         })
+    }
+
+    /// Counts a failed attempt that was scheduled again, by how it is retried.
+    pub fn retry(&self, doubtful: bool) {
+        if doubtful {
+            self.retries_doubtful.inc();
+        } else {
+            self.retries_transient.inc();
+        }
     }
 
     fn state_gauge(&self, state: JobState) -> Arc<Gauge> {

@@ -21,29 +21,110 @@ use crate::{
         S3Options, Source,
     },
     destination_store::DestinationStore,
-    jobs::{Job, JobId, JobStore, JobStoreError, RetryPolicy, VerifiedBy},
+    jobs::{
+        FailureClass, GiveUp, Job, JobId, JobStore, JobStoreError, RetryPolicy, RetryState,
+        VerifiedBy,
+    },
     lease::VaultLeases,
 };
 
-/// Why one attempt failed, and whether retrying can help.
+/// Why one attempt failed, and how it is retried.
 #[derive(Debug)]
 struct Failure {
-    permanent: bool,
+    class: FailureClass,
     message: String,
 }
 
 impl Failure {
-    fn permanent(message: impl Into<String>) -> Self {
+    fn new(class: FailureClass, message: impl Into<String>) -> Self {
         Self {
-            permanent: true,
+            class,
             message: message.into(),
         }
     }
+    fn permanent(message: impl Into<String>) -> Self {
+        Self::new(FailureClass::Permanent, message)
+    }
     fn transient(message: impl Into<String>) -> Self {
-        Self {
-            permanent: false,
-            message: message.into(),
-        }
+        Self::new(FailureClass::Transient, message)
+    }
+    fn doubtful(message: impl Into<String>) -> Self {
+        Self::new(FailureClass::Doubtful, message)
+    }
+}
+
+/// How a delivery error is retried. Permanent ones as the destination says;
+/// of the rest, what passes with time (unreachable, 5xx, throttled, timed
+/// out, a commit of our own job store) is transient, and what may not (bytes
+/// corrupted in transit again, a copy that did not verify, an unexpected
+/// answer, our own backup unreadable) is doubtful.
+fn delivery_class(e: &DeliveryError) -> FailureClass {
+    if e.is_permanent() {
+        return FailureClass::Permanent;
+    }
+    match e {
+        DeliveryError::Connection { .. }
+        | DeliveryError::Hook { .. }
+        | DeliveryError::Write { .. } => FailureClass::Transient,
+        DeliveryError::Provider { code, status, .. } => match (code.as_deref(), status) {
+            (
+                Some(
+                    "BadDigest"
+                    | "XAmzContentSHA256Mismatch"
+                    | "InvalidDigest"
+                    | "IncompleteBody"
+                    | "NoSuchUpload",
+                ),
+                _,
+            ) => FailureClass::Doubtful,
+            (_, None | Some(408 | 429 | 500..=599)) => FailureClass::Transient,
+            (
+                Some(
+                    "RequestTimeout"
+                    | "SlowDown"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeTooSkewed"
+                    | "OperationAborted"
+                    | "TooManyRequests",
+                ),
+                _,
+            ) => FailureClass::Transient,
+            _ => FailureClass::Doubtful,
+        },
+        _ => FailureClass::Doubtful,
+    }
+}
+
+/// `6 h`, `90 min`, `45 s`: a window as people write it.
+fn humantime_secs(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 3600 && secs.is_multiple_of(3600) {
+        format!("{} h", secs / 3600)
+    } else if secs >= 60 && secs.is_multiple_of(60) {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+/// How a refused lease is retried: the vault unreachable or overloaded
+/// passes with time; an unknown credential or a missing grant does not.
+fn lease_class(e: &crate::lease::LeaseError) -> FailureClass {
+    use tonic::Code;
+    if e.is_permanent() {
+        FailureClass::Permanent
+    } else if matches!(
+        e.code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Cancelled
+    ) {
+        FailureClass::Transient
+    } else {
+        FailureClass::Doubtful
     }
 }
 
@@ -150,29 +231,38 @@ impl Worker {
                 done.map(|_| ())
             }
             Err(failure) => {
-                let next = (!failure.permanent)
-                    .then(|| {
-                        self.retry
-                            .next_attempt_at(job.attempts, OffsetDateTime::now_utc())
-                    })
-                    .flatten();
-                match next {
-                    Some(at) => {
-                        self.metrics.retries.inc();
-                        tracing::warn!(job_id = %job.job_id, error = %failure.message, next_attempt_at = %at, "delivery failed; will retry");
+                let state = RetryState {
+                    attempts: job.attempts,
+                    doubtful_failures: job.doubtful_failures,
+                    retrying_since: job.retrying_since,
+                };
+                match self
+                    .retry
+                    .decide(failure.class, state, OffsetDateTime::now_utc())
+                {
+                    Ok(at) => {
+                        let doubtful = failure.class == FailureClass::Doubtful;
+                        self.metrics.retry(doubtful);
+                        tracing::warn!(job_id = %job.job_id, error = %failure.message, next_attempt_at = %at, doubtful, "delivery failed; will retry");
                         self.jobs
-                            .mark_retry(job.job_id, failure.message, at)
+                            .mark_retry(job.job_id, failure.message, at, doubtful)
                             .await
                             .map(|_| ())
                     }
-                    None => {
-                        let reason = if failure.permanent {
-                            failure.message
-                        } else {
-                            format!(
-                                "gave up after {} attempts: {}",
+                    Err(give_up) => {
+                        let reason = match give_up {
+                            GiveUp::Permanent => failure.message,
+                            GiveUp::WindowOver { since, window } => format!(
+                                "gave up after retrying for {} since {} ({} attempts): {}",
+                                humantime_secs(window),
+                                crate::jobs::rfc3339(since),
+                                job.attempts,
+                                failure.message
+                            ),
+                            GiveUp::DoubtfulBudget(n) => format!(
+                                "gave up after {n} failures that may be permanent ({} attempts in all): {}",
                                 job.attempts, failure.message
-                            )
+                            ),
                         };
                         self.metrics.retained.inc();
                         tracing::error!(job_id = %job.job_id, %reason, "delivery failed; recording retained");
@@ -242,9 +332,10 @@ impl Worker {
                 Ok(reader) => reader,
                 Err(OpenError::Corrupt(detail)) => return Err(self.corrupt(job, detail).await),
                 Err(e @ OpenError::Refused(_)) => return Err(Failure::permanent(e.to_string())),
-                Err(e @ (OpenError::VaultUnavailable(_) | OpenError::Io(_))) => {
+                Err(e @ OpenError::VaultUnavailable(_)) => {
                     return Err(Failure::transient(e.to_string()));
                 }
+                Err(e @ OpenError::Io(_)) => return Err(Failure::doubtful(e.to_string())),
             };
 
         // Integrity at rest: never upload bytes that are not what we took in.
@@ -259,7 +350,7 @@ impl Worker {
                 return Err(self.corrupt(job, e.to_string()).await);
             }
             Err(e) => {
-                return Err(Failure::transient(format!(
+                return Err(Failure::doubtful(format!(
                     "reading the backup {}: {e}",
                     job.backup_path.display()
                 )));
@@ -286,10 +377,7 @@ impl Worker {
                         &request_id,
                     )
                     .await
-                    .map_err(|e| Failure {
-                        permanent: e.is_permanent(),
-                        message: e.to_string(),
-                    })?,
+                    .map_err(|e| Failure::new(lease_class(&e), e.to_string()))?,
             ),
         };
         // The client holds what it needs; the lease's plaintext is zeroized
@@ -300,10 +388,7 @@ impl Worker {
             self.s3.clone(),
             &self.fs_roots,
         );
-        let destination = built.map_err(|e| Failure {
-            permanent: e.is_permanent(),
-            message: e.to_string(),
-        })?;
+        let destination = built.map_err(|e| Failure::new(delivery_class(&e), e.to_string()))?;
 
         let progress_jobs = self.jobs.clone();
         let progress_job = job.clone();
@@ -369,10 +454,7 @@ async fn delivery_failure(jobs: &JobStore, job: &Job, e: DeliveryError) -> Failu
     {
         tracing::error!(job_id = %job.job_id, %error, "marking the backup corrupt failed");
     }
-    Failure {
-        permanent: e.is_permanent(),
-        message,
-    }
+    Failure::new(delivery_class(&e), message)
 }
 
 /// The multipart upload id the job's row may hold, as one attempt last
@@ -624,7 +706,7 @@ mod tests {
         );
         let failure =
             delivery_failure(&jobs, &claimed[0], DeliveryError::from_source_read(read)).await;
-        assert!(failure.permanent, "{failure:?}");
+        assert_eq!(failure.class, FailureClass::Permanent, "{failure:?}");
         assert!(
             failure
                 .message
@@ -635,9 +717,14 @@ mod tests {
         let marked = jobs.get(job.job_id).await.unwrap();
         assert!(marked.backup_corrupt, "{marked:?}");
 
-        jobs.mark_retry(job.job_id, failure.message, OffsetDateTime::now_utc())
-            .await
-            .unwrap();
+        jobs.mark_retry(
+            job.job_id,
+            failure.message,
+            OffsetDateTime::now_utc(),
+            false,
+        )
+        .await
+        .unwrap();
         let again = jobs
             .claim_due(OffsetDateTime::now_utc() + Duration::from_secs(60), 1)
             .await
@@ -645,15 +732,16 @@ mod tests {
         assert!(again.is_empty(), "{again:?}");
     }
 
-    /// Any other read error stays transient and leaves the backup alone.
+    /// Any other read error of our own backup may be permanent (a failing
+    /// volume): retried on the small budget, and the backup is left alone.
     #[tokio::test]
-    async fn other_source_read_errors_stay_transient() {
+    async fn other_source_read_errors_are_doubtful() {
         let dir = tempfile::tempdir().unwrap();
         let jobs = JobStore::open(dir.path().join("jobs.db")).unwrap();
         let (job, _) = job_with_recording(dir.path(), &jobs).await;
         let read = std::io::Error::other("I/O error on the backup volume");
         let failure = delivery_failure(&jobs, &job, DeliveryError::from_source_read(read)).await;
-        assert!(!failure.permanent, "{failure:?}");
+        assert_eq!(failure.class, FailureClass::Doubtful, "{failure:?}");
         assert!(!jobs.get(job.job_id).await.unwrap().backup_corrupt);
     }
 

@@ -202,7 +202,12 @@ async fn full_delivery_and_illegal_transitions() {
     assert_eq!(done.location.as_deref(), Some("s3://b/call.mp4"));
 
     // DELIVERED is terminal.
-    assert!(f.jobs.mark_retry(id, "late".into(), now()).await.is_err());
+    assert!(
+        f.jobs
+            .mark_retry(id, "late".into(), now(), false)
+            .await
+            .is_err()
+    );
     assert!(f.jobs.mark_retained(id, "late".into()).await.is_err());
     assert!(f.jobs.resend(id, None).await.is_err());
     assert!(
@@ -273,7 +278,7 @@ async fn claim_due_takes_only_due_jobs_and_each_once() {
     let retry_at = now() + hours(1);
     let r = f
         .jobs
-        .mark_retry(a.job_id, "503 Slow Down".into(), retry_at)
+        .mark_retry(a.job_id, "503 Slow Down".into(), retry_at, false)
         .await
         .unwrap();
     assert_eq!(r.state, JobState::Retrying);
@@ -389,7 +394,7 @@ async fn resend_only_from_retained_or_retrying_with_a_backup() {
     // From RETRYING too.
     f.jobs.claim_due(now(), 1).await.unwrap();
     f.jobs
-        .mark_retry(id, "timeout".into(), now() + hours(1))
+        .mark_retry(id, "timeout".into(), now() + hours(1), false)
         .await
         .unwrap();
     assert_eq!(
@@ -452,23 +457,63 @@ async fn subscribers_see_committed_changes() {
 #[tokio::test]
 async fn retry_policy_backoff_bounds() {
     let p = RetryPolicy::default();
-    assert_eq!(p.max_attempts, 8);
+    assert_eq!(
+        (p.max_doubtful, p.window),
+        (5, Duration::from_secs(6 * 3600))
+    );
     for attempts in 1..8 {
         let ceiling = Duration::from_secs(1 << (attempts - 1)).min(Duration::from_secs(300));
         for _ in 0..100 {
-            let d = p.next_delay(attempts).unwrap();
+            let d = p.next_delay(attempts);
             assert!(d <= ceiling, "attempt {attempts}: {d:?}");
         }
     }
-    assert_eq!(p.next_delay(8), None, "budget spent → RETAINED");
-    let capped = RetryPolicy {
-        max_attempts: 100,
-        base: Duration::from_secs(1),
-        max: Duration::from_secs(300),
-    };
     for _ in 0..100 {
-        assert!(capped.next_delay(60).unwrap() <= Duration::from_secs(300));
+        assert!(p.next_delay(60) <= Duration::from_secs(300));
     }
+}
+
+/// The store keeps what the retry policy decides on: the first failure
+/// starts the window and stays, doubtful failures are counted, and a resend
+/// starts both afresh.
+#[tokio::test]
+async fn retry_window_start_and_doubtful_count_are_kept_and_reset_by_resend() {
+    let f = Fixture::new();
+    let job = f.create("acme", "rec-retry", b"abc").await;
+    let id = job.job_id;
+    assert_eq!((job.retrying_since, job.doubtful_failures), (None, 0));
+    f.jobs.claim_due(now(), 10).await.unwrap();
+    let first = f
+        .jobs
+        .mark_retry(id, "vault unavailable".into(), now(), false)
+        .await
+        .unwrap();
+    let since = first
+        .retrying_since
+        .expect("the first failure starts the window");
+    assert_eq!(first.doubtful_failures, 0);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    f.jobs.claim_due(now(), 10).await.unwrap();
+    let second = f
+        .jobs
+        .mark_retry(id, "BadDigest".into(), now(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.retrying_since,
+        Some(since),
+        "the window does not restart"
+    );
+    assert_eq!(second.doubtful_failures, 1);
+    let history = f.jobs.history(id).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e.message.contains("(may be permanent), retrying at")),
+        "{history:?}"
+    );
+    let resent = f.jobs.resend(id, None).await.unwrap();
+    assert_eq!((resent.retrying_since, resent.doubtful_failures), (None, 0));
 }
 
 #[tokio::test]
@@ -778,12 +823,17 @@ async fn version_1_database_is_migrated_with_object_keys() {
         .unwrap()
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
-    let stored = jobs
+    assert_eq!(version, 4);
+    let migrated = jobs
         .get(recvault_uploader::jobs::JobId::parse("11111111-1111-4111-8111-111111111111").unwrap())
         .await
-        .unwrap()
-        .stored_sha256;
+        .unwrap();
+    assert_eq!(migrated.doubtful_failures, 0);
+    assert_eq!(
+        migrated.retrying_since.is_some(),
+        migrated.state == JobState::Retrying
+    );
+    let stored = migrated.stored_sha256;
     assert_eq!(
         stored, None,
         "backups from before encryption were written in clear"

@@ -119,6 +119,7 @@ impl Rig {
         );
 
         let cert = |n: &str| certs.join(n).display().to_string();
+        std::fs::create_dir(dir.path().join("fs")).unwrap();
         let config_path = dir.path().join("uploader.toml");
         let policy = dir.path().join("policy.toml");
         // The dev policy, plus a recorder scoped to the tenant "demo".
@@ -143,13 +144,13 @@ impl Rig {
                  [vault]\nendpoint = \"{vault_addr}\"\n\n\
                  [vault.tls]\ncert = \"{crt}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n\
                  [destinations]\nfs_allowed_roots = [\"{fs_root}\"]\n\n\
-                 [delivery]\nworkers = 2\nmax_attempts = 2\nretry_base_ms = 10\n\
+                 [delivery]\nworkers = 2\nretry_window_secs = 1\nmax_doubtful_failures = 2\nretry_base_ms = 10\n\
                  retry_max_secs = 1\nscrub_interval_secs = 0\n\
                  multipart_threshold_bytes = {MIB}\npart_size_bytes = {part}\n",
                 db = dir.path().join("uploader.db").display(),
                 backups = dir.path().join("backups").display(),
                 wrap = wrap_file.display(),
-                fs_root = dir.path().display(),
+                fs_root = dir.path().join("fs").display(),
                 audit = audit_support::audit_settings(dir.path()),
                 crt = cert("uploader.crt"),
                 key = cert("uploader.key"),
@@ -205,6 +206,12 @@ impl Rig {
         self.dir.path().join("backups")
     }
 
+    /// The one allowed root for `fs` destinations (beside, not over, the
+    /// uploader's own files).
+    fn fs_root(&self) -> PathBuf {
+        self.dir.path().join("fs")
+    }
+
     /// A local-directory destination named `name` (PutDestination with an
     /// existing name replaces its settings and keeps its id).
     async fn put_fs_destination(&self, name: &str, directory: &Path, prefix: &str) -> String {
@@ -245,7 +252,7 @@ impl Rig {
     /// when it was put: PutDestination refuses a missing one), so every
     /// attempt there fails permanently.
     async fn put_gone_fs_destination(&self, name: &str, prefix: &str) -> String {
-        let directory = self.dir.path().join(format!("gone-{name}"));
+        let directory = self.fs_root().join(format!("gone-{name}"));
         std::fs::create_dir_all(&directory).unwrap();
         let id = self.put_fs_destination(name, &directory, prefix).await;
         std::fs::remove_dir(&directory).unwrap();
@@ -445,7 +452,7 @@ fn assert_names(status: &Status, parts: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_recording_with_the_same_file_name_is_refused_before_any_byte() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "calls").await;
     let first_data = bytes(300_000, 1);
@@ -511,7 +518,7 @@ async fn another_recording_with_the_same_file_name_is_refused_before_any_byte() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_recording_id_again_is_still_idempotent() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "").await;
     let data = bytes(100_000, 3);
@@ -544,7 +551,7 @@ async fn the_same_recording_id_again_is_still_idempotent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_are_compared_as_object_keys() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "rec").await;
     let first = rig
@@ -596,7 +603,7 @@ async fn names_are_compared_as_object_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resend_to_a_destination_where_the_name_is_taken_is_refused() {
     let rig = Rig::start().await;
-    let good = rig.dir.path().join("good");
+    let good = rig.fs_root().join("good");
     std::fs::create_dir_all(&good).unwrap();
     let taken = rig.put_fs_destination("good", &good, "").await;
     let broken = rig.put_gone_fs_destination("broken", "").await;
@@ -628,7 +635,7 @@ async fn resend_to_a_destination_where_the_name_is_taken_is_refused() {
     assert_eq!(job.destination_id, broken);
     assert_eq!(std::fs::read(good.join("call.mp4")).unwrap(), first_data);
 
-    let free_dir = rig.dir.path().join("free");
+    let free_dir = rig.fs_root().join("free");
     std::fs::create_dir_all(&free_dir).unwrap();
     let free = rig.put_fs_destination("free", &free_dir, "").await;
     rig.jobs()
@@ -651,7 +658,7 @@ async fn resend_to_a_destination_where_the_name_is_taken_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_with_the_same_name_do_not_both_pass() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "").await;
     let staging = rig.backup_dir().join("staging");
@@ -721,7 +728,7 @@ async fn concurrent_uploads_with_the_same_name_do_not_both_pass() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_never_writes_a_key_another_recording_holds() {
     let rig = Rig::start().await;
-    let good = rig.dir.path().join("good");
+    let good = rig.fs_root().join("good");
     std::fs::create_dir_all(&good).unwrap();
     let destination = rig.put_fs_destination("d", &good, "a").await;
     let first_data = bytes(5000, 1);
@@ -803,7 +810,7 @@ async fn an_aborted_multipart_upload_is_forgotten_and_resend_elsewhere_works() {
         None
     );
 
-    let elsewhere = rig.dir.path().join("elsewhere");
+    let elsewhere = rig.fs_root().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     let fs = rig.put_fs_destination("fs", &elsewhere, "").await;
     rig.jobs()
@@ -870,7 +877,7 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
 
     // Where another recording holds the name, the resend is refused before
     // the upload is touched.
-    let taken_dir = rig.dir.path().join("taken");
+    let taken_dir = rig.fs_root().join("taken");
     std::fs::create_dir_all(&taken_dir).unwrap();
     let taken = rig.put_fs_destination("taken", &taken_dir, "").await;
     rig.upload(&taken, "rec-0", "long.mp4", &bytes(100, 1))
@@ -889,7 +896,7 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
     assert_names(&status, &["rec-0"]);
     assert_eq!(s3.requests_of("AbortMultipartUpload").len(), aborts);
 
-    let elsewhere = rig.dir.path().join("elsewhere");
+    let elsewhere = rig.fs_root().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
     let fs = rig.put_fs_destination("fs", &elsewhere, "").await;
     let resend = |job_id: &str| {
@@ -971,7 +978,7 @@ async fn an_upload_that_could_not_be_aborted_is_aborted_by_the_resend() {
 #[tokio::test(flavor = "current_thread")]
 async fn destination_store_calls_do_not_block_the_runtime() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "").await;
 
@@ -1071,7 +1078,7 @@ async fn tampered_backups_are_never_delivered_and_fetch_is_data_loss() {
     use std::sync::atomic::Ordering;
     const SEG: usize = 64 * 1024;
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "").await;
     rig.data_keys.down.store(true, Ordering::SeqCst);
@@ -1122,7 +1129,8 @@ async fn tampered_backups_are_never_delivered_and_fetch_is_data_loss() {
             "{name}: a vault outage is not corruption"
         );
         assert!(
-            job.last_error.contains("gave up after 2 attempts"),
+            job.last_error
+                .contains("gave up after retrying for 1 s since"),
             "{name}: {job:?}"
         );
         assert!(
@@ -1712,7 +1720,7 @@ async fn fs_destinations_only_inside_the_allowed_roots() {
             &format!("bucket {:?}", outside.path().display().to_string()),
             "not inside an allowed root",
             "[destinations].fs_allowed_roots in the uploader config",
-            &rig.dir.path().display().to_string(),
+            &rig.fs_root().display().to_string(),
         ],
     );
     let etc = rig
@@ -1726,7 +1734,7 @@ async fn fs_destinations_only_inside_the_allowed_roots() {
     );
 
     // A symlink inside the root that points out of it.
-    let link = rig.dir.path().join("link-out");
+    let link = rig.fs_root().join("link-out");
     std::os::unix::fs::symlink(outside.path(), &link).unwrap();
     let status = rig
         .try_put_destination(fs("link", &link, ""))
@@ -1738,12 +1746,12 @@ async fn fs_destinations_only_inside_the_allowed_roots() {
         &["it resolves to", "[destinations].fs_allowed_roots"],
     );
     // `..` in the directory that leaves the root.
-    let climb = rig.dir.path().join("..");
+    let climb = rig.fs_root().join("..");
     let status = rig.try_put_destination(fs("climb", &climb, "")).await;
     assert_eq!(status.unwrap_err().code(), Code::InvalidArgument);
     // A directory that does not exist, a relative one.
     let status = rig
-        .try_put_destination(fs("missing", &rig.dir.path().join("missing"), ""))
+        .try_put_destination(fs("missing", &rig.fs_root().join("missing"), ""))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -1755,7 +1763,7 @@ async fn fs_destinations_only_inside_the_allowed_roots() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_names(&status, &["absolute"]);
     // Prefixes that climb, for fs and for S3 alike.
-    let inside = rig.dir.path().join("inside");
+    let inside = rig.fs_root().join("inside");
     std::fs::create_dir_all(&inside).unwrap();
     for prefix in ["../up", "a/../../up", "/abs", "a\u{1}b", "a/./b"] {
         let status = rig
@@ -1850,7 +1858,7 @@ async fn fs_destinations_only_inside_the_allowed_roots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_names_that_could_climb_out_are_refused_at_the_header() {
     let rig = Rig::start().await;
-    let target = rig.dir.path().join("delivered");
+    let target = rig.fs_root().join("delivered");
     std::fs::create_dir_all(&target).unwrap();
     let destination = rig.put_fs_destination("local", &target, "calls").await;
     for name in [

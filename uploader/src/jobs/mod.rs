@@ -11,9 +11,9 @@ pub use ids::{
     ContentType, DEFAULT_CONTENT_TYPE, DestinationId, FileName, InvalidValue, JobId,
     MAX_CONTENT_TYPE_LEN, MAX_FILE_NAME_LEN, MAX_ID_LEN, RecordingId, TenantId,
 };
-pub use retry::RetryPolicy;
+pub use retry::{FailureClass, GiveUp, RetryPolicy, RetryState};
 pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
 pub use store::{
     Clash, Job, JobEvent, JobFilter, JobStore, JobStoreError, KeyConflict, NewJob, ReleasedUpload,
-    Resend,
+    Resend, rfc3339,
 };

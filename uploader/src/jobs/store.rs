@@ -27,7 +27,7 @@ use crate::digest::Sha256Digest;
 /// 3. `jobs.stored_sha256`: the SHA-256 of the backup file as stored
 ///    (encrypted), which the scrub checks without a key; NULL for a backup
 ///    written in clear by an older uploader.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     object_key          TEXT,               -- key at destination_id; NULL = registered at the next attempt
     stored_sha256       BLOB CHECK (stored_sha256 IS NULL OR length(stored_sha256) = 32),
                                             -- of the encrypted backup file; NULL = written in clear
+    retrying_since      INTEGER,            -- Unix ms of the first failed attempt since creation
+                                            -- or the last resend; NULL = none failed
+    doubtful_failures   INTEGER NOT NULL DEFAULT 0,
+                                            -- failed attempts whose error may be permanent
     UNIQUE (tenant_id, recording_id)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
@@ -307,6 +311,12 @@ pub struct Job {
     pub location: Option<String>,
     /// How the copy was verified (once DELIVERED).
     pub verified_by: Option<VerifiedBy>,
+    /// The first failed attempt since creation or the last resend: where the
+    /// retry window for transient failures starts. `None` while none failed.
+    pub retrying_since: Option<OffsetDateTime>,
+    /// Failed attempts since creation or the last resend whose error may be
+    /// permanent (they have their own, small budget).
+    pub doubtful_failures: u32,
     /// When the next attempt is due (STORED, RETRYING).
     pub next_attempt_at: Option<OffsetDateTime>,
     /// When the job was created.
@@ -850,16 +860,25 @@ impl JobStore {
         .await
     }
 
-    /// UPLOADING | VERIFYING → RETRYING after a transient error, due again at `next_attempt_at`.
+    /// UPLOADING | VERIFYING → RETRYING after a failure that may pass, due
+    /// again at `next_attempt_at`. The first such failure since creation or
+    /// the last resend starts the retry window (`retrying_since`); a failure
+    /// that may be permanent (`doubtful`) also counts against its own budget.
     pub async fn mark_retry(
         &self,
         job_id: JobId,
         error: String,
         next_attempt_at: OffsetDateTime,
+        doubtful: bool,
     ) -> Result<Job> {
         self.single(move |tx, now| {
             let message = format!(
-                "attempt failed, retrying at {}: {error}",
+                "attempt failed ({}), retrying at {}: {error}",
+                if doubtful {
+                    "may be permanent"
+                } else {
+                    "transient"
+                },
                 rfc3339(next_attempt_at)
             );
             transition(
@@ -868,8 +887,14 @@ impl JobStore {
                 JobState::Retrying,
                 now,
                 &message,
-                "last_error = :error, next_attempt_at = :next",
-                named_params! { ":error": error, ":next": to_ms(next_attempt_at) },
+                "last_error = :error, next_attempt_at = :next,
+                 retrying_since = COALESCE(retrying_since, :now),
+                 doubtful_failures = doubtful_failures + :doubtful",
+                named_params! {
+                    ":error": error,
+                    ":next": to_ms(next_attempt_at),
+                    ":doubtful": i64::from(doubtful),
+                },
             )
         })
         .await
@@ -1053,7 +1078,7 @@ impl JobStore {
                 now,
                 &message,
                 "attempts = 0, last_error = NULL, next_attempt_at = :now, destination_id = :d,
-                 object_key = :k",
+                 object_key = :k, retrying_since = NULL, doubtful_failures = 0",
                 named_params! { ":d": destination.as_str(), ":k": object_key },
             )
         })
@@ -1239,6 +1264,22 @@ fn migrate(tx: &Transaction<'_>) -> Result<()> {
         tx.execute_batch(
             "ALTER TABLE jobs ADD COLUMN stored_sha256 BLOB
                 CHECK (stored_sha256 IS NULL OR length(stored_sha256) = 32)",
+        )?;
+    }
+    let has_retrying_since = tx
+        .prepare("SELECT 1 FROM pragma_table_info('jobs') WHERE name = 'retrying_since'")?
+        .exists([])?;
+    if !has_retrying_since {
+        // Version 3 → 4. A job already RETRYING starts its retry window now
+        // (its first failure's time was not kept) and counts no doubtful
+        // failure yet.
+        tx.execute_batch(
+            "ALTER TABLE jobs ADD COLUMN retrying_since INTEGER;
+             ALTER TABLE jobs ADD COLUMN doubtful_failures INTEGER NOT NULL DEFAULT 0;",
+        )?;
+        tx.execute(
+            "UPDATE jobs SET retrying_since = :now WHERE state = 'RETRYING'",
+            named_params! { ":now": to_ms(OffsetDateTime::now_utc()) },
         )?;
     }
     Ok(())
@@ -1439,7 +1480,7 @@ fn add_event(
 const COLUMNS: &str = "job_id, tenant_id, recording_id, destination_id, file_name, content_type,
     backup_path, sha256, size, state, attempts, last_error, location, verified_by,
     next_attempt_at, created_at, updated_at, backup_corrupt, backup_deleted,
-    multipart_upload_id, request_id, object_key, stored_sha256";
+    multipart_upload_id, request_id, object_key, stored_sha256, retrying_since, doubtful_failures";
 
 fn get_tx(conn: &Connection, job_id: JobId) -> Result<Job> {
     select_one(
@@ -1540,6 +1581,16 @@ fn job_from_row(row: &Row<'_>) -> Result<Job> {
             .get::<_, Option<i64>>("next_attempt_at")?
             .map(from_ms)
             .transpose()?,
+        retrying_since: row
+            .get::<_, Option<i64>>("retrying_since")?
+            .map(from_ms)
+            .transpose()?,
+        doubtful_failures: {
+            let n: i64 = row.get("doubtful_failures")?;
+            u32::try_from(n).map_err(|_| {
+                JobStoreError::Corrupt(format!("job {job_id}: doubtful_failures {n}"))
+            })?
+        },
         created_at: from_ms(row.get("created_at")?)?,
         updated_at: from_ms(row.get("updated_at")?)?,
         backup_corrupt: row.get("backup_corrupt")?,
@@ -1576,7 +1627,8 @@ fn now_ms() -> i64 {
     to_ms(OffsetDateTime::now_utc())
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
+/// `t` as RFC 3339 (history lines, give-up reasons).
+pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
