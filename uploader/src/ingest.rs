@@ -192,7 +192,10 @@ impl From<IngestError> for Status {
             | IngestError::Sha256Mismatch { .. }
             | IngestError::EndedBeforeTrailer { .. } => Code::DataLoss,
             IngestError::Idle { .. } => Code::DeadlineExceeded,
-            IngestError::Stream { status, .. } => status.code(),
+            // A chunk over the message size cap, refused by the decoder.
+            IngestError::Stream { status, .. } => {
+                recvault_runtime::oversized::oversized(status.clone()).code()
+            }
             IngestError::Storage(b) if b.io_kind() == Some(std::io::ErrorKind::StorageFull) => {
                 Code::ResourceExhausted
             }

@@ -252,6 +252,7 @@ impl Bound {
         tracing::info!(%local_addr, "uploader serving (mTLS, TLS 1.3)");
         let served = tonic::transport::Server::builder()
             .layer(crate::activity::BodyActivityLayer)
+            .layer(recvault_runtime::oversized::OversizedLayer)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -1941,3 +1941,30 @@ async fn fetch_backup_sends_nothing_when_the_audit_log_fails() {
     }
     assert_eq!(got, data);
 }
+
+/// A message over the size cap (a chunk past `max_chunk_bytes` plus the
+/// framing allowance) is refused by the decoder: RESOURCE_EXHAUSTED, as
+/// gRPC's status table says, and nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_cap_is_resource_exhausted() {
+    let rig = Rig::start().await;
+    let target = rig.fs_root().join("delivered");
+    std::fs::create_dir_all(&target).unwrap();
+    let destination = rig.put_fs_destination("local", &target, "calls").await;
+    let data = bytes(5 * 1024 * 1024, 9);
+    let messages = vec![
+        header(&destination, "rec-big", "big.mp4"),
+        chunk(&data),
+        trailer(&data),
+    ];
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        rig.recorder().upload(tokio_stream::iter(messages)),
+    )
+    .await
+    .expect("answered")
+    .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(rig.job_count().await, 0);
+    assert!(files_under(&rig.backup_dir()).is_empty());
+}

@@ -2,7 +2,7 @@
 //!
 //! Every handler writes its own audit event (see [`crate::core::VaultCore::finish`]).
 //! Some calls never reach a handler: tonic refuses a message over the size cap
-//! (`OUT_OF_RANGE`) or one that does not decode (`INTERNAL`), and a method that
+//! (`RESOURCE_EXHAUSTED`, see `recvault_runtime::oversized`) or one that does not decode (`INTERNAL`), and a method that
 //! does not exist gets `UNIMPLEMENTED` from the router. They are still accesses
 //! to the vault, so this layer, around every service, writes the event for
 //! them: operation from the request path, the peer's identity and certificate

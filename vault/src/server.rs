@@ -175,6 +175,7 @@ impl Bound {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(crate::refusals::AuditRefusalsLayer::new(core.clone()))
+            .layer(recvault_runtime::oversized::OversizedLayer)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

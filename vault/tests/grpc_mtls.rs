@@ -435,7 +435,8 @@ async fn requests_over_64_kib_are_refused() {
         .await
         .unwrap();
     let mut manager = credentials(&vault, "manager");
-    // tonic refuses the message before any handler runs: OUT_OF_RANGE.
+    // tonic refuses the message before any handler runs: RESOURCE_EXHAUSTED,
+    // as gRPC's status table says (the decoder's OUT_OF_RANGE, rewritten).
     let status = expect_code(
         manager
             .put_credential(put_request(
@@ -445,7 +446,7 @@ async fn requests_over_64_kib_are_refused() {
                 &vec![b'x'; 70 * 1024],
             ))
             .await,
-        Code::OutOfRange,
+        Code::ResourceExhausted,
     );
     assert!(status.message().contains("65536"), "{status:?}");
     // Just under the cap still works, and the connection is still usable.
@@ -467,7 +468,7 @@ async fn requests_over_64_kib_are_refused() {
                 ttl_seconds: 1,
             })
             .await,
-        Code::OutOfRange,
+        Code::ResourceExhausted,
     );
 }
 
@@ -958,7 +959,7 @@ async fn calls_refused_before_a_handler_are_audited_once() {
         request
     }
 
-    // Over the 64 KiB cap: OUT_OF_RANGE from the decoder.
+    // Over the 64 KiB cap: RESOURCE_EXHAUSTED (the decoder's OUT_OF_RANGE, rewritten).
     expect_code(
         credentials(&vault, "manager")
             .put_credential(with_id(
@@ -971,7 +972,7 @@ async fn calls_refused_before_a_handler_are_audited_once() {
                 ),
             ))
             .await,
-        Code::OutOfRange,
+        Code::ResourceExhausted,
     );
     let events = by_request("refused-oversized").await;
     assert_eq!(events.len(), 1, "{events:#?}");
@@ -981,7 +982,7 @@ async fn calls_refused_before_a_handler_are_audited_once() {
     );
     assert_eq!(events[0].identity, "spiffe://recvault.local/manager");
     assert_eq!(events[0].outcome, "error");
-    assert_eq!(events[0].code, "OUT_OF_RANGE");
+    assert_eq!(events[0].code, "RESOURCE_EXHAUSTED");
 
     // A method the vault does not have, from an identity with no grant.
     let mut grpc = tonic::client::Grpc::new(vault.channel("stranger"));

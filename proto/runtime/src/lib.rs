@@ -12,6 +12,7 @@ pub mod hardening;
 pub mod identity;
 pub mod logging;
 pub mod metrics;
+pub mod oversized;
 pub mod policy;
 pub mod probe;
 pub mod secret;
