@@ -265,7 +265,17 @@ impl Bound {
             )))
             .add_service(JobsServer::new(JobsService::new(shared.clone())))
             .add_service(AuditServer::new(AuditService::new(shared.clone())))
-            .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+            .serve_with_incoming_shutdown(
+                tls::incoming(
+                    listener,
+                    tls,
+                    tls::HandshakeRefusals::new(
+                        shared.metrics.registry.clone(),
+                        "recvault_uploader_tls_handshakes_refused_total",
+                    ),
+                ),
+                shutdown,
+            )
             .await;
         let _ = stop_tx.send(true);
         let _ = worker_task.await;

@@ -115,7 +115,11 @@ impl Rig {
             tonic::transport::Server::builder()
                 .add_service(leases)
                 .add_service(data_keys.server())
-                .serve_with_incoming(tls::incoming(listener, vault_tls)),
+                .serve_with_incoming(tls::incoming(
+                    listener,
+                    vault_tls,
+                    tls::HandshakeRefusals::new(Default::default(), "stand_in_vault_refused_total"),
+                )),
         );
 
         let cert = |n: &str| certs.join(n).display().to_string();

@@ -315,7 +315,14 @@ async fn start_baseline(config: &recvault_vault::config::VaultConfig) -> SocketA
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(health)
-            .serve_with_incoming(tls::incoming(listener, tls))
+            .serve_with_incoming(tls::incoming(
+                listener,
+                tls,
+                tls::HandshakeRefusals::new(
+                    Default::default(),
+                    "bench_tls_handshakes_refused_total",
+                ),
+            ))
             .await
             .expect("baseline serves");
     });

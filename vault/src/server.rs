@@ -196,7 +196,17 @@ impl Bound {
                 DataKeysServer::new(DataKeysService::new(core.clone()))
                     .max_decoding_message_size(max),
             )
-            .serve_with_incoming_shutdown(tls::incoming(listener, tls), shutdown)
+            .serve_with_incoming_shutdown(
+                tls::incoming(
+                    listener,
+                    tls,
+                    tls::HandshakeRefusals::new(
+                        core.metrics.registry.clone(),
+                        "recvault_vault_tls_handshakes_refused_total",
+                    ),
+                ),
+                shutdown,
+            )
             .await?;
         let _ = probe_stop.send(());
         tracing::info!("vault stopped");

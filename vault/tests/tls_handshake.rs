@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use recvault_proto::vault::v1::ListCredentialsRequest;
 use recvault_runtime::devcerts;
-use recvault_vault::testing::TEST_IDENTITIES;
+use recvault_vault::testing::{TEST_IDENTITIES, TestVault};
 
 /// Asserts the handshake failed with a fatal alert from the server, one of `alerts`.
 fn assert_refused(result: std::io::Result<String>, alerts: &[&str]) {
@@ -20,6 +20,21 @@ fn assert_refused(result: std::io::Result<String>, alerts: &[&str]) {
         message.contains("received fatal alert") && alerts.iter().any(|a| message.contains(a)),
         "expected a TLS alert from {alerts:?}, got {error:?}"
     );
+}
+
+/// Waits until the vault counted one refused handshake for `reason` (the
+/// server side finishes after the client saw the alert).
+async fn assert_counted(vault: &TestVault, reason: &str) {
+    let line = format!("recvault_vault_tls_handshakes_refused_total{{reason=\"{reason}\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = vault.core.metrics.registry.render();
+        if metrics.contains(&line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,6 +63,7 @@ async fn client_without_certificate_is_refused_at_the_handshake() {
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert_refused(handshake(&vault, config).await, &["CertificateRequired"]);
+    assert_counted(&vault, "no_certificate").await;
     // Nothing reached the API, so nothing was audited.
     assert_eq!(vault.core.audit.head().0, 0);
 }
@@ -66,6 +82,7 @@ async fn certificate_from_another_ca_is_refused_at_the_handshake() {
         handshake(&vault, config).await,
         &["UnknownCA", "DecryptError", "BadCertificate"],
     );
+    assert_counted(&vault, "unknown_ca").await;
     assert_eq!(vault.core.audit.head().0, 0);
 }
 
@@ -80,6 +97,7 @@ async fn tls12_only_client_is_refused() {
             .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert_refused(handshake(&vault, config).await, &["ProtocolVersion"]);
+    assert_counted(&vault, "protocol_version").await;
 }
 
 /// Rotates every certificate and the CA under a running vault: new

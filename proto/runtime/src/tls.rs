@@ -253,6 +253,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingServerTls>,
+    refusals: HandshakeRefusals,
 ) -> ReceiverStream<io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -271,18 +272,66 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake refused"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(error)) => refusals.refused(peer, refusal_reason(&error), &error),
+                    Err(_) => refusals.refused(peer, "timeout", &"no handshake within 10 s"),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Counts and logs TLS handshakes a service refused, per reason
+/// (`no_certificate`, `unknown_ca`, `expired`, `bad_certificate`,
+/// `protocol_version`, `timeout`, `other`), as the counter `name{reason}`.
+#[derive(Debug, Clone)]
+pub struct HandshakeRefusals {
+    registry: Arc<crate::metrics::Registry>,
+    name: &'static str,
+}
+
+impl HandshakeRefusals {
+    /// Refusals counted in `registry` as `name` (e.g. `recvault_vault_tls_handshakes_refused_total`).
+    pub fn new(registry: Arc<crate::metrics::Registry>, name: &'static str) -> Self {
+        Self { registry, name }
+    }
+
+    fn refused(&self, peer: SocketAddr, reason: &'static str, error: &dyn std::fmt::Display) {
+        self.registry
+            .counter(
+                self.name,
+                "TLS handshakes refused, by reason (no_certificate, unknown_ca, expired, bad_certificate, protocol_version, timeout, other).",
+                &[("reason", reason)],
+            )
+            .inc();
+        tracing::warn!(%peer, reason, error = %error, "TLS handshake refused");
+    }
+}
+
+/// The metric label for why a handshake failed (see [`HandshakeRefusals`]).
+pub fn refusal_reason(error: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<Error>()) else {
+        return "other";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => "unknown_ca",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::PeerIncompatible(_) => "protocol_version",
+        _ => "other",
+    }
 }
 
 /// Binds `addr` (use port 0 in tests) and returns the listener and its real address.
