@@ -66,31 +66,14 @@ fn delivery_class(e: &DeliveryError) -> FailureClass {
         DeliveryError::Connection { .. }
         | DeliveryError::Hook { .. }
         | DeliveryError::Write { .. } => FailureClass::Transient,
-        DeliveryError::Provider { code, status, .. } => match (code.as_deref(), status) {
-            (
-                Some(
-                    "BadDigest"
-                    | "XAmzContentSHA256Mismatch"
-                    | "InvalidDigest"
-                    | "IncompleteBody"
-                    | "NoSuchUpload",
-                ),
-                _,
-            ) => FailureClass::Doubtful,
-            (_, None | Some(408 | 429 | 500..=599)) => FailureClass::Transient,
-            (
-                Some(
-                    "RequestTimeout"
-                    | "SlowDown"
-                    | "InternalError"
-                    | "ServiceUnavailable"
-                    | "RequestTimeTooSkewed"
-                    | "OperationAborted"
-                    | "TooManyRequests",
-                ),
-                _,
-            ) => FailureClass::Transient,
-            _ => FailureClass::Doubtful,
+        // The destination already told permanent from not; of the rest, bytes
+        // corrupted in transit or an upload that vanished may recur, and
+        // everything else it retries (busy, throttled, 5xx, no status) is an outage.
+        DeliveryError::Provider { code, .. } => match code.as_deref() {
+            Some(c) if c == "NoSuchUpload" || destination::CORRUPTED_IN_TRANSIT.contains(&c) => {
+                FailureClass::Doubtful
+            }
+            _ => FailureClass::Transient,
         },
         _ => FailureClass::Doubtful,
     }
@@ -607,6 +590,56 @@ mod tests {
     /// connection (what a restarted process would read): the id must already
     /// be committed. A hook that is not awaited (the id persisted in the
     /// background, as before) would let the parts through during those 400 ms.
+    /// Which failures are waited out, which have the small budget, and
+    /// which retain at once: what an operator's outage costs depends on it.
+    #[test]
+    fn delivery_errors_are_classed_for_the_retry_policy() {
+        use crate::destination::ProbeStep;
+        let provider = |status: Option<u16>, code: &str| {
+            let (permanent, step, hint) = crate::destination::classify_provider(status, Some(code));
+            DeliveryError::Provider {
+                location: "s3://b/k".into(),
+                operation: "PutObject",
+                status,
+                code: Some(code.into()),
+                message: None,
+                permanent,
+                step,
+                hint,
+            }
+        };
+        let connection = DeliveryError::Connection {
+            location: "s3://b/k".into(),
+            operation: "PutObject",
+            step: ProbeStep::Connect,
+            message: "connection refused".into(),
+            hint: "",
+        };
+        let verification = DeliveryError::Verification {
+            location: "s3://b/k".into(),
+            detail: "size differs".into(),
+        };
+        for (error, class) in [
+            (connection, FailureClass::Transient),
+            (
+                provider(Some(503), "ServiceUnavailable"),
+                FailureClass::Transient,
+            ),
+            (provider(Some(503), "SlowDown"), FailureClass::Transient),
+            (provider(Some(500), "WeirdNewCode"), FailureClass::Transient),
+            (provider(Some(400), "BadDigest"), FailureClass::Doubtful),
+            (provider(Some(404), "NoSuchUpload"), FailureClass::Doubtful),
+            (verification, FailureClass::Doubtful),
+            (
+                provider(Some(403), "SignatureDoesNotMatch"),
+                FailureClass::Permanent,
+            ),
+            (provider(Some(404), "NoSuchBucket"), FailureClass::Permanent),
+        ] {
+            assert_eq!(delivery_class(&error), class, "{error}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_id_is_committed_before_the_first_part() {
         let dir = tempfile::tempdir().unwrap();

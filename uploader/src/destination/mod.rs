@@ -661,6 +661,14 @@ impl DeliveryError {
 /// Codes from the S3 error list
 /// (<https://docs.aws.amazon.com/AmazonS3/latest/API/ErrorResponses.html#ErrorCodeList>),
 /// plus `NotSignedUp`, which s3s answers for an unknown access key.
+/// Provider error codes for bytes that arrived other than they were sent.
+pub const CORRUPTED_IN_TRANSIT: [&str; 4] = [
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+    "InvalidDigest",
+    "IncompleteBody",
+];
+
 pub(crate) fn classify_provider(
     status: Option<u16>,
     code: Option<&str>,
@@ -696,9 +704,7 @@ pub(crate) fn classify_provider(
             | "AuthorizationHeaderMalformed"
             | "IllegalLocationConstraintException",
         ) => (true, ProbeStep::Bucket, REGION),
-        Some("BadDigest" | "XAmzContentSHA256Mismatch" | "InvalidDigest" | "IncompleteBody") => {
-            (false, ProbeStep::Other, DIGEST)
-        }
+        Some(c) if CORRUPTED_IN_TRANSIT.contains(&c) => (false, ProbeStep::Other, DIGEST),
         Some("NoSuchUpload") => (false, ProbeStep::Other, UPLOAD_GONE),
         Some(
             "RequestTimeout"
