@@ -279,21 +279,49 @@ pub fn grpcurl_call(
 /// A directory to put on `PYTHONPATH` so that `python3` can import `grpc`
 /// (grpcio) and `grpc_tools` (grpcio-tools), for clients written with another
 /// gRPC implementation. Installed on first use from PyPI with pip into
-/// `target/tools/python`. Installs into a scratch directory and renames it into
-/// place, so concurrent test binaries never see half an install. Panics (the
-/// test fails, never skips) when python3 or pip is missing, naming what to install.
+/// `target/tools/python` (see [`pip_target`]).
 pub fn python_grpc_tools() -> PathBuf {
-    let tools = workspace_root().join("target/tools");
-    let dir = tools.join("python");
-    let installed = |d: &Path| d.join("grpc").is_dir() && d.join("grpc_tools").is_dir();
     static INSTALL: Mutex<()> = Mutex::new(());
-    let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    pip_target(
+        &INSTALL,
+        "python",
+        &[("grpcio", "grpc"), ("grpcio-tools", "grpc_tools")],
+    )
+}
+
+/// A directory to put on `PYTHONPATH` so that `python3` can import
+/// `cryptography` and `pyhpke`, the only packages the break-glass scripts in
+/// `deploy/recovery/` need. Installed on first use from PyPI with pip into
+/// `target/tools/python-recovery` (see [`pip_target`]).
+pub fn python_recovery_tools() -> PathBuf {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    pip_target(
+        &INSTALL,
+        "python-recovery",
+        &[("cryptography", "cryptography"), ("pyhpke", "pyhpke")],
+    )
+}
+
+/// `target/tools/<name>` holding `packages` (PyPI name, import directory),
+/// installed with `pip install --target` on first use. Installs into a
+/// scratch directory renamed into place, so concurrent test binaries never
+/// see half an install; a directory missing a package is not trusted and is
+/// installed afresh. Panics (the test fails, never skips) when python3 or
+/// pip is missing, naming what to install.
+fn pip_target(lock: &Mutex<()>, name: &str, packages: &[(&str, &str)]) -> PathBuf {
+    let tools = workspace_root().join("target/tools");
+    let dir = tools.join(name);
+    let installed = |d: &Path| packages.iter().all(|(_, import)| d.join(import).is_dir());
+    let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
     if installed(&dir) {
         return dir;
     }
-    let missing = "the Python interop test needs python3 with pip (Debian/Ubuntu: \
-                   `apt-get install python3 python3-pip`; then grpcio and grpcio-tools \
-                   are installed from PyPI into target/tools/python on first use)";
+    let names: Vec<&str> = packages.iter().map(|(pypi, _)| *pypi).collect();
+    let missing = format!(
+        "this test needs python3 with pip (Debian/Ubuntu: `apt-get install python3 \
+         python3-pip`; then {} are installed from PyPI into target/tools/{name} on first use)",
+        names.join(" and ")
+    );
     match Command::new("python3")
         .args(["-m", "pip", "--version"])
         .stdout(Stdio::null())
@@ -305,11 +333,10 @@ pub fn python_grpc_tools() -> PathBuf {
         Err(e) => panic!("python3 could not be run ({e}): {missing}"),
     }
     std::fs::create_dir_all(&tools).expect("create target/tools");
-    // A directory without both packages is not ours to trust (e.g. hand-made); start over.
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let scratch = tools.join(format!("python.partial-{}", std::process::id()));
+    let scratch = tools.join(format!("{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     let status = Command::new("python3")
         .args([
@@ -322,13 +349,14 @@ pub fn python_grpc_tools() -> PathBuf {
             "--target",
         ])
         .arg(&scratch)
-        .args(["grpcio", "grpcio-tools"])
+        .args(&names)
         .env("PIP_ROOT_USER_ACTION", "ignore")
         .status()
         .expect("run python3 -m pip install");
     assert!(
         status.success(),
-        "pip install grpcio grpcio-tools failed (is PyPI reachable?): {missing}"
+        "pip install {} failed (is PyPI reachable?): {missing}",
+        names.join(" ")
     );
     // Another process may have finished first; then its copy is used.
     if std::fs::rename(&scratch, &dir).is_err() {
@@ -336,63 +364,8 @@ pub fn python_grpc_tools() -> PathBuf {
     }
     assert!(
         installed(&dir),
-        "grpcio/grpcio-tools not found under {} after pip install",
-        dir.display()
-    );
-    dir
-}
-
-/// A directory to put on `PYTHONPATH` so that `python3` can import
-/// `cryptography` and `pyhpke`, the only packages the break-glass scripts in
-/// `deploy/recovery/` need. Installed on first use from PyPI with pip into
-/// `target/tools/python-recovery` (its own directory: [`python_grpc_tools`]
-/// replaces `target/tools/python` whenever grpcio is missing from it), through
-/// a scratch directory renamed into place, so concurrent test binaries never
-/// see half an install. Panics (the test fails, never skips) without pip.
-pub fn python_recovery_tools() -> PathBuf {
-    let tools = workspace_root().join("target/tools");
-    let dir = tools.join("python-recovery");
-    let installed = |d: &Path| d.join("cryptography").is_dir() && d.join("pyhpke").is_dir();
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _guard = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
-    if installed(&dir) {
-        return dir;
-    }
-    std::fs::create_dir_all(&tools).expect("create target/tools");
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    let scratch = tools.join(format!("python-recovery.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-input",
-            "--target",
-        ])
-        .arg(&scratch)
-        .args(["cryptography", "pyhpke"])
-        .env("PIP_ROOT_USER_ACTION", "ignore")
-        .status()
-        .expect(
-            "run python3 -m pip install (the recovery test needs python3 with pip; \
-             Debian/Ubuntu: apt-get install python3 python3-pip)",
-        );
-    assert!(
-        status.success(),
-        "pip install cryptography pyhpke failed (is PyPI reachable?)"
-    );
-    // Another process may have finished first; then its copy is used.
-    if std::fs::rename(&scratch, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&scratch);
-    }
-    assert!(
-        installed(&dir),
-        "cryptography/pyhpke not found under {} after pip install",
+        "{} not found under {} after pip install",
+        names.join("/"),
         dir.display()
     );
     dir
