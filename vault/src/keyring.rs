@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use hkdf::Hkdf;
@@ -108,38 +108,23 @@ impl MasterKey {
     /// Reads the key file: one line of 64 lowercase hex characters, optional
     /// trailing newline. Refuses a file that group or others may access.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, MasterKeyError> {
+        use recvault_runtime::secret::{PrivateFileError, read_private_file};
         let path = path.as_ref();
-        let io_err = |source| MasterKeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = File::open(path).map_err(io_err)?;
-        // Check the opened file (fstat), not the path, so a swap cannot slip in between.
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(MasterKeyError::NotAFile {
+        // One byte more than the longest valid file, to notice trailing content.
+        let (buf, len) = read_private_file(path, KEY_FILE_HEX_LEN + 1).map_err(|e| match e {
+            PrivateFileError::Io(source) => MasterKeyError::Io {
                 path: path.to_owned(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(MasterKeyError::Permissions {
+                source,
+            },
+            PrivateFileError::NotAFile => MasterKeyError::NotAFile {
+                path: path.to_owned(),
+            },
+            PrivateFileError::Permissions(mode) => MasterKeyError::Permissions {
                 path: path.to_owned(),
                 mode,
-            });
-        }
-
-        // One byte more than the longest valid file, to notice trailing content.
-        let mut buf = Zeroizing::new([0u8; KEY_FILE_HEX_LEN + 2]);
-        let mut len = 0;
-        while len < buf.len() {
-            match file.read(&mut buf[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(e)),
-            }
-        }
+            },
+        })?;
+        let buf = buf.expose_secret();
         let format_err = || MasterKeyError::Format {
             path: path.to_owned(),
         };
@@ -475,6 +460,7 @@ impl fmt::Debug for Keyring {
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
 
     const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 

@@ -5,8 +5,8 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Read, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    io::{self, Write},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -79,36 +79,19 @@ impl AuditKey {
     /// Reads a key file: exactly [`Self::LEN`] bytes, owner-only permissions
     /// (checked on the opened file, so a swap cannot slip in between).
     pub fn load_file(path: &Path) -> Result<Self, KeyFileError> {
-        let io_err = |source| KeyFileError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = File::open(path).map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(KeyFileError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KeyFileError::Permissions {
-                path: path.to_owned(),
+        use recvault_runtime::secret::{PrivateFileError, read_private_file};
+        let path_buf = || path.to_owned();
+        let (buf, len) = read_private_file(path, Self::LEN).map_err(|e| match e {
+            PrivateFileError::Io(source) => KeyFileError::Io {
+                path: path_buf(),
+                source,
+            },
+            PrivateFileError::NotAFile => KeyFileError::NotAFile { path: path_buf() },
+            PrivateFileError::Permissions(mode) => KeyFileError::Permissions {
+                path: path_buf(),
                 mode,
-            });
-        }
-        // One byte more than the key, to notice trailing content; the buffer
-        // is locked and zeroized like the key itself.
-        let mut buf = SecretBytes::zeroed(Self::LEN + 1);
-        let mut len = 0;
-        while len < buf.len() {
-            match file.read(&mut buf.expose_secret_mut()[len..]) {
-                Ok(0) => break,
-                Ok(n) => len += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(e)),
-            }
-        }
+            },
+        })?;
         if len != Self::LEN {
             return Err(KeyFileError::Length {
                 path: path.to_owned(),
@@ -167,6 +150,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use std::fs;
+    use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
 

@@ -114,3 +114,47 @@ mod tests {
         assert_eq!(s.len(), 3);
     }
 }
+
+/// Why [`read_private_file`] refused a file.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    /// It could not be opened or read.
+    Io(std::io::Error),
+    /// It is not a regular file.
+    NotAFile,
+    /// Group or others may access it (its permission bits).
+    Permissions(u32),
+}
+
+/// Reads a key file of at most `max_len` bytes that only its owner may
+/// access, into locked, zeroizing memory. The checks run on the opened file
+/// (fstat), so a swap of the path cannot slip in between. Returns a buffer
+/// of `max_len + 1` bytes and how many were read: a length over `max_len`
+/// means trailing content, which the caller refuses.
+pub fn read_private_file(
+    path: &std::path::Path,
+    max_len: usize,
+) -> Result<(SecretBytes, usize), PrivateFileError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut file = std::fs::File::open(path).map_err(PrivateFileError::Io)?;
+    let meta = file.metadata().map_err(PrivateFileError::Io)?;
+    if !meta.is_file() {
+        return Err(PrivateFileError::NotAFile);
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PrivateFileError::Permissions(mode));
+    }
+    let mut buf = SecretBytes::zeroed(max_len + 1);
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf.expose_secret_mut()[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PrivateFileError::Io(e)),
+        }
+    }
+    Ok((buf, len))
+}
