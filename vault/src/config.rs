@@ -42,6 +42,8 @@ pub struct VaultConfig {
     #[serde(default)]
     pub leases: LeaseSettings,
     #[serde(default)]
+    pub audit: AuditSettings,
+    #[serde(default)]
     pub log_format: LogFormat,
     /// How often certificate, key, CA and policy files are checked for changes.
     #[serde(default = "default_reload_secs")]
@@ -89,6 +91,30 @@ impl Default for LeaseSettings {
             max_ttl_secs: 300,
             max_active: 100_000,
         }
+    }
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSettings {
+    /// Refused TLS handshakes are audited as one event per peer address and
+    /// reason per window of this many seconds (see `tls/Handshake` events).
+    pub handshake_window_secs: u64,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            handshake_window_secs: 10,
+        }
+    }
+}
+
+impl AuditSettings {
+    /// The aggregation window of refused handshakes (at least 1 s).
+    pub fn handshake_window(&self) -> Duration {
+        Duration::from_secs(self.handshake_window_secs.max(1))
     }
 }
 
@@ -213,6 +239,7 @@ impl VaultConfig {
             policy_file: data_dir.join("policy.toml"),
             limits: Limits::default(),
             leases: LeaseSettings::default(),
+            audit: AuditSettings::default(),
             log_format: LogFormat::Text,
             reload_interval_secs: default_reload_secs(),
         }

@@ -191,12 +191,13 @@ impl VaultCore {
         result
     }
 
-    /// The event of a call refused before any handler ran (see
-    /// [`crate::refusals`]). Nothing was served, so a failed write is logged
-    /// and counted, and the refusal goes out as it is.
+    /// The event of an access refused before any handler ran: a call (see
+    /// [`crate::refusals`]) or TLS handshakes (in aggregate). Nothing was
+    /// served, so a failed write is logged and counted, and nothing waits on it.
     pub async fn audit_refusal(&self, record: AuditRecord) {
         tracing::info!(operation = %record.operation, request_id = %record.request_id,
-            identity = %record.identity, code = %record.code, "call refused before its handler");
+            identity = %record.identity, code = %record.code, detail = %record.detail,
+            "access refused before any handler");
         let started = std::time::Instant::now();
         let appended = self.audit.append(record).await;
         self.metrics.audit_committed(started.elapsed());

@@ -153,3 +153,73 @@ fn refused_with<R>(response: &http::Response<R>) -> Option<tonic::Code> {
     let code = tonic::Code::from(status.parse::<i32>().ok()?);
     (code != tonic::Code::Ok).then_some(code)
 }
+
+/// Operation name of the audit events for refused TLS handshakes.
+pub const HANDSHAKE_OPERATION: &str = "tls/Handshake";
+
+/// Most distinct (peer address, reason) pairs held per window; refusals from
+/// further peers are summed into one "other peers" event per reason, so a
+/// flood from many addresses cannot grow memory or the log without bound.
+pub const MAX_HANDSHAKE_PEERS: usize = 1024;
+
+/// Refused TLS handshakes, audited in aggregate: the listener hands every
+/// refusal to [`HandshakeAudit::record`], and each window one event per peer
+/// address and reason is written (outcome `denied`, code `UNAUTHENTICATED`,
+/// detail `peer=<ip> reason=<reason> refused=<n> window=<s>s`). A peer that
+/// retries a bad certificate a thousand times a second costs one event per
+/// window, not a thousand.
+#[derive(Debug, Default)]
+pub struct HandshakeAudit {
+    pending:
+        std::sync::Mutex<std::collections::BTreeMap<(Option<std::net::IpAddr>, &'static str), u64>>,
+}
+
+impl HandshakeAudit {
+    /// Counts one refusal (never blocks on I/O).
+    pub fn record(&self, peer: std::net::SocketAddr, reason: &'static str) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut key = (Some(peer.ip()), reason);
+        if !pending.contains_key(&key) && pending.len() >= MAX_HANDSHAKE_PEERS {
+            key = (None, reason);
+        }
+        *pending.entry(key).or_default() += 1;
+    }
+
+    /// Writes one event per (peer, reason) counted since the last flush.
+    pub async fn flush(&self, core: &VaultCore, window: std::time::Duration) {
+        let drained = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for ((ip, reason), count) in drained {
+            let peer = ip.map_or_else(
+                || format!("other (more than {MAX_HANDSHAKE_PEERS} peers in the window)"),
+                |ip| ip.to_string(),
+            );
+            let record = AuditRecord {
+                identity: "unauthenticated".into(),
+                request_id: recvault_runtime::logging::new_request_id(),
+                detail: format!(
+                    "peer={peer} reason={reason} refused={count} window={}s",
+                    window.as_secs()
+                ),
+                ..AuditRecord::now(HANDSHAKE_OPERATION, Outcome::Denied, "UNAUTHENTICATED")
+            };
+            core.audit_refusal(record).await;
+        }
+    }
+
+    /// Flushes every `window` until the returned task is aborted.
+    pub fn spawn_flusher(
+        self: &Arc<Self>,
+        core: Arc<VaultCore>,
+        window: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(window);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                this.flush(&core, window).await;
+            }
+        })
+    }
+}

@@ -171,8 +171,15 @@ impl Bound {
             .build_v1alpha()
             .map_err(|e| StartError::Policy(format!("reflection: {e}")))?;
 
+        let handshakes = Arc::new(crate::refusals::HandshakeAudit::default());
+        let window = core.config.audit.handshake_window();
+        let handshake_flusher = handshakes.spawn_flusher(core.clone(), window);
+        let sink = {
+            let handshakes = handshakes.clone();
+            Arc::new(move |peer, reason| handshakes.record(peer, reason))
+        };
         tracing::info!(%local_addr, "vault serving (mTLS, TLS 1.3)");
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(crate::refusals::AuditRefusalsLayer::new(core.clone()))
             .layer(recvault_runtime::oversized::OversizedLayer)
@@ -203,11 +210,15 @@ impl Bound {
                     tls::HandshakeRefusals::new(
                         core.metrics.registry.clone(),
                         "recvault_vault_tls_handshakes_refused_total",
-                    ),
+                    )
+                    .with_sink(sink),
                 ),
                 shutdown,
             )
-            .await?;
+            .await;
+        handshake_flusher.abort();
+        handshakes.flush(&core, window).await;
+        served?;
         let _ = probe_stop.send(());
         tracing::info!("vault stopped");
         Ok(())

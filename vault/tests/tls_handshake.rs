@@ -37,6 +37,51 @@ async fn assert_counted(vault: &TestVault, reason: &str) {
     }
 }
 
+/// Starts a vault that audits refused handshakes every second.
+async fn start_audited() -> (tempfile::TempDir, TestVault) {
+    start_with(|c| c.audit.handshake_window_secs = 1).await
+}
+
+/// Waits for the `tls/Handshake` audit events and returns their details.
+async fn handshake_events(vault: &TestVault, want: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let events = vault
+            .core
+            .audit
+            .query(&Default::default(), 0, 1000)
+            .await
+            .unwrap();
+        let details: Vec<String> = events
+            .iter()
+            .filter(|e| e.record.operation == "tls/Handshake")
+            .map(|e| {
+                assert_eq!(
+                    (e.record.outcome.as_str(), e.record.code.as_str()),
+                    ("denied", "UNAUTHENTICATED")
+                );
+                assert_eq!(e.record.identity, "unauthenticated");
+                e.record.detail.clone()
+            })
+            .collect();
+        if details.len() >= want || Instant::now() > deadline {
+            return details;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts one audit event for `reason` from 127.0.0.1 with `count` refusals.
+async fn assert_audited(vault: &TestVault, reason: &str, count: u32) {
+    let details = handshake_events(vault, 1).await;
+    assert_eq!(
+        details,
+        [format!(
+            "peer=127.0.0.1 reason={reason} refused={count} window=1s"
+        )]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn correct_client_certificate_completes_the_handshake() {
     let (_dir, vault) = start().await;
@@ -57,20 +102,19 @@ async fn correct_client_certificate_completes_the_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_without_certificate_is_refused_at_the_handshake() {
-    let (_dir, vault) = start().await;
+    let (_dir, vault) = start_audited().await;
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots(&vault.certs.join("ca.crt")))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert_refused(handshake(&vault, config).await, &["CertificateRequired"]);
     assert_counted(&vault, "no_certificate").await;
-    // Nothing reached the API, so nothing was audited.
-    assert_eq!(vault.core.audit.head().0, 0);
+    assert_audited(&vault, "no_certificate", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_from_another_ca_is_refused_at_the_handshake() {
-    let (dir, vault) = start().await;
+    let (dir, vault) = start_audited().await;
     let other = dir.path().join("other-ca");
     devcerts::generate(&other, &["uploader"]).unwrap();
     // Trusts the vault's CA (so the client side is happy) but presents a
@@ -83,12 +127,72 @@ async fn certificate_from_another_ca_is_refused_at_the_handshake() {
         &["UnknownCA", "DecryptError", "BadCertificate"],
     );
     assert_counted(&vault, "unknown_ca").await;
-    assert_eq!(vault.core.audit.head().0, 0);
+    assert_audited(&vault, "unknown_ca", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_client_certificate_is_refused_counted_and_audited() {
+    let (_dir, vault) = start_audited().await;
+    devcerts::issue_expired(&vault.certs, "uploader").unwrap();
+    let config = client_config(
+        &vault.certs.join("ca.crt"),
+        &vault.certs,
+        "uploader-expired",
+    );
+    assert_refused(
+        handshake(&vault, config).await,
+        &["CertificateExpired", "BadCertificate"],
+    );
+    assert_counted(&vault, "expired").await;
+    assert_audited(&vault, "expired", 1).await;
+}
+
+/// A flood of bad handshakes from one peer is one audit event per window,
+/// with the count, not one event per handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_audited_in_aggregate() {
+    let (_dir, vault) = start_with(|c| c.audit.handshake_window_secs = 3).await;
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots(&vault.certs.join("ca.crt")))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    for _ in 0..40 {
+        assert_refused(
+            handshake(&vault, config.clone()).await,
+            &["CertificateRequired"],
+        );
+    }
+    let line = "recvault_vault_tls_handshakes_refused_total{reason=\"no_certificate\"} 40";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !vault.core.metrics.registry.render().contains(line) {
+        assert!(Instant::now() < deadline, "not counted: {line}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let details = handshake_events(&vault, 2).await;
+    let total: u32 = details
+        .iter()
+        .map(|d| {
+            assert!(
+                d.starts_with("peer=127.0.0.1 reason=no_certificate refused="),
+                "{d}"
+            );
+            d.split("refused=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u32>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, 40, "{details:?}");
+    assert!(details.len() <= 2, "one event per window, got {details:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls12_only_client_is_refused() {
-    let (_dir, vault) = start().await;
+    let (_dir, vault) = start_audited().await;
     let files = devcerts::files(&vault.certs, "uploader");
     let mut config =
         rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
@@ -98,6 +202,7 @@ async fn tls12_only_client_is_refused() {
     config.alpn_protocols = vec![b"h2".to_vec()];
     assert_refused(handshake(&vault, config).await, &["ProtocolVersion"]);
     assert_counted(&vault, "protocol_version").await;
+    assert_audited(&vault, "protocol_version", 1).await;
 }
 
 /// Rotates every certificate and the CA under a running vault: new

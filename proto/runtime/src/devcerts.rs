@@ -95,23 +95,50 @@ pub fn generate(dir: &Path, names: &[&str]) -> Result<(), DevCertError> {
         source,
     })?;
     let ca_key = KeyPair::generate().map_err(gen_err("ca"))?;
+    let ca_params = ca_params();
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err("ca"))?;
+    write(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
+    write(&dir.join("ca.crt"), &ca_cert.pem(), 0o644)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    for name in names {
+        issue(dir, name, &issuer, None)?;
+    }
+    Ok(())
+}
+
+fn ca_params() -> CertificateParams {
     let mut ca_params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "recvault dev CA");
     ca_params.distinguished_name = dn;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err("ca"))?;
-    write(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
-    write(&dir.join("ca.crt"), &ca_cert.pem(), 0o644)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    for name in names {
-        issue(dir, name, &issuer)?;
-    }
-    Ok(())
+    ca_params
 }
 
-fn issue(dir: &Path, name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(), DevCertError> {
+/// Issues `<name>-expired.crt` and `.key`, valid only during 2020, from the CA
+/// already in `dir`: for checking that an expired certificate is refused.
+pub fn issue_expired(dir: &Path, name: &str) -> Result<TlsFiles, DevCertError> {
+    let pem = fs::read_to_string(dir.join("ca.key")).map_err(|source| DevCertError::Write {
+        path: dir.join("ca.key"),
+        source,
+    })?;
+    let ca_key = KeyPair::from_pem(&pem).map_err(gen_err("ca"))?;
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let expired = format!("{name}-expired");
+    issue(dir, &expired, &issuer, Some(name))?;
+    Ok(files(dir, &expired))
+}
+
+/// Issues `file_name`'s certificate for the identity `identity` (default: the
+/// file name); with `Some`, valid only during 2020 (expired).
+fn issue(
+    dir: &Path,
+    file_name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    expired_identity: Option<&str>,
+) -> Result<(), DevCertError> {
+    let name = expired_identity.unwrap_or(file_name);
     let key = KeyPair::generate().map_err(gen_err(name))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -122,13 +149,17 @@ fn issue(dir: &Path, name: &str, issuer: &Issuer<'_, KeyPair>) -> Result<(), Dev
         SanType::DnsName("localhost".try_into().map_err(gen_err(name))?),
         SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
     ];
+    if expired_identity.is_some() {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    }
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let cert = params.signed_by(&key, issuer).map_err(gen_err(name))?;
-    let f = files(dir, name);
+    let f = files(dir, file_name);
     write(&f.key, &key.serialize_pem(), 0o600)?;
     write(&f.cert, &cert.pem(), 0o644)?;
     Ok(())

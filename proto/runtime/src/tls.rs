@@ -289,17 +289,41 @@ pub fn incoming(
 
 /// Counts and logs TLS handshakes a service refused, per reason
 /// (`no_certificate`, `unknown_ca`, `expired`, `bad_certificate`,
-/// `protocol_version`, `timeout`, `other`), as the counter `name{reason}`.
-#[derive(Debug, Clone)]
+/// `protocol_version`, `timeout`, `other`), as the counter `name{reason}`,
+/// and hands each refusal to an optional sink (the vault audits them).
+#[derive(Clone)]
 pub struct HandshakeRefusals {
     registry: Arc<crate::metrics::Registry>,
     name: &'static str,
+    sink: Option<RefusalSink>,
+}
+
+/// Called with the peer and the reason of every refused handshake; must not block.
+pub type RefusalSink = Arc<dyn Fn(SocketAddr, &'static str) + Send + Sync>;
+
+impl std::fmt::Debug for HandshakeRefusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeRefusals")
+            .field("name", &self.name)
+            .field("sink", &self.sink.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl HandshakeRefusals {
     /// Refusals counted in `registry` as `name` (e.g. `recvault_vault_tls_handshakes_refused_total`).
     pub fn new(registry: Arc<crate::metrics::Registry>, name: &'static str) -> Self {
-        Self { registry, name }
+        Self {
+            registry,
+            name,
+            sink: None,
+        }
+    }
+
+    /// Also hands every refusal to `sink`.
+    pub fn with_sink(mut self, sink: RefusalSink) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     fn refused(&self, peer: SocketAddr, reason: &'static str, error: &dyn std::fmt::Display) {
@@ -311,6 +335,9 @@ impl HandshakeRefusals {
             )
             .inc();
         tracing::warn!(%peer, reason, error = %error, "TLS handshake refused");
+        if let Some(sink) = &self.sink {
+            sink(peer, reason);
+        }
     }
 }
 
