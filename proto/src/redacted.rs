@@ -21,7 +21,9 @@ impl fmt::Debug for PutCredentialRequest {
             .field("kind", &self.kind)
             .field("secret", &Redacted(self.secret.len()))
             .field("labels", &self.labels)
-            .finish()
+            .field("sealed_secret", &self.sealed_secret.len())
+            .field("sealing_key_version", &self.sealing_key_version)
+            .finish_non_exhaustive()
     }
 }
 
@@ -33,7 +35,8 @@ impl fmt::Debug for AcquireLeaseResponse {
             .field("expires_at", &self.expires_at)
             .field("kind", &self.kind)
             .field("credential_version", &self.credential_version)
-            .finish()
+            .field("sealed_secret", &self.sealed_secret.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -39,6 +39,10 @@ pub struct Cli {
     /// Uploader address.
     #[arg(long, global = true, default_value = dev::UPLOADER_ADDR, env = "RECVAULT_UPLOADER")]
     uploader: String,
+    /// Pin the vault's sealing public key (standard base64, as
+    /// Credentials/GetSealingKey returns it): secrets are sealed only to it.
+    #[arg(long, global = true, env = "RECVAULT_SEALING_KEY")]
+    sealing_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -181,8 +185,30 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     Kind::Azure => va::CredentialKind::Azure,
                     Kind::Generic => va::CredentialKind::Generic,
                 };
+                let pinned = cli
+                    .sealing_key
+                    .as_deref()
+                    .map(|b64| {
+                        use base64::Engine as _;
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64.trim())
+                            .ok()
+                            .filter(|k| k.len() == 32)
+                            .ok_or_else(|| {
+                                "--sealing-key must be the standard base64 of a 32-byte X25519 public key".to_owned()
+                            })
+                    })
+                    .transpose()?;
                 let channel = endpoints.channel(&endpoints.vault, "manager")?;
-                let reply = client::put_credential(channel, &tenant, &name, kind, secret).await?;
+                let reply = client::put_credential(
+                    channel,
+                    &tenant,
+                    &name,
+                    kind,
+                    secret,
+                    pinned.as_deref(),
+                )
+                .await?;
                 println!(
                     "credential_id {} version {}",
                     reply.credential_id, reply.version

@@ -8,7 +8,7 @@ use recvault_proto::{
     uploader::v1::{self as up, jobs_client::JobsClient, recordings_client::RecordingsClient},
     vault::v1::{self as va, credentials_client::CredentialsClient},
 };
-use recvault_runtime::{devcerts, logging::REQUEST_ID_HEADER, secret::SecretBytes, tls};
+use recvault_runtime::{devcerts, hpke, logging::REQUEST_ID_HEADER, secret::SecretBytes, tls};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
@@ -53,23 +53,50 @@ fn with_request_id<T>(message: T, request_id: &str) -> tonic::Request<T> {
     request
 }
 
-/// Stores a credential as the manager. The secret is moved into the request
-/// and never printed.
+/// Stores a credential as the manager, sealed to the vault's sealing key
+/// (`Credentials/GetSealingKey`; with `pinned`, that key must be the pinned
+/// one) with the tenant and name as associated data, so gRPC, HTTP/2 and TLS
+/// only carry ciphertext. The secret is never printed.
 pub async fn put_credential(
     channel: Channel,
     tenant: &str,
     name: &str,
     kind: va::CredentialKind,
     secret: SecretBytes,
+    pinned: Option<&[u8]>,
 ) -> Result<va::PutCredentialResponse, String> {
+    let mut client = CredentialsClient::new(channel);
+    let key = client
+        .get_sealing_key(va::GetSealingKeyRequest {})
+        .await
+        .map_err(|s| format!("asking the vault for its sealing key: {}", status_text(&s)))?
+        .into_inner();
+    if let Some(pin) = pinned
+        && pin != key.public_key.as_slice()
+    {
+        return Err(
+            "the vault's sealing key is not the pinned one (--sealing-key); the secret was not sent"
+                .into(),
+        );
+    }
+    let (enc, sealed_secret) = hpke::seal(
+        &key.public_key,
+        hpke::PUT_INFO,
+        &hpke::aad(&[tenant, name]),
+        secret.expose_secret(),
+    )
+    .map_err(|_| "the vault's sealing key is not a usable X25519 public key".to_owned())?;
     let request = va::PutCredentialRequest {
         tenant_id: tenant.to_owned(),
         name: name.to_owned(),
         kind: kind as i32,
-        secret: secret.expose_secret().to_vec(),
         labels: Default::default(),
+        enc,
+        sealed_secret,
+        sealing_key_version: key.key_version,
+        ..Default::default()
     };
-    CredentialsClient::new(channel)
+    client
         .put_credential(request)
         .await
         .map(tonic::Response::into_inner)

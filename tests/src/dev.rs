@@ -158,7 +158,15 @@ pub fn run(dir: &Path, addrs: &Addrs) -> Result<(), String> {
 
     let first_run = !dir.join("vault/master.key").exists();
     let init = Command::new(&vaultd)
-        .args(["init", "--listen", &addrs.vault, "--dir"])
+        // The main job keeps the clear secret fields on, so the README's
+        // grpcurl recipes work; the CLI and the uploader seal regardless.
+        .args([
+            "init",
+            "--allow-plaintext-secrets",
+            "--listen",
+            &addrs.vault,
+            "--dir",
+        ])
         .arg(dir.join("vault"))
         .arg("--certs")
         .arg(dir.join("certs"))
@@ -394,6 +402,7 @@ async fn demo(dir: &Path, endpoints: &Endpoints) -> Result<crate::s3::S3Server, 
         "demo-s3",
         va::CredentialKind::S3,
         SecretBytes::new(json),
+        None,
     )
     .await?;
     println!(

@@ -102,7 +102,7 @@ fn recover_credential_prints_what_was_put_through_the_real_vault() {
             let channel = ep.channel(&ep.vault, "manager").unwrap();
             let secret = SecretBytes::from_slice(secret);
             async move {
-                client::put_credential(channel, "acme", name, va::CredentialKind::S3, secret)
+                client::put_credential(channel, "acme", name, va::CredentialKind::S3, secret, None)
                     .await
                     .unwrap()
             }

@@ -14,8 +14,7 @@ mod s3_server;
 use std::{sync::Arc, time::Duration};
 
 use recvault_proto::vault::v1::{
-    CredentialKind, GetWrappingKeyRequest, PutCredentialRequest,
-    credentials_client::CredentialsClient, data_keys_client::DataKeysClient,
+    CredentialKind, GetWrappingKeyRequest, data_keys_client::DataKeysClient,
 };
 use recvault_runtime::devcerts;
 use recvault_uploader::{
@@ -42,17 +41,17 @@ async fn a_refused_checksum_is_retried_and_then_delivered() {
     let s3 = s3_server::S3Server::start().await;
     s3.create_bucket("media");
 
-    let credential = CredentialsClient::new(vault.channel("manager"))
-        .put_credential(PutCredentialRequest {
-            tenant_id: "acme".into(),
-            name: "s3".into(),
-            kind: CredentialKind::S3 as i32,
-            secret: s3.credential_json().into_bytes(),
-            labels: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Sealed to the vault's sealing key, as the recvault CLI sends it.
+    let credential = recvault_tests::client::put_credential(
+        vault.channel("manager"),
+        "acme",
+        "s3",
+        CredentialKind::S3,
+        recvault_runtime::secret::SecretBytes::new(s3.credential_json().into_bytes()),
+        None,
+    )
+    .await
+    .unwrap();
 
     let db = tmp.path().join("uploader.db");
     let jobs = JobStore::open(&db).unwrap();

@@ -29,7 +29,7 @@ use recvault_proto::{
         self as up, destinations_client::DestinationsClient, jobs_client::JobsClient,
         recordings_client::RecordingsClient, upload_request::Part,
     },
-    vault::v1::{self as vt, credentials_client::CredentialsClient},
+    vault::v1::{self as vt},
 };
 use recvault_runtime::{devcerts, tls};
 use recvault_tests::{Daemon, binary, served_addr};
@@ -532,10 +532,6 @@ part_concurrency = {concurrency}
         tls::channel(addr, "localhost", &devcerts::files(&self.certs, identity)).unwrap()
     }
 
-    fn credentials(&self) -> CredentialsClient<Channel> {
-        CredentialsClient::new(self.channel(&self.vault_addr, "manager"))
-    }
-
     fn jobs(&self) -> JobsClient<Channel> {
         JobsClient::new(self.channel(&self.uploader_addr, "manager"))
     }
@@ -545,18 +541,20 @@ part_concurrency = {concurrency}
     }
 
     /// Stores (or re-versions) the tenant's S3 credential in the vault as the manager.
+    /// Sealed to the vault's sealing key, as the recvault CLI sends it.
     async fn put_credential(&self, secret_access_key: &str) -> vt::PutCredentialResponse {
-        self.credentials()
-            .put_credential(vt::PutCredentialRequest {
-                tenant_id: TENANT.into(),
-                name: "s3-media".into(),
-                kind: vt::CredentialKind::S3.into(),
-                secret: self.s3.credential_json(secret_access_key).into_bytes(),
-                labels: Default::default(),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("PutCredential: {s:?}{}", self.context()))
-            .into_inner()
+        recvault_tests::client::put_credential(
+            self.channel(&self.vault_addr, "manager"),
+            TENANT,
+            "s3-media",
+            vt::CredentialKind::S3,
+            recvault_runtime::secret::SecretBytes::new(
+                self.s3.credential_json(secret_access_key).into_bytes(),
+            ),
+            None,
+        )
+        .await
+        .unwrap_or_else(|s| panic!("PutCredential: {s}{}", self.context()))
     }
 
     async fn put_destination(&self, credential_id: &str) -> String {

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use recvault_proto::vault::v1::UnwrapDataKeyRequest;
+use recvault_runtime::hpke::OneCallKey;
 use recvault_runtime::{datakey, logging::REQUEST_ID_HEADER, secret::SecretBytes};
-use rustls::crypto::hpke::EncapsulatedSecret;
 use tonic::Code;
 
 use crate::backup::format::Header;
-use crate::backup::wrapping::suite;
 use crate::backup::{BackupError, BackupStore, EncryptedSource};
 use crate::destination::{FileSource, Source};
 use crate::digest::FileDigest;
@@ -74,17 +73,15 @@ impl VaultLeases {
             code: Code::Internal,
             message,
         };
-        // HpkePrivateKey zeroizes itself on drop.
-        let (public, private) = suite()
-            .generate_key_pair()
-            .map_err(|e| local(format!("generating the one-call key pair failed: {e}")))?;
+        let one_call = OneCallKey::generate()
+            .map_err(|_| local("generating the one-call key pair failed".into()))?;
         let mut request = tonic::Request::new(UnwrapDataKeyRequest {
             tenant_id: header.tenant_id.clone(),
             recording_id: header.recording_id.clone(),
             key_version: header.key_version,
             enc: header.enc.to_vec(),
             wrapped_key: header.wrapped_key.to_vec(),
-            recipient_public_key: public.0,
+            recipient_public_key: one_call.public_key().to_vec(),
             purpose: purpose.to_owned(),
             job_id: job_id.to_string(),
         });
@@ -102,16 +99,14 @@ impl VaultLeases {
                 message: s.message().to_owned(),
             })?
             .into_inner();
-        let key = suite()
+        let key = one_call
             .open(
-                &EncapsulatedSecret(reply.enc),
                 datakey::RESEAL_INFO,
                 &header.binding(),
+                &reply.enc,
                 &reply.sealed_key,
-                &private,
             )
             .map_err(|_| local("the vault's reply does not open with this call's key".into()))?;
-        let key = SecretBytes::new(key);
         if key.len() != datakey::KEY_LEN {
             return Err(local(format!(
                 "the vault returned a {}-byte data key, not 32",

@@ -1,5 +1,7 @@
 //! Credentials for one delivery attempt, leased from the vault over mTLS as
-//! the `uploader` identity. The secret lives in locked, zeroizing memory and
+//! the `uploader` identity, sealed by the vault to a key pair made for that
+//! one call (HPKE, see `recvault_runtime::hpke`) and opened straight into
+//! locked, zeroizing memory. The secret lives only there and
 //! the lease is released on every exit path (success, error, panic,
 //! cancellation: the guard's `Drop`). Never cached across jobs.
 
@@ -9,6 +11,7 @@ use recvault_proto::vault::v1::{
     AcquireLeaseRequest, ReleaseLeaseRequest, data_keys_client::DataKeysClient,
     leases_client::LeasesClient,
 };
+use recvault_runtime::hpke::{self, OneCallKey};
 use recvault_runtime::{logging::REQUEST_ID_HEADER, secret::SecretBytes, tls};
 use tonic::{Code, transport::Channel};
 
@@ -63,10 +66,19 @@ impl VaultLeases {
         purpose: &str,
         request_id: &str,
     ) -> Result<Lease, LeaseError> {
+        let local = |code, message: &str| LeaseError {
+            code,
+            message: message.to_owned(),
+        };
+        // A key pair for this one attempt: the vault seals the secret to it,
+        // so the gRPC, HTTP/2 and TLS buffers only ever hold ciphertext.
+        let one_call = OneCallKey::generate()
+            .map_err(|_| local(Code::Internal, "generating the one-call key pair failed"))?;
         let mut request = tonic::Request::new(AcquireLeaseRequest {
             credential_id: credential_id.to_owned(),
             purpose: purpose.to_owned(),
             ttl_seconds: self.ttl_secs,
+            recipient_public_key: one_call.public_key().to_vec(),
         });
         request.set_timeout(Duration::from_secs(15));
         if let Ok(v) = request_id.parse() {
@@ -82,12 +94,36 @@ impl VaultLeases {
                 message: s.message().to_owned(),
             })?
             .into_inner();
-        Ok(Lease {
+        let mut lease = Lease {
             id: std::mem::take(&mut reply.lease_id),
-            secret: SecretBytes::new(std::mem::take(&mut reply.secret)),
+            secret: SecretBytes::zeroed(0),
             request_id: request_id.to_owned(),
             leases: Some(self.clone()),
-        })
+        };
+        if reply.sealed_secret.is_empty() {
+            // A vault that ignored the key (older than sealing) sent the
+            // secret in clear: wipe it, release the lease (on drop) and retry
+            // later, when the vault is upgraded.
+            drop(SecretBytes::new(std::mem::take(&mut reply.secret)));
+            return Err(local(
+                Code::Unimplemented,
+                "the vault answered without sealing the secret to this call's key (a vault older than sealed leases?); the secret was discarded",
+            ));
+        }
+        lease.secret = one_call
+            .open(
+                hpke::LEASE_INFO,
+                &hpke::aad(&[&lease.id, credential_id]),
+                &reply.enc,
+                &reply.sealed_secret,
+            )
+            .map_err(|_| {
+                local(
+                    Code::Internal,
+                    "the vault's sealed secret does not open with this call's key, lease and credential",
+                )
+            })?;
+        Ok(lease)
     }
 
     async fn release(&self, lease_id: String, request_id: String) {

@@ -6,6 +6,13 @@
 //! Phases alternate (baseline, vault, baseline, vault, ...) so machine noise
 //! hits both; the summary uses the medians. Target: vault ≥ 0.8 × baseline.
 //!
+//! The primary figure is AcquireLease as the uploader calls it: the secret
+//! sealed to a key pair the client makes per call (HPKE), opened by the
+//! client, with the zeroing allocator wiping freed memory (as in both
+//! binaries). A second comparison, alternating in the same run, prices that
+//! defense: sealed + wiping against clear secrets without wiping (the
+//! behaviour before sealing), in throughput and CPU per call.
+//!
 //! Run: `cargo bench -p recvault-vault --bench lease_throughput`
 //!
 //! Environment:
@@ -45,7 +52,7 @@ use recvault_proto::vault::v1::{
     credentials_client::CredentialsClient, leases_client::LeasesClient,
 };
 use recvault_runtime::{
-    devcerts,
+    devcerts, hpke,
     tls::{self, ReloadingServerTls},
 };
 use recvault_vault::testing;
@@ -56,6 +63,10 @@ use tonic_health::pb::{
 
 /// Client identity for both services: the one AcquireLease is granted to.
 const CLIENT: &str = "uploader";
+
+/// The allocator both binaries run with; wiping is toggled per phase below.
+#[global_allocator]
+static ALLOCATOR: recvault_runtime::alloc::Zeroing = recvault_runtime::alloc::Zeroing;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -125,20 +136,43 @@ impl Caller for HealthCheck {
 struct Acquire {
     client: LeasesClient<Channel>,
     credential_id: String,
+    /// Seal to a one-call key (the uploader's way) or ask in clear.
+    sealed: bool,
 }
 
 impl Acquire {
     async fn acquire(&mut self) -> Result<String, Status> {
+        let one_call = if self.sealed {
+            Some(hpke::OneCallKey::generate().map_err(|_| Status::internal("key pair"))?)
+        } else {
+            None
+        };
         let reply = self
             .client
             .acquire_lease(AcquireLeaseRequest {
                 credential_id: self.credential_id.clone(),
                 purpose: "bench".into(),
                 ttl_seconds: 0,
+                recipient_public_key: one_call
+                    .as_ref()
+                    .map(|k| k.public_key().to_vec())
+                    .unwrap_or_default(),
             })
             .await?
             .into_inner();
-        if reply.secret.is_empty() || reply.lease_id.is_empty() {
+        let secret_len = match &one_call {
+            Some(key) => key
+                .open(
+                    hpke::LEASE_INFO,
+                    &hpke::aad(&[&reply.lease_id, &self.credential_id]),
+                    &reply.enc,
+                    &reply.sealed_secret,
+                )
+                .map_err(|_| Status::internal("the sealed secret does not open"))?
+                .len(),
+            None => reply.secret.len(),
+        };
+        if secret_len == 0 || reply.lease_id.is_empty() {
             return Err(Status::internal("AcquireLease answered without a secret"));
         }
         Ok(reply.lease_id)
@@ -353,7 +387,7 @@ async fn store_credential(vault: &testing::TestVault) -> String {
             name: "s3-bench".into(),
             kind: CredentialKind::S3 as i32,
             secret: serde_json::to_vec(&secret).expect("json"),
-            labels: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("PutCredential as manager")
@@ -371,6 +405,8 @@ async fn run(settings: Settings) {
     // The primary phases acquire leases without releasing them (60 s default
     // TTL); lift the live-lease cap so the bench measures the path, not the cap.
     config.leases.max_active = usize::MAX;
+    // Only for the "clear, no wiping" comparison phases.
+    config.secrets.allow_plaintext = true;
     let vault = testing::TestVault::start_with(config).await;
     let baseline_addr = start_baseline(&vault.config).await;
     let credential_id = store_credential(&vault).await;
@@ -409,7 +445,13 @@ async fn run(settings: Settings) {
         .map(|c| Acquire {
             client: LeasesClient::new(c),
             credential_id: credential_id.clone(),
+            sealed: true,
         })
+        .collect();
+    let clear: Vec<Acquire> = acquire
+        .iter()
+        .cloned()
+        .map(|a| Acquire { sealed: false, ..a })
         .collect();
 
     let length = Duration::from_secs_f64(settings.seconds);
@@ -487,6 +529,29 @@ async fn run(settings: Settings) {
             p.line()
         );
     }
+
+    // The price of sealing and wiping: sealed + wiping (as shipped) against
+    // clear secrets without wiping (as before), alternating.
+    let (mut shipped, mut before) = (Vec::new(), Vec::new());
+    for round in 1..=settings.rounds {
+        recvault_runtime::alloc::set_wiping(false);
+        let c = phase(&clear, settings.concurrency, length).await;
+        recvault_runtime::alloc::set_wiping(true);
+        println!("round {round} cost  clear, no wiping       {}", c.line());
+        let s = phase(&acquire, settings.concurrency, length).await;
+        println!("round {round} cost  sealed + wiping        {}", s.line());
+        before.push(c);
+        shipped.push(s);
+    }
+    let (c, s) = (median(&before), median(&shipped));
+    println!(
+        "cost     sealed + wiping / clear without wiping: throughput {:.3}, CPU per call {:.3} \
+         ({:.1} vs {:.1} µs)",
+        s.rps / c.rps,
+        s.cpu_us / c.cpu_us.max(f64::MIN_POSITIVE),
+        s.cpu_us,
+        c.cpu_us,
+    );
 
     let report = vault.core.audit.verify().await;
     assert!(report.ok, "audit chain does not verify: {report:?}");

@@ -54,6 +54,10 @@ enum Command {
         /// Address the generated config listens on.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
+        /// Write `[secrets] allow_plaintext = true`: the vault also accepts and
+        /// returns secrets in clear, for grpcurl debugging. Development only.
+        #[arg(long)]
+        allow_plaintext_secrets: bool,
     },
     /// Write the backup wrapping public key file that uploaderd reads (TOML:
     /// key_version and the base64 X25519 public key), derived from the master key.
@@ -119,8 +123,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { dir, certs, listen } => {
-            let path = init(&dir, &certs, listen)?;
+        Command::Init {
+            dir,
+            certs,
+            listen,
+            allow_plaintext_secrets,
+        } => {
+            let path = init(&dir, &certs, listen, allow_plaintext_secrets)?;
             println!("wrote {}", path.display());
             println!("wrote {}", dir.join(WRAPPING_KEY_FILE).display());
             Ok(ExitCode::SUCCESS)
@@ -185,7 +194,12 @@ fn wrapping_key(master_key_file: &Path) -> Result<WrappingKey, String> {
 /// Creates the master key, policy and config under `dir` (reusing what exists),
 /// dev certificates under `certs` if there are none, and the wrapping public
 /// key file beside the config. Returns the config path.
-pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, String> {
+pub fn init(
+    dir: &Path,
+    certs: &Path,
+    listen: SocketAddr,
+    allow_plaintext_secrets: bool,
+) -> Result<PathBuf, String> {
     tls::install_crypto_provider();
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     devcerts::ensure(certs).map_err(|e| e.to_string())?;
@@ -207,7 +221,10 @@ pub fn init(dir: &Path, certs: &Path, listen: SocketAddr) -> Result<PathBuf, Str
          database = \"{}\"\n\
          audit_database = \"{}\"\n\
          policy_file = \"{}\"\n\n\
-         [tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+         [tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n\
+         [secrets]\n\
+         # true: secrets may also cross gRPC in clear (grpcurl debugging); keep false in production.\n\
+         allow_plaintext = {allow_plaintext_secrets}\n",
         config.metrics_listen,
         abs(&config.master_key_file).display(),
         abs(&config.database).display(),

@@ -44,6 +44,8 @@ pub struct VaultConfig {
     #[serde(default)]
     pub audit: AuditSettings,
     #[serde(default)]
+    pub secrets: SecretsSettings,
+    #[serde(default)]
     pub log_format: LogFormat,
     /// How often certificate, key, CA and policy files are checked for changes.
     #[serde(default = "default_reload_secs")]
@@ -92,6 +94,16 @@ impl Default for LeaseSettings {
             max_active: 100_000,
         }
     }
+}
+
+/// How secrets may travel.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsSettings {
+    /// Accept `PutCredential.secret` and answer `AcquireLease` without a
+    /// `recipient_public_key` in clear, for grpcurl debugging. Off by default
+    /// and in production: then only sealed secrets cross gRPC, HTTP/2 and TLS.
+    pub allow_plaintext: bool,
 }
 
 /// Audit log settings.
@@ -240,6 +252,7 @@ impl VaultConfig {
             limits: Limits::default(),
             leases: LeaseSettings::default(),
             audit: AuditSettings::default(),
+            secrets: SecretsSettings::default(),
             log_format: LogFormat::Text,
             reload_interval_secs: default_reload_secs(),
         }

@@ -28,6 +28,8 @@ pub struct VaultCore {
     pub master: MasterKey,
     /// The backup wrapping key pair, derived from `master` at start-up.
     pub wrapping_key: WrappingKey,
+    /// The key pair `PutCredential` secrets are sealed to, derived likewise.
+    pub sealing_key: crate::sealing::SealingKey,
     pub keyring: RwLock<Keyring>,
     pub store: Arc<Store>,
     pub audit: Arc<AuditLog>,

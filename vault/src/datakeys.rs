@@ -14,7 +14,7 @@ use aws_lc_rs::agreement;
 use base64::Engine;
 use recvault_runtime::datakey::{KEY_LEN, RESEAL_INFO, WRAP_INFO, binding};
 use recvault_runtime::secret::SecretBytes;
-use rustls::crypto::hpke::{EncapsulatedSecret, Hpke, HpkePrivateKey, HpkePublicKey};
+use rustls::crypto::hpke::{EncapsulatedSecret, HpkePrivateKey, HpkePublicKey};
 
 use crate::keyring::MasterKey;
 
@@ -28,7 +28,7 @@ pub const WRAPPING_KEY_INFO: &[u8] = b"recvault backup-wrap X25519 v1";
 
 /// The HPKE suite, as `GetWrappingKey` names it (RFC 9180 §7: KEM 0x0020,
 /// KDF 0x0001, AEAD 0x0002), used in base mode (§5.1.1).
-pub const SUITE: &str = "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM";
+pub const SUITE: &str = recvault_runtime::hpke::SUITE_NAME;
 
 /// Length of an HPKE `enc` for DHKEM(X25519): Nenc = 32 (RFC 9180 §7.1).
 pub const ENC_LEN: usize = 32;
@@ -36,10 +36,7 @@ pub const ENC_LEN: usize = 32;
 /// Length of a wrapped data key: 32 bytes of key plus the 16-byte AES-GCM tag (Nt, RFC 9180 §7.3).
 pub const WRAPPED_KEY_LEN: usize = KEY_LEN + 16;
 
-/// The rustls HPKE suite on aws-lc-rs (the process's only crypto provider).
-fn suite() -> &'static dyn Hpke {
-    rustls::crypto::aws_lc_rs::hpke::DH_KEM_X25519_HKDF_SHA256_AES_256
-}
+use recvault_runtime::hpke::suite;
 
 /// Why a data-key operation failed. Deliberately coarse: none says which
 /// check inside HPKE failed.
@@ -150,7 +147,7 @@ impl fmt::Debug for WrappingKey {
 }
 
 /// X25519 public key of a 32-byte private key, by aws-lc-rs (RFC 7748 §6.1).
-fn public_key_of(private: &SecretBytes) -> Result<[u8; KEY_LEN], DataKeyError> {
+pub(crate) fn public_key_of(private: &SecretBytes) -> Result<[u8; KEY_LEN], DataKeyError> {
     let key = agreement::PrivateKey::from_private_key(&agreement::X25519, private.expose_secret())
         .map_err(|_| DataKeyError::Derive)?;
     let public = key.compute_public_key().map_err(|_| DataKeyError::Derive)?;

@@ -69,6 +69,7 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
     let store = Arc::new(Store::open(&config.database)?);
     let keyring = VaultCore::load_keyring(&master, &store).map_err(StartError::Keyring)?;
     let wrapping_key = WrappingKey::derive(&master)?;
+    let sealing_key = crate::sealing::SealingKey::derive(&master)?;
     let audit = Arc::new(AuditLog::open(
         &config.audit_database,
         audit_key(&master)?,
@@ -79,6 +80,7 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
         config,
         master,
         wrapping_key,
+        sealing_key,
         keyring: std::sync::RwLock::new(keyring),
         store,
         audit,

@@ -466,6 +466,7 @@ async fn requests_over_64_kib_are_refused() {
                 credential_id: "cred_x".into(),
                 purpose: "p".repeat(70 * 1024),
                 ttl_seconds: 1,
+                recipient_public_key: Vec::new(),
             })
             .await,
         Code::ResourceExhausted,

@@ -7,9 +7,9 @@ mod common;
 use common::*;
 use recvault_proto::vault::v1::{
     AuditFilter, CredentialKind, DeleteCredentialRequest, GetCredentialRequest,
-    GetWrappingKeyRequest, KeyStatusRequest, ListCredentialsRequest, QueryEventsRequest,
-    ReleaseLeaseRequest, RetireKeysRequest, RewrapRequest, RotateKeyRequest, SetTenantLimitRequest,
-    TailEventsRequest, VerifyChainRequest,
+    GetSealingKeyRequest, GetWrappingKeyRequest, KeyStatusRequest, ListCredentialsRequest,
+    QueryEventsRequest, ReleaseLeaseRequest, RetireKeysRequest, RewrapRequest, RotateKeyRequest,
+    SetTenantLimitRequest, TailEventsRequest, VerifyChainRequest,
 };
 use recvault_vault::testing::{TEST_IDENTITIES, TestVault};
 use tonic::{Code, Status};
@@ -34,9 +34,10 @@ enum Rpc {
     Verify,
     WrappingKey,
     Unwrap,
+    SealingKey,
 }
 
-const RPCS: [Rpc; 16] = [
+const RPCS: [Rpc; 17] = [
     Rpc::Put,
     Rpc::Get,
     Rpc::List,
@@ -53,6 +54,7 @@ const RPCS: [Rpc; 16] = [
     Rpc::Verify,
     Rpc::WrappingKey,
     Rpc::Unwrap,
+    Rpc::SealingKey,
 ];
 
 /// Identities that hold a role in the dev policy.
@@ -66,15 +68,15 @@ impl Rpc {
             Rpc::Acquire | Rpc::Release | Rpc::Unwrap => "uploader",
             Rpc::Rotate | Rpc::Rewrap | Rpc::KeyStatus | Rpc::SetLimit | Rpc::Retire => "admin",
             Rpc::Query | Rpc::Tail | Rpc::Verify => "auditor",
-            // The public wrapping key: any identity that holds some role.
-            Rpc::WrappingKey => "manager, uploader, auditor or admin",
+            // The public wrapping and sealing keys: any identity that holds some role.
+            Rpc::WrappingKey | Rpc::SealingKey => "manager, uploader, auditor or admin",
         }
     }
 
     /// Whether `identity` may make this call under the dev policy.
     fn allows(self, identity: &str) -> bool {
         match self {
-            Rpc::WrappingKey => ROLE_HOLDERS.contains(&identity),
+            Rpc::WrappingKey | Rpc::SealingKey => ROLE_HOLDERS.contains(&identity),
             _ => identity == self.role(),
         }
     }
@@ -97,6 +99,7 @@ impl Rpc {
             Rpc::Verify => op::VERIFY,
             Rpc::WrappingKey => op::GET_WRAPPING_KEY,
             Rpc::Unwrap => op::UNWRAP,
+            Rpc::SealingKey => op::GET_SEALING_KEY,
         }
     }
 
@@ -211,6 +214,10 @@ async fn call(vault: &TestVault, identity: &str, rpc: Rpc, fx: &Fixture) -> Resu
             .get_wrapping_key(GetWrappingKeyRequest {})
             .await
             .map(drop),
+        Rpc::SealingKey => credentials(vault, identity)
+            .get_sealing_key(GetSealingKeyRequest {})
+            .await
+            .map(drop),
         Rpc::Unwrap => {
             let (enc, wrapped) = &fx.wrapped;
             let (request, _) = unwrap_request(TENANT, "rec-1", enc, wrapped);
@@ -223,7 +230,7 @@ async fn call(vault: &TestVault, identity: &str, rpc: Rpc, fx: &Fixture) -> Resu
 }
 
 /// Each of the eight test identities (four roles, plus vault, recorder,
-/// stranger and other, which hold no grant) calls each of the 16 RPCs.
+/// stranger and other, which hold no grant) calls each of the 17 RPCs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
     let (_dir, vault) = start().await;
@@ -270,12 +277,12 @@ async fn role_matrix_allows_exactly_the_policy_and_audits_every_denial() {
         "role matrix mismatches:\n{}",
         failures.join("\n")
     );
-    // Each RPC is allowed to its role only; GetWrappingKey to all four roles.
+    // Each RPC is allowed to its role only; GetWrappingKey and GetSealingKey to all four roles.
     let allowed: usize = RPCS
         .iter()
         .map(|rpc| TEST_IDENTITIES.iter().filter(|i| rpc.allows(i)).count())
         .sum();
-    assert_eq!(allowed, RPCS.len() + 3);
+    assert_eq!(allowed, RPCS.len() + 6);
     assert_eq!(denials.len(), TEST_IDENTITIES.len() * RPCS.len() - allowed);
 
     // Denied calls had no effect: only the fixture and the manager's own put exist.
@@ -393,7 +400,9 @@ async fn stranger_cannot_probe_credentials_or_get_plaintext() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_scoped_grants_and_lease_holders() {
     let dir = tempfile::TempDir::new().unwrap();
-    let config = recvault_vault::testing::prepare(dir.path());
+    let mut config = recvault_vault::testing::prepare(dir.path());
+    // put_request sends its secret in clear, as grpcurl does.
+    config.secrets.allow_plaintext = true;
     let mut policy = std::fs::read_to_string(&config.policy_file).unwrap();
     policy.push_str(&format!(
         "\n[[grant]]\nidentity = \"{}\"\nroles = [\"manager\", \"uploader\"]\ntenants = [\"acme\"]\n",

@@ -18,14 +18,7 @@ pub const KEY_LEN: usize = 32;
 /// HPKE associated data: `u32be(len(tenant)) ‖ tenant ‖ u32be(len(recording)) ‖
 /// recording`. A wrapped key moved to another tenant or recording does not open.
 pub fn binding(tenant_id: &str, recording_id: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + tenant_id.len() + recording_id.len());
-    for field in [tenant_id, recording_id] {
-        // Ids are validated far below 4 GiB before they get here.
-        let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(field.as_bytes());
-    }
-    out
+    crate::hpke::aad(&[tenant_id, recording_id])
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! tenant), dev certificates, logging, process
 //! hardening, CPU time from `/proc` for the benchmarks and locked, zeroizing memory for secrets. No key handling lives here.
 
+pub mod alloc;
 pub mod config;
 pub mod cpu;
 pub mod datakey;
 pub mod devcerts;
 pub mod hardening;
+pub mod hpke;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

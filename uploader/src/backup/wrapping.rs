@@ -9,17 +9,13 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use recvault_runtime::{datakey, secret::SecretBytes};
-use rustls::crypto::aws_lc_rs::hpke::DH_KEM_X25519_HKDF_SHA256_AES_256;
-use rustls::crypto::hpke::{Hpke, HpkePublicKey};
+use rustls::crypto::hpke::HpkePublicKey;
 use serde::Deserialize;
 
 use super::format::{ENC_LEN, WRAPPED_KEY_LEN};
 
-/// The HPKE suite of every wrap and re-seal: DHKEM(X25519, HKDF-SHA256),
-/// HKDF-SHA256, AES-256-GCM (RFC 9180 §7).
-pub fn suite() -> &'static dyn Hpke {
-    DH_KEM_X25519_HKDF_SHA256_AES_256
-}
+/// The HPKE suite of every wrap and re-seal (RFC 9180 §7).
+pub use recvault_runtime::hpke::suite;
 
 /// Why the wrapping key file cannot be used. Each message names the file and
 /// the config field, and says how to make a good one.

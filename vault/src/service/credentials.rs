@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use recvault_proto::vault::v1::{
     Credential, CredentialKind, DeleteCredentialRequest, DeleteCredentialResponse,
-    GetCredentialRequest, ListCredentialsRequest, ListCredentialsResponse, PutCredentialRequest,
-    PutCredentialResponse, credentials_server,
+    GetCredentialRequest, GetSealingKeyRequest, GetSealingKeyResponse, ListCredentialsRequest,
+    ListCredentialsResponse, PutCredentialRequest, PutCredentialResponse, credentials_server,
 };
 use recvault_runtime::secret::SecretBytes;
 use tonic::{Request, Response, Status};
@@ -16,6 +16,7 @@ use crate::{
     error::VaultError,
     ids::{CredentialId, TenantId},
     policy::Role,
+    sealing::plaintext_refused,
     store::{CredentialRow, NewCredential},
 };
 
@@ -142,7 +143,28 @@ fn check_secret(kind: CredentialKind, secret: &SecretBytes, limit: u32) -> Resul
     Ok(chars)
 }
 
+/// The audit detail of a stored version: which one, and how it arrived.
+fn detail(version: u32, sealed: bool) -> String {
+    let how = if sealed { "sealed" } else { "clear" };
+    format!("version {version} secret={how}")
+}
+
 impl CredentialsService {
+    fn sealing_key(
+        &self,
+        subject: &mut Subject,
+        call: &crate::core::Call,
+    ) -> Result<GetSealingKeyResponse, VaultError> {
+        self.core.authorize_any_role(call)?;
+        let key = &self.core.sealing_key;
+        subject.detail = format!("key_version={}", key.version());
+        Ok(GetSealingKeyResponse {
+            key_version: key.version(),
+            public_key: key.public_key().to_vec(),
+            suite: recvault_runtime::hpke::SUITE_NAME.to_owned(),
+        })
+    }
+
     async fn put(
         &self,
         subject: &mut Subject,
@@ -151,13 +173,37 @@ impl CredentialsService {
     ) -> Result<PutCredentialResponse, VaultError> {
         // Move the secret out of the request into locked memory first, so every
         // exit path below zeroizes it.
-        let secret = SecretBytes::new(std::mem::take(&mut req.secret));
+        let clear = SecretBytes::new(std::mem::take(&mut req.secret));
         // A peer without the role gets PERMISSION_DENIED before any input check.
         self.core.authorize_role_anywhere(call, Role::Manager)?;
         let tenant = TenantId::parse(&req.tenant_id).map_err(invalid)?;
         subject.tenant_id = tenant.to_string();
         self.core.authorize(call, Role::Manager, Some(&tenant))?;
         check_name(&req.name)?;
+        let sealed = !req.sealed_secret.is_empty();
+        let secret = match (clear.is_empty(), sealed) {
+            (false, true) => {
+                return Err(invalid(
+                    "set either sealed_secret (with enc and sealing_key_version) or secret, not both"
+                        .into(),
+                ));
+            }
+            (true, true) => self.core.sealing_key.open_put(
+                tenant.as_str(),
+                &req.name,
+                req.sealing_key_version,
+                &req.enc,
+                &req.sealed_secret,
+            )?,
+            (false, false) if !self.core.config.secrets.allow_plaintext => {
+                return Err(plaintext_refused(
+                    "PutCredential's secret",
+                    "seal it to the key Credentials/GetSealingKey returns and send sealed_secret",
+                ));
+            }
+            // In clear on a debug vault, or missing (check_secret names it).
+            _ => clear,
+        };
         let kind = CredentialKind::try_from(req.kind)
             .map_err(|_| invalid(format!("kind {} is not a known CredentialKind", req.kind)))?;
         let labels = check_labels(&req.labels)?;
@@ -195,7 +241,7 @@ impl CredentialsService {
                 |id, version| {
                     let subject = Subject {
                         credential_id: id.to_string(),
-                        detail: format!("version {version}"),
+                        detail: detail(version, sealed),
                         ..gate_subject
                     };
                     core.commit_gate(&gate_call, &subject)
@@ -204,7 +250,7 @@ impl CredentialsService {
         })
         .await?;
         subject.credential_id = id.to_string();
-        subject.detail = format!("version {version}");
+        subject.detail = detail(version, sealed);
         subject.audited = true;
         Ok(PutCredentialResponse {
             credential_id: id.to_string(),
@@ -249,6 +295,22 @@ impl credentials_server::Credentials for CredentialsService {
         );
         let mut subject = Subject::default();
         let result = self.put(&mut subject, &call, request.into_inner()).await;
+        self.core
+            .finish(&call, subject, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_sealing_key(
+        &self,
+        request: Request<GetSealingKeyRequest>,
+    ) -> Result<Response<GetSealingKeyResponse>, Status> {
+        let call = self.core.call(
+            &request,
+            concat!("recvault.vault.v1.Credentials/", "GetSealingKey"),
+        );
+        let mut subject = Subject::default();
+        let result = self.sealing_key(&mut subject, &call);
         self.core
             .finish(&call, subject, result)
             .await

@@ -19,8 +19,10 @@ use crate::{
     ids::{CredentialId, LeaseId},
     leases::{Lease, LeaseProblem},
     policy::Role,
+    sealing::{plaintext_refused, seal_lease},
     store::CredentialRow,
 };
+use recvault_runtime::hpke::KEY_LEN;
 
 /// Longest purpose string recorded in the audit log.
 const MAX_PURPOSE_BYTES: usize = 256;
@@ -76,7 +78,21 @@ impl LeasesService {
             )));
         }
         subject.detail = format!("purpose={}", req.purpose);
-        self.core.authorize_role_anywhere(call, Role::Uploader)?;
+        let sealed_to = match req.recipient_public_key.len() {
+            0 if self.core.config.secrets.allow_plaintext => None,
+            0 => {
+                return Err(plaintext_refused(
+                    "AcquireLease's secret",
+                    "send recipient_public_key (the public half of an X25519 key pair made for this call) and open sealed_secret",
+                ));
+            }
+            KEY_LEN => Some(req.recipient_public_key),
+            n => {
+                return Err(VaultError::InvalidArgument(format!(
+                    "recipient_public_key is {n} bytes; it must be a 32-byte X25519 public key"
+                )));
+            }
+        };
         let settings = &self.core.config.leases;
         let ttl = match req.ttl_seconds {
             0 => settings.default_ttl_secs,
@@ -108,6 +124,17 @@ impl LeasesService {
         self.core
             .authorize(call, Role::Uploader, Some(&row.tenant_id))?;
         let lease_id = LeaseId::generate();
+        // Sealed before the lease exists, so a refused key leaves no lease behind.
+        let sealed = sealed_to
+            .map(|public| {
+                seal_lease(
+                    &public,
+                    lease_id.as_str(),
+                    row.credential_id.as_str(),
+                    &secret,
+                )
+            })
+            .transpose()?;
         let lease = Lease {
             credential_id: row.credential_id.clone(),
             tenant_id: row.tenant_id.clone(),
@@ -125,16 +152,28 @@ impl LeasesService {
             )));
         }
         subject.lease_id = lease_id.to_string();
-        subject.detail = format!("purpose={} ttl={ttl}s version={}", req.purpose, row.version);
+        subject.detail = format!(
+            "purpose={} ttl={ttl}s version={} secret={}",
+            req.purpose,
+            row.version,
+            if sealed.is_some() { "sealed" } else { "clear" }
+        );
         let expires_at = SystemTime::now() + Duration::from_secs(u64::from(ttl));
+        let (enc, sealed_secret, secret) = match sealed {
+            Some((enc, sealed_secret)) => (enc, sealed_secret, Vec::new()),
+            // Debug vaults only: the reply is the one copy of the plaintext
+            // that leaves the vault; the buffer it was decrypted into moves
+            // into it.
+            None => (Vec::new(), Vec::new(), std::mem::take(&mut *secret)),
+        };
         Ok(AcquireLeaseResponse {
             lease_id: lease_id.to_string(),
-            // The reply is the one copy of the plaintext that leaves the vault;
-            // the locked copy it was decrypted into is already zeroized.
-            secret: std::mem::take(&mut *secret),
+            secret,
             expires_at: Some(prost_types::Timestamp::from(expires_at)),
             kind: row.kind,
             credential_version: row.version,
+            enc,
+            sealed_secret,
         })
     }
 

@@ -12,13 +12,13 @@ use std::{
 
 use recvault_proto::vault::v1::{
     AcquireLeaseRequest, AcquireLeaseResponse, AuditEvent, AuditFilter, CredentialKind,
-    PutCredentialRequest, PutCredentialResponse, QueryEventsRequest, UnwrapDataKeyRequest,
-    UnwrapDataKeyResponse, VerifyChainRequest, VerifyChainResponse, audit_client::AuditClient,
-    credentials_client::CredentialsClient, data_keys_client::DataKeysClient,
-    keys_client::KeysClient, leases_client::LeasesClient,
+    GetSealingKeyRequest, PutCredentialRequest, PutCredentialResponse, QueryEventsRequest,
+    UnwrapDataKeyRequest, UnwrapDataKeyResponse, VerifyChainRequest, VerifyChainResponse,
+    audit_client::AuditClient, credentials_client::CredentialsClient,
+    data_keys_client::DataKeysClient, keys_client::KeysClient, leases_client::LeasesClient,
 };
 use recvault_runtime::datakey::{RESEAL_INFO, WRAP_INFO, binding};
-use recvault_runtime::devcerts;
+use recvault_runtime::{devcerts, hpke};
 use recvault_vault::{config::VaultConfig, testing::TestVault};
 use rustls::crypto::hpke::{EncapsulatedSecret, Hpke, HpkePrivateKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
@@ -45,19 +45,24 @@ pub mod op {
     pub const VERIFY: &str = "recvault.vault.v1.Audit/VerifyChain";
     pub const GET_WRAPPING_KEY: &str = "recvault.vault.v1.DataKeys/GetWrappingKey";
     pub const UNWRAP: &str = "recvault.vault.v1.DataKeys/UnwrapDataKey";
+    pub const GET_SEALING_KEY: &str = "recvault.vault.v1.Credentials/GetSealingKey";
 }
 
 /// A fresh temporary directory and a vault serving from it.
+///
+/// Its config allows secrets in clear (`[secrets] allow_plaintext`), so the
+/// raw [`put_request`] and [`acquire_request`] work as grpcurl's calls do;
+/// [`put_s3`] and [`acquire`] seal as the CLI and the uploader do, and
+/// `sealed_secrets.rs` runs with the production setting.
 pub async fn start() -> (TempDir, TestVault) {
-    let dir = TempDir::new().unwrap();
-    let vault = TestVault::start(dir.path()).await;
-    (dir, vault)
+    start_with(|_| {}).await
 }
 
 /// Like [`start`], after `tweak` edits the config (TTLs, reload interval...).
 pub async fn start_with(tweak: impl FnOnce(&mut VaultConfig)) -> (TempDir, TestVault) {
     let dir = TempDir::new().unwrap();
     let mut config = recvault_vault::testing::prepare(dir.path());
+    config.secrets.allow_plaintext = true;
     tweak(&mut config);
     let vault = TestVault::start_with(config).await;
     (dir, vault)
@@ -178,43 +183,98 @@ pub fn put_request(
         kind: kind.into(),
         secret: secret.to_vec(),
         labels: [("env".to_owned(), "test".to_owned())].into(),
+        ..Default::default()
     }
 }
 
-/// Stores an S3 credential as the manager; panics on failure.
+/// A put request with the secret sealed to the vault's sealing key, as the
+/// `recvault` CLI sends it.
+pub async fn sealed_put_request(
+    vault: &TestVault,
+    tenant: &str,
+    name: &str,
+    kind: CredentialKind,
+    secret: &[u8],
+) -> PutCredentialRequest {
+    let key = credentials(vault, "manager")
+        .get_sealing_key(GetSealingKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (enc, sealed_secret) = hpke::seal(
+        &key.public_key,
+        hpke::PUT_INFO,
+        &hpke::aad(&[tenant, name]),
+        secret,
+    )
+    .unwrap();
+    PutCredentialRequest {
+        enc,
+        sealed_secret,
+        sealing_key_version: key.key_version,
+        ..put_request(tenant, name, kind, b"")
+    }
+}
+
+/// Stores an S3 credential as the manager, sealed; panics on failure.
 pub async fn put_s3(
     vault: &TestVault,
     tenant: &str,
     name: &str,
     secret_access_key: &str,
 ) -> PutCredentialResponse {
+    let request = sealed_put_request(
+        vault,
+        tenant,
+        name,
+        CredentialKind::S3,
+        &s3_secret("AKIDEXAMPLE", secret_access_key),
+    )
+    .await;
     credentials(vault, "manager")
-        .put_credential(put_request(
-            tenant,
-            name,
-            CredentialKind::S3,
-            &s3_secret("AKIDEXAMPLE", secret_access_key),
-        ))
+        .put_credential(request)
         .await
         .unwrap_or_else(|s| panic!("PutCredential {tenant}/{name}: {s:?}"))
         .into_inner()
 }
 
+/// A lease request asking for the secret in clear (grpcurl's way).
 pub fn acquire_request(credential_id: &str, ttl_seconds: u32) -> AcquireLeaseRequest {
     AcquireLeaseRequest {
         credential_id: credential_id.into(),
         purpose: "recording rec-1".into(),
         ttl_seconds,
+        recipient_public_key: Vec::new(),
     }
 }
 
-/// Leases a credential as the uploader; panics on failure.
+/// Leases a credential as the uploader does: sealed to a one-call key, which
+/// opens it. The opened secret is put into the answer's `secret` for the
+/// test to read; panics on failure.
 pub async fn acquire(vault: &TestVault, credential_id: &str) -> AcquireLeaseResponse {
-    leases(vault, "uploader")
-        .acquire_lease(acquire_request(credential_id, 60))
+    let one_call = hpke::OneCallKey::generate().unwrap();
+    let mut reply = leases(vault, "uploader")
+        .acquire_lease(AcquireLeaseRequest {
+            recipient_public_key: one_call.public_key().to_vec(),
+            ..acquire_request(credential_id, 60)
+        })
         .await
         .unwrap_or_else(|s| panic!("AcquireLease {credential_id}: {s:?}"))
-        .into_inner()
+        .into_inner();
+    assert!(
+        reply.secret.is_empty(),
+        "a sealed lease carries no clear secret"
+    );
+    let opened = one_call
+        .open(
+            hpke::LEASE_INFO,
+            &hpke::aad(&[&reply.lease_id, credential_id]),
+            &reply.enc,
+            &reply.sealed_secret,
+        )
+        .expect("the sealed secret opens with the one-call key, lease and credential");
+    reply.secret = opened.expose_secret().to_vec();
+    reply
 }
 
 /// Asserts that `result` failed with `code` and returns the status.
