@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod client;
 pub mod dev;
+pub mod memscan;
 pub mod s3;
 
 use std::{
@@ -164,6 +165,11 @@ impl Daemon {
             });
         }
         Self { child, log }
+    }
+
+    /// The process id (for reading its memory in the memory test).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything printed so far.

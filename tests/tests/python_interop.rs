@@ -90,7 +90,15 @@ fn python_grpcio_client_puts_leases_and_releases_over_mtls() {
 
     // The real vault, set up as operators do.
     let init = Command::new(binary("vaultd"))
-        .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+        // Secrets in clear, as grpcurl and this generated client send them
+        // (the debug setting the dev runner also turns on).
+        .args([
+            "init",
+            "--allow-plaintext-secrets",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+        ])
         .arg(dir.path().join("vault"))
         .arg("--certs")
         .arg(dir.path().join("certs"))

@@ -21,10 +21,18 @@ struct Running {
 }
 
 fn start_vault() -> Running {
+    // Secrets in clear, as grpcurl sends them (the debug setting the dev
+    // runner also turns on).
+    start_vault_with(&["--allow-plaintext-secrets"])
+}
+
+fn start_vault_with(init_flags: &[&str]) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let out = Command::new(binary("vaultd"))
-        .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+        .arg("init")
+        .args(init_flags)
+        .args(["--listen", "127.0.0.1:0", "--dir"])
         .arg(root.join("vault"))
         .arg("--certs")
         .arg(root.join("certs"))
@@ -172,6 +180,47 @@ fn grpcurl_lists_describes_and_leases_over_mtls_and_secrets_stay_out_of_logs() {
             );
         }
     }
+}
+
+/// `vaultd init` without the debug flag writes the production setting: a
+/// secret sent in clear by grpcurl is refused with a message naming the
+/// setting, while the sealing key is public to every role.
+#[test]
+fn a_production_vault_refuses_clear_secrets_from_grpcurl_and_publishes_its_sealing_key() {
+    let mut vault = start_vault_with(&[]);
+    let text = std::fs::read_to_string(&vault.config).unwrap();
+    assert!(text.contains("allow_plaintext = false"), "{text}");
+    let certs = vault.root.join("certs");
+    let call = |identity: &str, args: &[&str], data: Option<&str>| {
+        grpcurl_call(&certs, identity, &vault.addr, args, data)
+    };
+    let secret = r#"{"access_key_id":"AKIDCLEAR","secret_access_key":"clear-grpcurl-Marker-77"}"#;
+    let put = format!(
+        r#"{{"tenant_id":"acme","name":"clear","kind":"CREDENTIAL_KIND_S3","secret":"{}"}}"#,
+        B64.encode(secret)
+    );
+    let (ok, out, err) = call(
+        "manager",
+        &["recvault.vault.v1.Credentials/PutCredential"],
+        Some(&put),
+    );
+    assert!(!ok, "a clear secret was accepted: {out}");
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("[secrets] allow_plaintext"),
+        "{err}"
+    );
+    let (ok, key, err) = call(
+        "auditor",
+        &["recvault.vault.v1.Credentials/GetSealingKey"],
+        Some("{}"),
+    );
+    assert!(ok, "GetSealingKey: {err}");
+    let key: serde_json::Value = serde_json::from_str(&key).unwrap();
+    assert_eq!(key["keyVersion"], 1, "{key}");
+    let public = B64.decode(key["publicKey"].as_str().unwrap()).unwrap();
+    assert_eq!(public.len(), 32);
+    vault.daemon.stop();
+    assert!(!vault.daemon.output().contains("clear-grpcurl-Marker-77"));
 }
 
 #[test]
