@@ -49,7 +49,7 @@ pub fn needles(secret: &str) -> Vec<(String, Vec<u8>)> {
         if end > start + 8 {
             out.push((
                 format!("base64+{pad}"),
-                encoded[start..end].as_bytes().to_vec(),
+                encoded.as_bytes()[start..end].to_vec(),
             ));
         }
     }

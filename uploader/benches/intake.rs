@@ -6,12 +6,17 @@
 //! buffer, fsync, rename, on one thread), in one run, alternating, on the
 //! same disk. Prints MiB/s and CPU seconds per GiB for both, and the ratios.
 //!
+//! The encrypted path also runs a second time per pair with the daemons'
+//! zeroing allocator wiping freed memory (it is off for the other two), each
+//! chunk arriving in a freshly allocated buffer as the gRPC decoder hands it
+//! over, so the wiping cost is priced in the same run.
+//!
 //! ```text
 //! cargo bench -p recvault-uploader --bench intake
 //! ```
 //!
 //! Environment (optional): `BENCH_INTAKE_MIB` (1024), `BENCH_INTAKE_RUNS`
-//! (3 pairs), `BENCH_CHUNK_KIB` (1024: the chunk size a recorder sends),
+//! (3 rounds), `BENCH_CHUNK_KIB` (1024: the chunk size a recorder sends),
 //! `BENCH_DIR` (`target/tmp/bench-intake`).
 
 use std::fs::{self, File, OpenOptions};
@@ -27,6 +32,10 @@ use recvault_uploader::jobs::{RecordingId, TenantId};
 use sha2::{Digest as _, Sha256};
 
 const MIB: usize = 1024 * 1024;
+
+// The allocator uploaderd runs with; wiping is switched per phase.
+#[global_allocator]
+static ALLOCATOR: recvault_runtime::alloc::Zeroing = recvault_runtime::alloc::Zeroing;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -100,13 +109,32 @@ fn main() {
     let tenant = TenantId::parse("bench").expect("tenant");
 
     println!(
-        "intake: {mib:.0} MiB in {} KiB chunks, {runs} pairs, alternating, in {}",
+        "intake: {mib:.0} MiB in {} KiB chunks, {runs} rounds, alternating, in {}",
         chunk_len / 1024,
         dir.display()
     );
-    let (mut plain, mut encrypted) = (Vec::new(), Vec::new());
-    let (mut plain_cpu, mut encrypted_cpu) = (Vec::new(), Vec::new());
+    let (mut plain, mut encrypted, mut wiped) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_cpu, mut encrypted_cpu, mut wiped_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let gib = mib / 1024.0;
+    // One encrypted ingest, each chunk in a fresh buffer: (MiB/s, CPU s/GiB).
+    let encrypted_run = |name: String, wiping: bool| {
+        recvault_runtime::alloc::set_wiping(wiping);
+        let cpu = cpu_secs();
+        let start = Instant::now();
+        let recording = RecordingId::parse(name).expect("recording");
+        let mut writer = store.begin(&tenant, &recording).expect("begin");
+        for _ in 0..chunks {
+            let message = std::hint::black_box(chunk.clone());
+            writer.write_chunk(&message).expect("write");
+        }
+        let stored = writer.finish(expected).expect("finish");
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = (cpu_secs() - cpu) / gib;
+        fs::remove_file(stored.path).expect("remove");
+        recvault_runtime::alloc::set_wiping(false);
+        (mib / secs, cpu)
+    };
+    recvault_runtime::alloc::set_wiping(false);
     for run in 0..runs {
         let cpu = cpu_secs();
         let start = Instant::now();
@@ -116,29 +144,30 @@ fn main() {
         plain_cpu.push((cpu_secs() - cpu) / gib);
         fs::remove_file(path).expect("remove");
 
-        let cpu = cpu_secs();
-        let start = Instant::now();
-        let recording = RecordingId::parse(format!("bench-{run}")).expect("recording");
-        let mut writer = store.begin(&tenant, &recording).expect("begin");
-        for _ in 0..chunks {
-            writer.write_chunk(&chunk).expect("write");
-        }
-        let stored = writer.finish(expected).expect("finish");
-        let secs_enc = start.elapsed().as_secs_f64();
-        encrypted.push(mib / secs_enc);
-        encrypted_cpu.push((cpu_secs() - cpu) / gib);
-        fs::remove_file(stored.path).expect("remove");
+        let (rate, cpu) = encrypted_run(format!("bench-{run}"), false);
+        encrypted.push(rate);
+        encrypted_cpu.push(cpu);
+        let (rate_w, cpu_w) = encrypted_run(format!("bench-{run}-wiped"), true);
+        wiped.push(rate_w);
+        wiped_cpu.push(cpu_w);
         println!(
-            "  pair {}: without encryption {:.0} MiB/s ({:.2} CPU s/GiB), encrypted {:.0} MiB/s ({:.2} CPU s/GiB)",
+            "  run {}: without encryption {:.0} MiB/s ({:.2} CPU s/GiB), encrypted {:.0} MiB/s ({:.2} CPU s/GiB), encrypted + wiping {:.0} MiB/s ({:.2} CPU s/GiB)",
             run + 1,
             mib / secs,
             plain_cpu[run],
-            mib / secs_enc,
-            encrypted_cpu[run],
+            rate,
+            cpu,
+            rate_w,
+            cpu_w,
         );
     }
-    let (p, e) = (median(plain), median(encrypted));
-    let (pc, ec) = (median(plain_cpu), median(encrypted_cpu));
+    let (p, e, w) = (median(plain), median(encrypted), median(wiped));
+    let (pc, ec, wc) = (median(plain_cpu), median(encrypted_cpu), median(wiped_cpu));
+    println!(
+        "median: encrypted + wiping {w:.0} MiB/s vs encrypted {e:.0} MiB/s; ratio {:.3}; CPU {wc:.2} vs {ec:.2} s/GiB, ratio {:.2} (the zeroing allocator's cost)",
+        w / e,
+        wc / ec
+    );
     println!(
         "median: without encryption {p:.0} MiB/s, encrypted {e:.0} MiB/s; ratio {:.3} (throughput cost {:.1} %)",
         e / p,
