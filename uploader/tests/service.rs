@@ -52,12 +52,23 @@ impl vault::leases_server::Leases for StandInVault {
         &self,
         request: Request<vault::AcquireLeaseRequest>,
     ) -> Result<Response<vault::AcquireLeaseResponse>, Status> {
-        let id = request.into_inner().credential_id;
+        let request = request.into_inner();
+        let id = request.credential_id;
         let secret = self.secrets.lock().unwrap().get(&id).cloned();
         let secret = secret.ok_or_else(|| Status::not_found(format!("credential {id}")))?;
+        // Sealed to the caller's one-call key, as the real vault does.
+        let lease_id = format!("lease-{}", uuid::Uuid::new_v4().simple());
+        let (enc, sealed_secret) = recvault_runtime::hpke::seal(
+            &request.recipient_public_key,
+            recvault_runtime::hpke::LEASE_INFO,
+            &recvault_runtime::hpke::aad(&[&lease_id, &id]),
+            &secret,
+        )
+        .map_err(|_| Status::invalid_argument("recipient_public_key"))?;
         Ok(Response::new(vault::AcquireLeaseResponse {
-            lease_id: format!("lease-{}", uuid::Uuid::new_v4().simple()),
-            secret,
+            lease_id,
+            enc,
+            sealed_secret,
             ..Default::default()
         }))
     }
