@@ -15,7 +15,7 @@ use crate::{
     keyring::{self, Keyring, MasterKey},
     leases::Leases,
     policy::{Need, PolicyFile, Role},
-    store::Store,
+    store::VaultStore,
 };
 
 /// Settings key of the minimum key version that may still decrypt.
@@ -31,7 +31,7 @@ pub struct VaultCore {
     /// The key pair `PutCredential` secrets are sealed to, derived likewise.
     pub sealing_key: crate::sealing::SealingKey,
     pub keyring: RwLock<Keyring>,
-    pub store: Arc<Store>,
+    pub store: Arc<dyn VaultStore>,
     pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyFile>,
     pub leases: Arc<Leases>,
@@ -56,14 +56,14 @@ pub struct Subject {
 
 impl VaultCore {
     /// Loads every wrapped key version (creating version 1 on first start).
-    pub fn load_keyring(master: &MasterKey, store: &Store) -> Result<Keyring, String> {
+    pub fn load_keyring(master: &MasterKey, store: &dyn VaultStore) -> Result<Keyring, String> {
         let mut versions = store.key_versions().map_err(|e| e.to_string())?;
         if versions.is_empty() {
             let (_, wrapped) = keyring::new_wrapped_version(master, 1)
                 .map_err(|_| "cannot create key version 1".to_owned())?;
             store
                 // Start-up, not an RPC: there is no caller to audit.
-                .insert_key_version(1, &wrapped, || Ok(()))
+                .insert_key_version(1, &wrapped, &mut || Ok(()))
                 .map_err(|e| e.to_string())?;
             versions = store.key_versions().map_err(|e| e.to_string())?;
         }

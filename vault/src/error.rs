@@ -37,6 +37,9 @@ pub enum VaultError {
     /// The audit log could not record the access: fail closed.
     #[error("the audit log is unavailable ({0}); nothing was done or returned; retry later")]
     AuditUnavailable(String),
+    /// A concurrent change won (a uniqueness rule refused this one): retry.
+    #[error("{0}; another change to the same thing won; read it again and retry")]
+    Conflict(String),
     /// Storage failed.
     #[error("storage error: {0}; retry later")]
     Unavailable(String),
@@ -58,6 +61,7 @@ impl From<VaultError> for Status {
                 Code::FailedPrecondition
             }
             VaultError::ResourceExhausted(_) => Code::ResourceExhausted,
+            VaultError::Conflict(_) => Code::Aborted,
             VaultError::AuditUnavailable(_) | VaultError::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, error.to_string())
@@ -66,11 +70,15 @@ impl From<VaultError> for Status {
 
 impl From<crate::store::StoreError> for VaultError {
     fn from(error: crate::store::StoreError) -> Self {
-        if let crate::store::StoreError::Gate(reason) = error {
-            return VaultError::AuditUnavailable(reason);
+        use crate::store::StoreError;
+        match error {
+            StoreError::Gate(reason) => VaultError::AuditUnavailable(reason),
+            StoreError::Conflict(_) => VaultError::Conflict(error.to_string()),
+            error => {
+                tracing::error!(%error, "credential store failed");
+                VaultError::Unavailable(error.to_string())
+            }
         }
-        tracing::error!(%error, "credential store failed");
-        VaultError::Unavailable(error.to_string())
     }
 }
 

@@ -24,7 +24,6 @@ use crate::{
         audit::AuditService, credentials::CredentialsService, datakeys::DataKeysService,
         keys::KeysService, leases::LeasesService,
     },
-    store::Store,
 };
 
 /// HKDF info for the audit chain key; changing it breaks every existing chain.
@@ -66,8 +65,8 @@ pub fn audit_key(master: &MasterKey) -> Result<AuditKey, recvault_audit::AuditEr
 /// benchmark can reach the core.
 pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
     let master = MasterKey::load(&config.master_key_file)?;
-    let store = Arc::new(Store::open(&config.database)?);
-    let keyring = VaultCore::load_keyring(&master, &store).map_err(StartError::Keyring)?;
+    let store = crate::store::open(&config)?;
+    let keyring = VaultCore::load_keyring(&master, store.as_ref()).map_err(StartError::Keyring)?;
     let wrapping_key = WrappingKey::derive(&master)?;
     let sealing_key = crate::sealing::SealingKey::derive(&master)?;
     let audit = Arc::new(AuditLog::open(

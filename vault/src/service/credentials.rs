@@ -222,12 +222,12 @@ impl CredentialsService {
                 secret_chars,
             };
             let keyring = core.keyring();
-            core.store.put(
+            Ok(core.store.put(
                 &new,
-                |id, version| {
-                    let key_version = keyring.current_version().ok_or_else(|| {
-                        VaultError::Unavailable("the keyring has no key version".into())
-                    })?;
+                &mut |id, version| {
+                    let key_version = keyring
+                        .current_version()
+                        .ok_or_else(|| "the keyring has no key version".to_owned())?;
                     let sealed = keyring
                         .seal(
                             tenant.as_str(),
@@ -235,18 +235,18 @@ impl CredentialsService {
                             version,
                             secret.expose_secret(),
                         )
-                        .map_err(|_| VaultError::Unavailable("sealing the secret failed".into()))?;
+                        .map_err(|_| "sealing the secret failed".to_owned())?;
                     Ok((sealed, key_version))
                 },
-                |id, version| {
+                &mut |id, version| {
                     let subject = Subject {
                         credential_id: id.to_string(),
                         detail: detail(version, sealed),
-                        ..gate_subject
+                        ..gate_subject.clone()
                     };
                     core.commit_gate(&gate_call, &subject)
                 },
-            )?
+            )?)
         })
         .await?;
         subject.credential_id = id.to_string();
@@ -389,7 +389,7 @@ impl credentials_server::Credentials for CredentialsService {
             let deleted = blocking(move || {
                 Ok(core
                     .store
-                    .delete(&id, || core.commit_gate(&gate_call, &gate_subject))?)
+                    .delete(&id, &mut || core.commit_gate(&gate_call, &gate_subject))?)
             })
             .await?;
             if !deleted {

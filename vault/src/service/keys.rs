@@ -45,10 +45,10 @@ impl KeysService {
                 keyring::new_wrapped_version(&core.master, next).map_err(|_| {
                     VaultError::Unavailable("generating the new key version failed".into())
                 })?;
-            core.store.insert_key_version(next, &wrapped, || {
+            core.store.insert_key_version(next, &wrapped, &mut || {
                 let subject = Subject {
                     detail: format!("key_version={next}"),
-                    ..gate_subject
+                    ..gate_subject.clone()
                 };
                 core.commit_gate(&gate_call, &subject)
             })?;
@@ -101,10 +101,10 @@ impl KeysService {
                 }
             }
             // One transaction for the whole rewrap, committed only after its audit event.
-            let rewrapped = core.store.replace_sealed(&fresh_rows, |n| {
+            let rewrapped = core.store.replace_sealed(&fresh_rows, &mut |n| {
                 let subject = Subject {
                     detail: format!("rewrapped={n} key_version={current}"),
-                    ..gate_subject
+                    ..gate_subject.clone()
                 };
                 core.commit_gate(&gate_call, &subject)
             })?;
@@ -178,7 +178,7 @@ impl KeysService {
                     "{stale} credentials are still sealed under key versions below {min}; run Keys/Rewrap first"
                 )));
             }
-            core.store.set_setting(MIN_DECRYPT_VERSION, i64::from(min), || {
+            core.store.set_setting(MIN_DECRYPT_VERSION, i64::from(min), &mut || {
                 core.commit_gate(&gate_call, &gate_subject)
             })?;
             ring.set_min_decrypt_version(min);
@@ -212,8 +212,9 @@ impl KeysService {
         let t = tenant.clone();
         let (gate_call, gate_subject) = (call.clone(), subject.clone());
         let effective = blocking(move || {
-            core.store
-                .set_tenant_limit(&t, limit, || core.commit_gate(&gate_call, &gate_subject))?;
+            core.store.set_tenant_limit(&t, limit, &mut || {
+                core.commit_gate(&gate_call, &gate_subject)
+            })?;
             core.secret_limit(&t)
         })
         .await?;

@@ -1,6 +1,7 @@
-//! The credential store on SQLite: metadata, sealed secrets (never plaintext),
-//! wrapped master-key versions and per-tenant limits. It stores what it is
-//! given; sealing and authorization happen in the layers above.
+//! The credential store on SQLite, the embedded default: metadata, sealed
+//! secrets (never plaintext), wrapped master-key versions, settings and
+//! per-tenant limits in one file. It stores what it is given; sealing and
+//! authorization happen in the layers above.
 //!
 //! Deleting a credential removes its ciphertext (crypto-shred) and, with
 //! `secure_delete`, SQLite overwrites the freed pages.
@@ -8,8 +9,8 @@
 //! Rows read by id are cached in memory (metadata and ciphertext only, never
 //! plaintext), so the AcquireLease hot path needs neither the connection
 //! mutex nor a blocking thread. Every write through this store evicts the
-//! rows it touches; edits made to the file by another process are seen after
-//! a restart.
+//! rows it touches; a SQLite file has one vault, so nothing else writes it
+//! while it runs.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,103 +20,48 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{
+    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, NewCredential, PutGate, Seal,
+    SettingsStore, StoreError, now,
+};
 use crate::ids::{CredentialId, TenantId};
 
-/// Errors of the store. Messages never hold secrets (the store has none in clear).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// SQLite failed (disk full, I/O, corruption).
-    #[error("credential database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A stored row does not parse (manual edits, corruption).
-    #[error("credential database row is corrupt: {0}")]
-    Corrupt(String),
-    /// The commit gate (the audit event for this change) failed, so the
-    /// change was rolled back.
-    #[error("the change was not committed: {0}")]
-    Gate(String),
-}
+/// The migrations, in order: (version, SQL). Each runs once, in its own
+/// transaction, and is recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_initial.sql"))];
 
-/// One credential's metadata, plus its sealed secret when not deleted.
-#[derive(Debug, Clone)]
-pub struct CredentialRow {
-    pub credential_id: CredentialId,
-    pub tenant_id: TenantId,
-    pub name: String,
-    pub kind: i32,
-    pub version: u32,
-    pub labels: BTreeMap<String, String>,
-    pub created_at: i64,
-    pub updated_at: i64,
-    pub deleted: bool,
-    pub key_version: u32,
-    pub secret_chars: u32,
-    /// The A256CBC-HS512 envelope; `None` once deleted.
-    pub sealed: Option<Vec<u8>>,
-}
-
-/// What `put` is asked to store. `seal` is called inside the transaction with
-/// the id and version the new row gets (they are bound into the AAD).
-#[derive(Debug)]
-pub struct NewCredential<'a> {
-    pub tenant_id: &'a TenantId,
-    pub name: &'a str,
-    pub kind: i32,
-    pub labels: &'a BTreeMap<String, String>,
-    pub secret_chars: u32,
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match &error {
+            rusqlite::Error::SqliteFailure(e, _) => match e.code {
+                ErrorCode::ConstraintViolation => StoreError::Conflict(error.to_string()),
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                    StoreError::Corrupt(error.to_string())
+                }
+                _ => StoreError::Unavailable(format!("SQLite: {error}")),
+            },
+            rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+            | rusqlite::Error::InvalidColumnType(..) => StoreError::Corrupt(error.to_string()),
+            _ => StoreError::Unavailable(format!("SQLite: {error}")),
+        }
+    }
 }
 
 /// The SQLite-backed store. One connection behind a mutex: writes are rare and
 /// short; callers run it on blocking threads.
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
     /// Rows by id as last read from the database. Filled and evicted only
     /// while `conn` is held, so a read cannot put back a row that a write
-    /// has just changed; read without `conn` by [`Store::cached`].
+    /// has just changed; read without `conn` by [`CredentialStore::cached`].
     cache: RwLock<HashMap<CredentialId, Arc<CredentialRow>>>,
 }
 
 /// Most rows kept in the cache; beyond it reads go to SQLite as before.
 const CACHE_MAX_ROWS: usize = 100_000;
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS credentials (
-    credential_id TEXT PRIMARY KEY,
-    tenant_id     TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    kind          INTEGER NOT NULL,
-    version       INTEGER NOT NULL,
-    labels        TEXT NOT NULL,
-    created_at    INTEGER NOT NULL,
-    updated_at    INTEGER NOT NULL,
-    deleted       INTEGER NOT NULL DEFAULT 0,
-    key_version   INTEGER NOT NULL,
-    secret_chars  INTEGER NOT NULL,
-    sealed        BLOB
-);
-CREATE UNIQUE INDEX IF NOT EXISTS credentials_live_name
-    ON credentials(tenant_id, name) WHERE deleted = 0;
-CREATE INDEX IF NOT EXISTS credentials_key_version ON credentials(key_version) WHERE deleted = 0;
-CREATE TABLE IF NOT EXISTS key_versions (
-    version    INTEGER PRIMARY KEY,
-    wrapped    BLOB NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS settings (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tenant_limits (
-    tenant_id        TEXT PRIMARY KEY,
-    max_secret_chars INTEGER NOT NULL
-);
-";
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
 
 fn row_to_credential(row: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
     let labels: String = row.get("labels")?;
@@ -125,7 +71,9 @@ fn row_to_credential(row: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow>
         name: row.get("name")?,
         kind: row.get("kind")?,
         version: row.get("version")?,
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        labels: serde_json::from_str(&labels).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(6, rusqlite::types::Type::Text, Box::new(e))
+        })?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
         deleted: row.get::<_, i64>("deleted")? != 0,
@@ -135,7 +83,36 @@ fn row_to_credential(row: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow>
     })
 }
 
-impl Store {
+/// Applies the migrations the database has not seen yet.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             applied_at INTEGER NOT NULL
+         )",
+    )?;
+    for (version, sql) in MIGRATIONS {
+        let tx = conn.transaction()?;
+        let seen: Option<i64> = tx
+            .query_row(
+                "SELECT version FROM schema_migrations WHERE version = ?1",
+                params![version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if seen.is_none() {
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![version, now()],
+            )?;
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
@@ -143,12 +120,12 @@ impl Store {
                 StoreError::Corrupt(format!("cannot create directory {}: {e}", dir.display()))
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA secure_delete = ON;
              PRAGMA busy_timeout = 5000;",
         )?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
             cache: RwLock::default(),
@@ -166,10 +143,12 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
+}
 
+impl CredentialStore for SqliteStore {
     /// One credential by id from memory, if it was read since it last changed.
-    /// Never blocks on SQLite: the async hot path tries this before [`Store::get`].
-    pub fn cached(&self, id: &CredentialId) -> Option<Arc<CredentialRow>> {
+    /// Never blocks on SQLite: the async hot path tries this before [`CredentialStore::get`].
+    fn cached(&self, id: &CredentialId) -> Option<Arc<CredentialRow>> {
         self.cache
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -180,12 +159,12 @@ impl Store {
     /// Stores a new credential, or a new version of the live one with the same
     /// (tenant, name). Returns (id, version). `gate` runs inside the
     /// transaction, just before COMMIT: if it fails, nothing is stored.
-    pub fn put<E>(
+    fn put(
         &self,
         new: &NewCredential<'_>,
-        seal: impl FnOnce(&CredentialId, u32) -> Result<(Vec<u8>, u32), E>,
-        gate: impl FnOnce(&CredentialId, u32) -> Result<(), String>,
-    ) -> Result<Result<(CredentialId, u32), E>, StoreError> {
+        seal: &mut Seal<'_>,
+        gate: &mut PutGate<'_>,
+    ) -> Result<(CredentialId, u32), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let existing: Option<(String, u32)> = tx
@@ -199,10 +178,7 @@ impl Store {
             Some((id, v)) => (CredentialId::from_trusted(id), v + 1),
             None => (CredentialId::generate(), 1),
         };
-        let (sealed, key_version) = match seal(&id, version) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
+        let (sealed, key_version) = seal(&id, version).map_err(StoreError::Seal)?;
         let labels =
             serde_json::to_string(new.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let t = now();
@@ -229,12 +205,12 @@ impl Store {
         let committed = tx.commit();
         self.evict(&conn, &id);
         committed?;
-        Ok(Ok((id, version)))
+        Ok((id, version))
     }
 
     /// One credential by id (deleted ones too, as tombstones), from SQLite;
-    /// remembers it for [`Store::cached`].
-    pub fn get(&self, id: &CredentialId) -> Result<Option<CredentialRow>, StoreError> {
+    /// remembers it for [`CredentialStore::cached`].
+    fn get(&self, id: &CredentialId) -> Result<Option<CredentialRow>, StoreError> {
         let conn = self.conn();
         let row = conn
             .prepare_cached("SELECT * FROM credentials WHERE credential_id = ?1")?
@@ -250,7 +226,7 @@ impl Store {
     }
 
     /// A tenant's credentials, by name.
-    pub fn list(
+    fn list(
         &self,
         tenant: &TenantId,
         include_deleted: bool,
@@ -266,11 +242,7 @@ impl Store {
     /// Crypto-shred: drops the ciphertext, keeps a tombstone. Returns false
     /// (and does not call `gate`) if the credential is unknown or already
     /// deleted. `gate` runs just before COMMIT; if it fails, nothing changes.
-    pub fn delete(
-        &self,
-        id: &CredentialId,
-        gate: impl FnOnce() -> Result<(), String>,
-    ) -> Result<bool, StoreError> {
+    fn delete(&self, id: &CredentialId, gate: &mut Gate0<'_>) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let result = (|| {
             let tx = conn.transaction()?;
@@ -293,7 +265,7 @@ impl Store {
 
     /// Live credentials sealed under a key version older than `current`
     /// (optionally of one tenant): (id, tenant, version, sealed).
-    pub fn stale_sealed(
+    fn stale_sealed(
         &self,
         current: u32,
         tenant: Option<&TenantId>,
@@ -312,10 +284,10 @@ impl Store {
     /// Replaces sealed secrets in one transaction, each only if its row is
     /// still at the given version (a concurrent PutCredential wins). `gate`
     /// gets the number replaced and runs just before COMMIT. Returns that number.
-    pub fn replace_sealed(
+    fn replace_sealed(
         &self,
         rows: &[(CredentialId, u32, Vec<u8>, u32)],
-        gate: impl FnOnce(u32) -> Result<(), String>,
+        gate: &mut Gate<'_, u32>,
     ) -> Result<u32, StoreError> {
         let mut conn = self.conn();
         let result = (|| {
@@ -340,7 +312,7 @@ impl Store {
     }
 
     /// Live credentials per key version.
-    pub fn count_by_key_version(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
+    fn count_by_key_version(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT key_version, COUNT(*) FROM credentials WHERE deleted = 0 GROUP BY key_version",
@@ -350,9 +322,11 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
 
+impl KeyVersionStore for SqliteStore {
     /// Wrapped master-key versions: (version, wrapped, created_at), ascending.
-    pub fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {
+    fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
             "SELECT version, wrapped, created_at FROM key_versions ORDER BY version",
@@ -363,11 +337,11 @@ impl Store {
 
     /// Adds a wrapped key version; fails if the version exists. `gate` runs
     /// just before COMMIT.
-    pub fn insert_key_version(
+    fn insert_key_version(
         &self,
         version: u32,
         wrapped: &[u8],
-        gate: impl FnOnce() -> Result<(), String>,
+        gate: &mut Gate0<'_>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -379,9 +353,11 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
 
+impl SettingsStore for SqliteStore {
     /// An integer setting (e.g. `min_decrypt_version`).
-    pub fn setting(&self, name: &str) -> Result<Option<i64>, StoreError> {
+    fn setting(&self, name: &str) -> Result<Option<i64>, StoreError> {
         Ok(self
             .conn()
             .query_row(
@@ -393,12 +369,7 @@ impl Store {
     }
 
     /// Sets an integer setting; `gate` runs just before COMMIT.
-    pub fn set_setting(
-        &self,
-        name: &str,
-        value: i64,
-        gate: impl FnOnce() -> Result<(), String>,
-    ) -> Result<(), StoreError> {
+    fn set_setting(&self, name: &str, value: i64, gate: &mut Gate0<'_>) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -411,7 +382,7 @@ impl Store {
     }
 
     /// A tenant's secret size override, if any.
-    pub fn tenant_limit(&self, tenant: &TenantId) -> Result<Option<u32>, StoreError> {
+    fn tenant_limit(&self, tenant: &TenantId) -> Result<Option<u32>, StoreError> {
         Ok(self
             .conn()
             .prepare_cached("SELECT max_secret_chars FROM tenant_limits WHERE tenant_id = ?1")?
@@ -420,11 +391,11 @@ impl Store {
     }
 
     /// Sets (Some) or clears (None) a tenant's override; `gate` runs just before COMMIT.
-    pub fn set_tenant_limit(
+    fn set_tenant_limit(
         &self,
         tenant: &TenantId,
         limit: Option<u32>,
-        gate: impl FnOnce() -> Result<(), String>,
+        gate: &mut Gate0<'_>,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -450,7 +421,7 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn put(store: &Store, tenant: &TenantId, sealed: &[u8]) -> (CredentialId, u32) {
+    fn put(store: &SqliteStore, tenant: &TenantId, sealed: &[u8]) -> (CredentialId, u32) {
         let labels = BTreeMap::new();
         let new = NewCredential {
             tenant_id: tenant,
@@ -460,70 +431,20 @@ mod tests {
             secret_chars: 3,
         };
         store
-            .put(
-                &new,
-                |_, _| Ok::<_, ()>((sealed.to_vec(), 1)),
-                |_, _| Ok(()),
-            )
-            .unwrap()
+            .put(&new, &mut |_, _| Ok((sealed.to_vec(), 1)), &mut |_, _| {
+                Ok(())
+            })
             .unwrap()
     }
 
-    #[test]
-    fn a_failed_gate_rolls_every_change_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("vault.db")).unwrap();
-        let tenant = TenantId::parse("acme").unwrap();
-        let labels = BTreeMap::new();
-        let new = NewCredential {
-            tenant_id: &tenant,
-            name: "n",
-            kind: 1,
-            labels: &labels,
-            secret_chars: 1,
-        };
-        let refused = || Err::<(), _>("audit down".to_owned());
-        let err = store
-            .put(
-                &new,
-                |_, _| Ok::<_, ()>((b"x".to_vec(), 1)),
-                |_, _| refused(),
-            )
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Gate(_)), "{err}");
-        assert!(
-            store.list(&tenant, true).unwrap().is_empty(),
-            "put must not commit"
-        );
-
-        let (id, v) = put(&store, &tenant, b"one");
-        assert!(store.delete(&id, refused).is_err());
-        assert!(
-            !store.get(&id).unwrap().unwrap().deleted,
-            "delete must not commit"
-        );
-        let rows = [(id.clone(), v, b"two".to_vec(), 2)];
-        assert!(store.replace_sealed(&rows, |_| refused()).is_err());
-        assert_eq!(
-            store.get(&id).unwrap().unwrap().sealed.as_deref(),
-            Some(&b"one"[..])
-        );
-        assert!(store.insert_key_version(9, b"w", refused).is_err());
-        assert!(store.key_versions().unwrap().is_empty());
-        assert!(store.set_setting("s", 1, refused).is_err());
-        assert_eq!(store.setting("s").unwrap(), None);
-        assert!(store.set_tenant_limit(&tenant, Some(7), refused).is_err());
-        assert_eq!(store.tenant_limit(&tenant).unwrap(), None);
-    }
-
-    fn cached_sealed(store: &Store, id: &CredentialId) -> Option<Option<Vec<u8>>> {
+    fn cached_sealed(store: &SqliteStore, id: &CredentialId) -> Option<Option<Vec<u8>>> {
         store.cached(id).map(|row| row.sealed.clone())
     }
 
     #[test]
     fn the_cache_never_serves_a_row_a_write_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("vault.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("vault.db")).unwrap();
         let tenant = TenantId::parse("acme").unwrap();
         let (id, v1) = put(&store, &tenant, b"one");
         assert_eq!(
@@ -543,7 +464,7 @@ mod tests {
 
         // Rewrap evicts.
         let rows = [(id.clone(), v2, b"rewrapped".to_vec(), 2)];
-        assert_eq!(store.replace_sealed(&rows, |_| Ok(())).unwrap(), 1);
+        assert_eq!(store.replace_sealed(&rows, &mut |_| Ok(())).unwrap(), 1);
         assert_eq!(cached_sealed(&store, &id), None);
         store.get(&id).unwrap();
         assert_eq!(
@@ -552,7 +473,7 @@ mod tests {
         );
 
         // Delete evicts the ciphertext; a later read caches the tombstone.
-        assert!(store.delete(&id, || Ok(())).unwrap());
+        assert!(store.delete(&id, &mut || Ok(())).unwrap());
         assert_eq!(cached_sealed(&store, &id), None);
         store.get(&id).unwrap();
         let tombstone = store.cached(&id).unwrap();

@@ -1,0 +1,416 @@
+//! The vault store conformance suite: every backend of
+//! `recvault_vault::store` passes the same tests, instantiated per backend
+//! by `conformance_suite!` (after quickwit's `metastore_test_suite!`). The
+//! commit gate is part of it: a change whose gate fails is not committed.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use recvault_vault::{
+    ids::{CredentialId, TenantId},
+    store::{CredentialRow, NewCredential, StoreError, VaultStore},
+};
+
+/// A database a test can open (and open again, as a restart does).
+trait Backend {
+    fn open(&self) -> Arc<dyn VaultStore>;
+}
+
+struct Sqlite(tempfile::TempDir);
+
+impl Backend for Sqlite {
+    fn open(&self) -> Arc<dyn VaultStore> {
+        Arc::new(
+            recvault_vault::store::sqlite::SqliteStore::open(&self.0.path().join("vault.db"))
+                .unwrap(),
+        )
+    }
+}
+
+fn sqlite() -> Option<Sqlite> {
+    Some(Sqlite(tempfile::tempdir().unwrap()))
+}
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::parse(name).unwrap()
+}
+
+fn refused() -> Result<(), String> {
+    Err("audit down".to_owned())
+}
+
+/// Puts `name` for `tenant` with `sealed` as the envelope under key version 1.
+fn put(
+    store: &dyn VaultStore,
+    tenant: &TenantId,
+    name: &str,
+    sealed: &[u8],
+) -> Result<(CredentialId, u32), StoreError> {
+    let labels = BTreeMap::from([("team".to_owned(), "media".to_owned())]);
+    let new = NewCredential {
+        tenant_id: tenant,
+        name,
+        kind: 1,
+        labels: &labels,
+        secret_chars: 40,
+    };
+    store.put(&new, &mut |_, _| Ok((sealed.to_vec(), 1)), &mut |_, _| {
+        Ok(())
+    })
+}
+
+fn get(store: &dyn VaultStore, id: &CredentialId) -> CredentialRow {
+    store.get(id).unwrap().expect("row exists")
+}
+
+mod suite {
+    use super::*;
+
+    pub fn put_then_get_and_list(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let (id, v1) = put(store.as_ref(), &acme, "archive", b"one").unwrap();
+        assert_eq!(v1, 1);
+        let row = get(store.as_ref(), &id);
+        assert_eq!(row.tenant_id, acme);
+        assert_eq!(row.name, "archive");
+        assert_eq!(row.kind, 1);
+        assert_eq!(row.labels.get("team").map(String::as_str), Some("media"));
+        assert_eq!((row.key_version, row.secret_chars), (1, 40));
+        assert_eq!(row.sealed.as_deref(), Some(&b"one"[..]));
+        assert!(!row.deleted);
+        assert!(row.created_at > 1_700_000_000 && row.updated_at >= row.created_at);
+
+        // The same (tenant, name) again is a new version of the same id.
+        let (same, v2) = put(store.as_ref(), &acme, "archive", b"two").unwrap();
+        assert_eq!((&same, v2), (&id, 2));
+        assert_eq!(
+            get(store.as_ref(), &id).sealed.as_deref(),
+            Some(&b"two"[..])
+        );
+        // Another tenant's credential of the same name is another id.
+        let (other, _) = put(store.as_ref(), &tenant("globex"), "archive", b"g").unwrap();
+        assert_ne!(other, id);
+        put(store.as_ref(), &acme, "backup", b"b").unwrap();
+
+        let names: Vec<_> = store
+            .list(&acme, false)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["archive", "backup"]);
+        assert!(store.list(&tenant("initech"), true).unwrap().is_empty());
+        let unknown = CredentialId::parse("cred_unknown").unwrap();
+        assert!(store.get(&unknown).unwrap().is_none());
+
+        // What was committed survives a restart.
+        drop(store);
+        let reopened = b.open();
+        assert_eq!(get(reopened.as_ref(), &id).version, 2);
+    }
+
+    pub fn the_put_gate_sees_the_new_id_and_version(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let (id, _) = put(store.as_ref(), &acme, "n", b"one").unwrap();
+        let labels = BTreeMap::new();
+        let new = NewCredential {
+            tenant_id: &acme,
+            name: "n",
+            kind: 1,
+            labels: &labels,
+            secret_chars: 1,
+        };
+        let (mut sealed_for, mut gated_for) = (None, None);
+        let got = store
+            .put(
+                &new,
+                &mut |id, v| {
+                    sealed_for = Some((id.clone(), v));
+                    Ok((b"x".to_vec(), 3))
+                },
+                &mut |id, v| {
+                    gated_for = Some((id.clone(), v));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(got, (id.clone(), 2));
+        assert_eq!(sealed_for, Some((id.clone(), 2)));
+        assert_eq!(gated_for, Some((id.clone(), 2)));
+        assert_eq!(get(store.as_ref(), &id).key_version, 3);
+    }
+
+    pub fn a_failed_gate_rolls_every_change_back(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let labels = BTreeMap::new();
+        let new = NewCredential {
+            tenant_id: &acme,
+            name: "n",
+            kind: 1,
+            labels: &labels,
+            secret_chars: 1,
+        };
+        let err = store
+            .put(&new, &mut |_, _| Ok((b"x".to_vec(), 1)), &mut |_, _| {
+                refused()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Gate(ref r) if r == "audit down"),
+            "{err}"
+        );
+        assert!(
+            store.list(&acme, true).unwrap().is_empty(),
+            "put must not commit"
+        );
+
+        let (id, v) = put(store.as_ref(), &acme, "n", b"one").unwrap();
+        let err = store
+            .put(&new, &mut |_, _| Ok((b"x".to_vec(), 1)), &mut |_, _| {
+                refused()
+            })
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Gate(_)), "{err}");
+        assert_eq!(
+            get(store.as_ref(), &id).version,
+            v,
+            "a new version must not commit"
+        );
+
+        assert!(matches!(
+            store.delete(&id, &mut refused),
+            Err(StoreError::Gate(_))
+        ));
+        assert!(!get(store.as_ref(), &id).deleted, "delete must not commit");
+        let rows = [(id.clone(), v, b"two".to_vec(), 2)];
+        assert!(matches!(
+            store.replace_sealed(&rows, &mut |_| refused()),
+            Err(StoreError::Gate(_))
+        ));
+        assert_eq!(
+            get(store.as_ref(), &id).sealed.as_deref(),
+            Some(&b"one"[..])
+        );
+        assert!(matches!(
+            store.insert_key_version(9, b"w", &mut refused),
+            Err(StoreError::Gate(_))
+        ));
+        assert!(store.key_versions().unwrap().is_empty());
+        assert!(matches!(
+            store.set_setting("s", 1, &mut refused),
+            Err(StoreError::Gate(_))
+        ));
+        assert_eq!(store.setting("s").unwrap(), None);
+        assert!(matches!(
+            store.set_tenant_limit(&acme, Some(7), &mut refused),
+            Err(StoreError::Gate(_))
+        ));
+        assert_eq!(store.tenant_limit(&acme).unwrap(), None);
+
+        // Nothing half-written reappears after a restart either.
+        drop(store);
+        let reopened = b.open();
+        assert_eq!(reopened.list(&acme, true).unwrap().len(), 1);
+        assert!(reopened.key_versions().unwrap().is_empty());
+    }
+
+    pub fn a_failed_seal_stores_nothing_and_skips_the_gate(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let labels = BTreeMap::new();
+        let new = NewCredential {
+            tenant_id: &acme,
+            name: "n",
+            kind: 1,
+            labels: &labels,
+            secret_chars: 1,
+        };
+        let mut gated = false;
+        let err = store
+            .put(
+                &new,
+                &mut |_, _| Err("no key version".to_owned()),
+                &mut |_, _| {
+                    gated = true;
+                    Ok(())
+                },
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Seal(ref r) if r == "no key version"),
+            "{err}"
+        );
+        assert!(!gated, "no audit event for a change that never happened");
+        assert!(store.list(&acme, true).unwrap().is_empty());
+    }
+
+    pub fn delete_shreds_and_keeps_a_tombstone(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let (id, _) = put(store.as_ref(), &acme, "n", b"one").unwrap();
+        let mut gates = 0;
+        assert!(
+            store
+                .delete(&id, &mut || {
+                    gates += 1;
+                    Ok(())
+                })
+                .unwrap()
+        );
+        assert_eq!(gates, 1);
+        let tombstone = get(store.as_ref(), &id);
+        assert!(tombstone.deleted && tombstone.sealed.is_none());
+        assert_eq!(tombstone.key_version, 0);
+        // Deleting again (or an unknown id) is false and audits nothing.
+        assert!(
+            !store
+                .delete(&id, &mut || panic!("gate on a no-op"))
+                .unwrap()
+        );
+        let unknown = CredentialId::parse("cred_unknown").unwrap();
+        assert!(
+            !store
+                .delete(&unknown, &mut || panic!("gate on a no-op"))
+                .unwrap()
+        );
+        assert!(store.list(&acme, false).unwrap().is_empty());
+        assert_eq!(store.list(&acme, true).unwrap().len(), 1);
+        // The name is free again: a new credential, new id, version 1.
+        let (fresh, v) = put(store.as_ref(), &acme, "n", b"two").unwrap();
+        assert_ne!(fresh, id);
+        assert_eq!(v, 1);
+        assert!(store.cached(&id).is_none_or(|row| row.deleted));
+    }
+
+    pub fn rewrap_skips_rows_a_put_changed(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        let globex = tenant("globex");
+        let (a, av) = put(store.as_ref(), &acme, "a", b"a1").unwrap();
+        let (g, gv) = put(store.as_ref(), &globex, "g", b"g1").unwrap();
+        let (gone, _) = put(store.as_ref(), &acme, "gone", b"x").unwrap();
+        store.delete(&gone, &mut || Ok(())).unwrap();
+
+        let mut stale: Vec<_> = store
+            .stale_sealed(2, None)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.credential_id)
+            .collect();
+        stale.sort();
+        let mut expected = vec![a.clone(), g.clone()];
+        expected.sort();
+        assert_eq!(
+            stale, expected,
+            "live rows under key 1, not the deleted one"
+        );
+        let of_acme = store.stale_sealed(2, Some(&acme)).unwrap();
+        assert_eq!(of_acme.len(), 1);
+        assert_eq!(of_acme[0].credential_id, a);
+        assert!(store.stale_sealed(1, None).unwrap().is_empty());
+
+        // acme's row gets a new version between reading and rewrapping.
+        put(store.as_ref(), &acme, "a", b"a2").unwrap();
+        let rows = [
+            (a.clone(), av, b"a1-rewrapped".to_vec(), 2),
+            (g.clone(), gv, b"g1-rewrapped".to_vec(), 2),
+        ];
+        let mut gated = None;
+        let n = store
+            .replace_sealed(&rows, &mut |n| {
+                gated = Some(n);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((n, gated), (1, Some(1)));
+        assert_eq!(get(store.as_ref(), &a).sealed.as_deref(), Some(&b"a2"[..]));
+        let g_row = get(store.as_ref(), &g);
+        assert_eq!(g_row.sealed.as_deref(), Some(&b"g1-rewrapped"[..]));
+        assert_eq!(g_row.key_version, 2);
+        assert_eq!(
+            store.count_by_key_version().unwrap(),
+            BTreeMap::from([(1, 1), (2, 1)])
+        );
+    }
+
+    pub fn key_versions_are_unique_and_ordered(b: &dyn Backend) {
+        let store = b.open();
+        store.insert_key_version(2, b"w2", &mut || Ok(())).unwrap();
+        store.insert_key_version(1, b"w1", &mut || Ok(())).unwrap();
+        let err = store
+            .insert_key_version(2, b"again", &mut || panic!("gate after a conflict"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+        let versions = store.key_versions().unwrap();
+        let got: Vec<_> = versions.iter().map(|(v, w, _)| (*v, w.clone())).collect();
+        assert_eq!(got, [(1, b"w1".to_vec()), (2, b"w2".to_vec())]);
+        assert!(versions.iter().all(|(_, _, at)| *at > 1_700_000_000));
+    }
+
+    pub fn settings_and_tenant_limits(b: &dyn Backend) {
+        let store = b.open();
+        let acme = tenant("acme");
+        assert_eq!(store.setting("min_decrypt_version").unwrap(), None);
+        store
+            .set_setting("min_decrypt_version", 2, &mut || Ok(()))
+            .unwrap();
+        store
+            .set_setting("min_decrypt_version", 3, &mut || Ok(()))
+            .unwrap();
+        assert_eq!(store.setting("min_decrypt_version").unwrap(), Some(3));
+
+        assert_eq!(store.tenant_limit(&acme).unwrap(), None);
+        store
+            .set_tenant_limit(&acme, Some(100), &mut || Ok(()))
+            .unwrap();
+        store
+            .set_tenant_limit(&acme, Some(200), &mut || Ok(()))
+            .unwrap();
+        assert_eq!(store.tenant_limit(&acme).unwrap(), Some(200));
+        assert_eq!(store.tenant_limit(&tenant("globex")).unwrap(), None);
+        store.set_tenant_limit(&acme, None, &mut || Ok(())).unwrap();
+        assert_eq!(store.tenant_limit(&acme).unwrap(), None);
+
+        store
+            .set_tenant_limit(&acme, Some(5), &mut || Ok(()))
+            .unwrap();
+        drop(store);
+        let reopened = b.open();
+        assert_eq!(reopened.tenant_limit(&acme).unwrap(), Some(5));
+        assert_eq!(reopened.setting("min_decrypt_version").unwrap(), Some(3));
+    }
+}
+
+/// One `#[test]` per suite function for the backend `$make` opens (`None`:
+/// the backend cannot run on this machine, and `$make` said why).
+macro_rules! conformance_suite {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+            conformance_suite!(@tests $make;
+                put_then_get_and_list,
+                the_put_gate_sees_the_new_id_and_version,
+                a_failed_gate_rolls_every_change_back,
+                a_failed_seal_stores_nothing_and_skips_the_gate,
+                delete_shreds_and_keeps_a_tombstone,
+                rewrap_skips_rows_a_put_changed,
+                key_versions_are_unique_and_ordered,
+                settings_and_tenant_limits,
+            );
+        }
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if let Some(backend) = $make {
+                    super::suite::$name(&backend);
+                }
+            }
+        )*
+    };
+}
+
+conformance_suite!(sqlite, sqlite());
