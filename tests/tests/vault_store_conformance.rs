@@ -3,6 +3,8 @@
 //! by `conformance_suite!` (after quickwit's `metastore_test_suite!`). The
 //! commit gate is part of it: a change whose gate fails is not committed.
 
+#![allow(clippy::unwrap_used)]
+
 use std::{collections::BTreeMap, sync::Arc};
 
 use recvault_vault::{
