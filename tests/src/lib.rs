@@ -7,6 +7,7 @@ pub mod cli;
 pub mod client;
 pub mod dev;
 pub mod memscan;
+pub mod postgres;
 pub mod s3;
 
 use std::{

@@ -32,6 +32,34 @@ fn sqlite() -> Option<Sqlite> {
     Some(Sqlite(tempfile::tempdir().unwrap()))
 }
 
+/// A fresh database on the test process's PostgreSQL server, reached
+/// through a `database_url_file` as vaultd reaches it.
+struct Postgres {
+    url_file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Arc<dyn VaultStore> {
+        use recvault_vault::store::postgres::{PgTarget, PostgresStore};
+        let target = PgTarget::from_url_file(&self.url_file).unwrap();
+        Arc::new(PostgresStore::open(target).unwrap())
+    }
+}
+
+fn postgres() -> Option<Postgres> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let db = recvault_tests::postgres::Postgres::shared()?.database();
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("database.url");
+    std::fs::write(&url_file, db.url()).unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Some(Postgres {
+        url_file,
+        _dir: dir,
+    })
+}
+
 fn tenant(name: &str) -> TenantId {
     TenantId::parse(name).unwrap()
 }
@@ -416,3 +444,4 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(sqlite, sqlite());
+conformance_suite!(postgres, postgres());

@@ -227,7 +227,7 @@ pub fn init(
          allow_plaintext = {allow_plaintext_secrets}\n",
         config.metrics_listen,
         abs(&config.master_key_file).display(),
-        abs(&config.database).display(),
+        abs(config.database.as_deref().unwrap_or(Path::new("vault.db"))).display(),
         abs(&config.audit_database).display(),
         abs(&config.policy_file).display(),
         abs(&config.tls.cert).display(),

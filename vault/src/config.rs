@@ -31,8 +31,19 @@ pub struct VaultConfig {
     pub tls: TlsFiles,
     /// The root master key file (64 hex chars, mode 0600). Env: `RECVAULT_VAULT_MASTER_KEY_FILE`.
     pub master_key_file: PathBuf,
-    /// Credential database (SQLite). Env: `RECVAULT_VAULT_DATABASE`.
-    pub database: PathBuf,
+    /// Credential database (SQLite), the embedded default. Env:
+    /// `RECVAULT_VAULT_DATABASE`. Exactly one of this and `database_url_file`.
+    #[serde(default)]
+    pub database: Option<PathBuf>,
+    /// A file (owner-only) holding a `postgresql://` URL: the credential
+    /// database shared by several vault replicas. The password is read from
+    /// this file only. Env: `RECVAULT_VAULT_DATABASE_URL_FILE`.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
+    /// Tells replicas on one database apart (audit chains, leases). Default:
+    /// the host name. Env: `RECVAULT_VAULT_INSTANCE_ID`.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Audit log database (SQLite, hash-chained). Env: `RECVAULT_VAULT_AUDIT_DATABASE`.
     pub audit_database: PathBuf,
     /// Identity → role grants. Env: `RECVAULT_VAULT_POLICY_FILE`.
@@ -50,6 +61,15 @@ pub struct VaultConfig {
     /// How often certificate, key, CA and policy files are checked for changes.
     #[serde(default = "default_reload_secs")]
     pub reload_interval_secs: u64,
+}
+
+/// The credential database a config names.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreBackend<'a> {
+    /// A SQLite file (one vault).
+    Sqlite(&'a Path),
+    /// A file holding a `postgresql://` URL (several replicas).
+    Postgres(&'a Path),
 }
 
 /// Size limits on requests and secrets.
@@ -167,10 +187,12 @@ impl VaultConfig {
                 &mut config.tls.key,
                 &mut config.tls.ca,
                 &mut config.master_key_file,
-                &mut config.database,
                 &mut config.audit_database,
                 &mut config.policy_file,
-            ],
+            ]
+            .into_iter()
+            .chain(config.database.as_mut())
+            .chain(config.database_url_file.as_mut()),
         );
         config.apply_env(|name| std::env::var(name).ok())?;
         config.validate().map_err(|message| ConfigError::Parse {
@@ -194,9 +216,17 @@ impl VaultConfig {
         if let Some(a) = env_addr(&get, "RECVAULT_VAULT_HEALTH_LISTEN", "0.0.0.0:7453")? {
             self.health_listen = Some(a);
         }
-        let paths: [(&'static str, &mut PathBuf); 5] = [
+        if let Some(v) = get("RECVAULT_VAULT_DATABASE") {
+            (self.database, self.database_url_file) = (Some(PathBuf::from(v)), None);
+        }
+        if let Some(v) = get("RECVAULT_VAULT_DATABASE_URL_FILE") {
+            (self.database, self.database_url_file) = (None, Some(PathBuf::from(v)));
+        }
+        if let Some(v) = get("RECVAULT_VAULT_INSTANCE_ID") {
+            self.instance_id = Some(v);
+        }
+        let paths: [(&'static str, &mut PathBuf); 4] = [
             ("RECVAULT_VAULT_MASTER_KEY_FILE", &mut self.master_key_file),
-            ("RECVAULT_VAULT_DATABASE", &mut self.database),
             ("RECVAULT_VAULT_AUDIT_DATABASE", &mut self.audit_database),
             ("RECVAULT_VAULT_POLICY_FILE", &mut self.policy_file),
             ("RECVAULT_VAULT_TLS_CERT", &mut self.tls.cert),
@@ -216,6 +246,30 @@ impl VaultConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
+        match (&self.database, &self.database_url_file) {
+            (Some(_), Some(_)) => {
+                return Err("set one of database (SQLite file) and database_url_file \
+                            (PostgreSQL URL file), not both"
+                    .into());
+            }
+            (None, None) => {
+                return Err("set database (a SQLite file) or database_url_file (a file \
+                            holding a postgresql:// URL)"
+                    .into());
+            }
+            _ => {}
+        }
+        if let Some(id) = &self.instance_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            return Err(format!(
+                "instance_id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
+            ));
+        }
         let l = &self.leases;
         if l.max_ttl_secs == 0 || l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
             return Err(format!(
@@ -232,6 +286,15 @@ impl VaultConfig {
         Ok(())
     }
 
+    /// Which credential database backend the config names (validated: exactly one).
+    pub fn store_backend(&self) -> StoreBackend<'_> {
+        match (&self.database_url_file, &self.database) {
+            (Some(url_file), _) => StoreBackend::Postgres(url_file),
+            (None, Some(path)) => StoreBackend::Sqlite(path),
+            (None, None) => StoreBackend::Sqlite(Path::new("vault.db")),
+        }
+    }
+
     /// How often watched files are checked.
     pub fn reload_interval(&self) -> Duration {
         Duration::from_secs(self.reload_interval_secs.max(1))
@@ -246,7 +309,9 @@ impl VaultConfig {
             health_listen: None,
             tls: recvault_runtime::devcerts::files(certs_dir, "vault"),
             master_key_file: data_dir.join("master.key"),
-            database: data_dir.join("vault.db"),
+            database: Some(data_dir.join("vault.db")),
+            database_url_file: None,
+            instance_id: None,
             audit_database: data_dir.join("audit.db"),
             policy_file: data_dir.join("policy.toml"),
             limits: Limits::default(),
@@ -299,7 +364,7 @@ mod tests {
             })
             .expect("valid overrides");
         assert_eq!(config.listen.port(), 9999);
-        assert_eq!(config.database, PathBuf::from("/x/vault.db"));
+        assert_eq!(config.database, Some(PathBuf::from("/x/vault.db")));
         let err = config
             .apply_env(|n| (n == "RECVAULT_VAULT_LISTEN").then(|| "nope".into()))
             .expect_err("invalid listen");

@@ -102,7 +102,10 @@ pub struct Bound {
 pub async fn bind(config: VaultConfig) -> Result<Bound, StartError> {
     let tls = ReloadingServerTls::load(config.tls.clone())?;
     let addr = config.listen;
-    let core = open(config)?;
+    // Opening may block on a database (PostgreSQL): off the async threads.
+    let core = tokio::task::spawn_blocking(move || open(config))
+        .await
+        .map_err(|e| StartError::Keyring(format!("start-up task failed: {e}")))??;
     let (listener, local_addr) = tls::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;

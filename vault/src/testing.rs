@@ -77,7 +77,7 @@ impl TestVault {
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
             data: config
-                .database
+                .audit_database
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),

@@ -37,7 +37,7 @@ async fn all_events(vault: &TestVault) -> Vec<recvault_proto::vault::v1::AuditEv
 
 fn credential_db(vault: &TestVault) -> rusqlite::Connection {
     rusqlite::Connection::open_with_flags(
-        &vault.config.database,
+        vault.config.database.as_deref().expect("a SQLite vault"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap()

@@ -6,7 +6,8 @@
 //! | [`KeyVersionStore`] | wrapped master-key versions |
 //! | [`SettingsStore`] | integer settings (`min_decrypt_version`) and per-tenant limits |
 //!
-//! [`sqlite`] is the embedded default (one file, one host). Every backend
+//! [`sqlite`] is the embedded default (one file, one host); [`postgres`] is
+//! shared by several vault replicas. Every backend
 //! passes the same conformance suite (`tests/tests/vault_store_conformance.rs`
 //! in the workspace), which checks the commit gate: a change commits only
 //! after its gate (the audit event for it) succeeded, inside the transaction.
@@ -16,6 +17,7 @@
 //! Schemas are migrations kept as files under `vault/migrations/<backend>/`,
 //! applied in order and recorded in a `schema_migrations` table.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
@@ -181,9 +183,15 @@ pub trait VaultStore: CredentialStore + KeyVersionStore + SettingsStore {}
 
 impl<T: CredentialStore + KeyVersionStore + SettingsStore> VaultStore for T {}
 
-/// Opens the store the config names (today: the SQLite file `database`).
+/// Opens the store the config names: the SQLite file `database`, or the
+/// PostgreSQL database whose URL `database_url_file` holds.
 pub fn open(config: &crate::config::VaultConfig) -> Result<Arc<dyn VaultStore>, StoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(&config.database)?))
+    Ok(match config.store_backend() {
+        crate::config::StoreBackend::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path)?),
+        crate::config::StoreBackend::Postgres(url_file) => Arc::new(postgres::PostgresStore::open(
+            postgres::PgTarget::from_url_file(url_file)?,
+        )?),
+    })
 }
 
 /// Unix seconds now, as every backend stamps rows.

@@ -1,0 +1,708 @@
+//! The credential store on PostgreSQL, shared by several vault replicas:
+//! the same tables as the SQLite backend, a small connection pool, TLS
+//! through rustls with aws-lc-rs (`sslmode=verify-full`).
+//!
+//! There is no row cache here: another replica may change or delete a row
+//! at any time, so every read goes to the database and a credential deleted
+//! or re-put through one replica is never served stale by another.
+//!
+//! Two replicas putting the same (tenant, name) at once: the existing row is
+//! locked (`FOR UPDATE`) for a new version; a first version races on the
+//! unique index and the loser gets [`StoreError::Conflict`] (ABORTED).
+//!
+//! Timeouts: connecting 5 s, a statement 15 s, a lock 10 s, a free pool
+//! connection 10 s. A database that is down answers UNAVAILABLE with the
+//! reason after at most the connect timeout; the pool drops broken
+//! connections and opens new ones, so the vault recovers by itself.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use postgres::{Client, NoTls, Row, Transaction, error::SqlState};
+
+use super::{
+    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, NewCredential, PutGate, Seal,
+    SettingsStore, StoreError, now,
+};
+use crate::ids::{CredentialId, TenantId};
+
+/// The migrations, in order: (version, SQL), recorded in `schema_migrations`.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../migrations/postgres/0001_initial.sql"),
+)];
+
+/// Key of the advisory lock replicas take while migrating (so two replicas
+/// starting at once do not both apply a migration).
+const MIGRATION_LOCK: i64 = 0x7265_6376_6175_6c74; // "recvault"
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const POOL_WAIT: Duration = Duration::from_secs(10);
+const POOL_MAX: usize = 16;
+/// Longest URL file accepted.
+const URL_MAX: usize = 4096;
+
+/// How to reach the database, read from a `postgresql://` URL. The password
+/// stays inside the driver's config; `Debug` never shows it.
+pub struct PgTarget {
+    config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// Host, port and database, for messages (never the password).
+    display: String,
+}
+
+impl fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("database", &self.display)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a database URL was refused. Never holds the URL (it has a password).
+fn url_error(file: &Path, message: impl fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("database_url_file {}: {message}", file.display()))
+}
+
+impl PgTarget {
+    /// Reads the URL from `file` (owner-only, like every key file) and
+    /// parses it. `sslmode` is `disable` or `verify-full` (the default when
+    /// absent is `verify-full`); `sslrootcert` names a PEM CA bundle
+    /// (relative paths resolve against the URL file's directory).
+    pub fn from_url_file(file: &Path) -> Result<Self, StoreError> {
+        use recvault_runtime::secret::{PrivateFileError, read_private_file};
+        let (secret, len) = read_private_file(file, URL_MAX).map_err(|e| match e {
+            PrivateFileError::Io(e) => url_error(file, format!("cannot be read ({e})")),
+            PrivateFileError::NotAFile => url_error(file, "is not a regular file"),
+            PrivateFileError::Permissions(mode) => url_error(
+                file,
+                format!("has mode {mode:o}: it holds a password, so only its owner may read it (chmod 600)"),
+            ),
+        })?;
+        if len > URL_MAX {
+            return Err(url_error(file, format!("is longer than {URL_MAX} bytes")));
+        }
+        let url = std::str::from_utf8(&secret.expose_secret()[..len])
+            .map_err(|_| url_error(file, "is not UTF-8"))?
+            .trim();
+        Self::parse(url, file)
+    }
+
+    fn parse(url: &str, file: &Path) -> Result<Self, StoreError> {
+        if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+            return Err(url_error(
+                file,
+                "must hold one postgresql:// URL (postgresql://user:password@host:port/database)",
+            ));
+        }
+        // tokio-postgres knows only disable/prefer/require: take sslmode and
+        // sslrootcert out and do verification ourselves.
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (mut sslmode, mut rootcert, mut rest) = (None, None, Vec::new());
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
+                Some(("sslrootcert", v)) => rootcert = Some(PathBuf::from(v)),
+                _ => rest.push(pair),
+            }
+        }
+        let driver_url = if rest.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", rest.join("&"))
+        };
+        let mut config = postgres::Config::from_str(&driver_url)
+            .map_err(|e| url_error(file, format!("is not a valid PostgreSQL URL ({e})")))?;
+        let tls = match sslmode.as_deref().unwrap_or("verify-full") {
+            "disable" => None,
+            "verify-full" => {
+                let rootcert = rootcert.ok_or_else(|| {
+                    url_error(
+                        file,
+                        "sslmode=verify-full needs sslrootcert=<PEM CA file> in the URL \
+                         (or sslmode=disable on a trusted loopback)",
+                    )
+                })?;
+                let rootcert = if rootcert.is_relative() {
+                    file.parent().unwrap_or(Path::new(".")).join(rootcert)
+                } else {
+                    rootcert
+                };
+                config.ssl_mode(postgres::config::SslMode::Require);
+                Some(rustls_connector(&rootcert).map_err(|e| url_error(file, e))?)
+            }
+            other => {
+                return Err(url_error(
+                    file,
+                    format!(
+                        "sslmode={other} is not supported: use verify-full (with sslrootcert) \
+                         or disable"
+                    ),
+                ));
+            }
+        };
+        config
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_user_timeout(Duration::from_secs(15))
+            .keepalives_idle(Duration::from_secs(30))
+            .options("-c statement_timeout=15000 -c lock_timeout=10000")
+            .application_name("vaultd");
+        let host = config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(h) => h.clone(),
+                postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .unwrap_or_default();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let display = format!("{host}:{port}/{}", config.get_dbname().unwrap_or_default());
+        Ok(Self {
+            config,
+            tls,
+            display,
+        })
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let connected = match &self.tls {
+            None => self.config.connect(NoTls),
+            Some(tls) => self.config.connect(tls.clone()),
+        };
+        connected.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot connect to PostgreSQL at {}: {e}",
+                self.display
+            ))
+        })
+    }
+}
+
+/// A rustls connector trusting the CAs in `rootcert` and checking the
+/// server's name (verify-full).
+fn rustls_connector(rootcert: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let pem = std::fs::read(rootcert)
+        .map_err(|e| format!("cannot read sslrootcert {}: {e}", rootcert.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", rootcert.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("sslrootcert {}: {e}", rootcert.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "sslrootcert {} holds no PEM certificate",
+            rootcert.display()
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(error: postgres::Error) -> Self {
+        let code = error.code().cloned();
+        match code {
+            Some(c) if c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(error.to_string()),
+            Some(c) if c == SqlState::DATA_CORRUPTED || c == SqlState::INDEX_CORRUPTED => {
+                StoreError::Corrupt(error.to_string())
+            }
+            Some(c)
+                if c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || c == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreError::Conflict(error.to_string())
+            }
+            _ => StoreError::Unavailable(format!("PostgreSQL: {error}")),
+        }
+    }
+}
+
+/// A few connections, opened on demand, broken ones dropped.
+struct Pool {
+    target: PgTarget,
+    idle: Mutex<(Vec<Client>, usize)>,
+    freed: Condvar,
+}
+
+/// A pooled connection, returned on drop (unless it broke).
+struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match self.client.take() {
+            Some(client) if !client.is_closed() => idle.0.push(client),
+            _ => idle.1 -= 1,
+        }
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Pool {
+    fn get(&self) -> Result<Conn<'_>, StoreError> {
+        let deadline = Instant::now() + POOL_WAIT;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(client) = idle.0.pop() {
+                if client.is_closed() {
+                    idle.1 -= 1;
+                    continue;
+                }
+                return Ok(Conn {
+                    pool: self,
+                    client: Some(client),
+                });
+            }
+            if idle.1 < POOL_MAX {
+                idle.1 += 1;
+                drop(idle);
+                return match self.target.connect() {
+                    Ok(client) => Ok(Conn {
+                        pool: self,
+                        client: Some(client),
+                    }),
+                    Err(e) => {
+                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        idle.1 -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Unavailable(format!(
+                    "all {POOL_MAX} PostgreSQL connections stayed busy for {}s",
+                    POOL_WAIT.as_secs()
+                )));
+            }
+            idle = self
+                .freed
+                .wait_timeout(idle, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The PostgreSQL-backed store.
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.pool.target)
+            .finish_non_exhaustive()
+    }
+}
+
+fn row_to_credential(row: &Row) -> Result<CredentialRow, StoreError> {
+    let int = |name: &str| -> Result<u32, StoreError> {
+        let v: i64 = row.try_get(name)?;
+        u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{name} {v} is out of range")))
+    };
+    let labels: String = row.try_get("labels")?;
+    Ok(CredentialRow {
+        credential_id: CredentialId::from_trusted(row.try_get("credential_id")?),
+        tenant_id: TenantId::from_trusted(row.try_get("tenant_id")?),
+        name: row.try_get("name")?,
+        kind: row.try_get("kind")?,
+        version: int("version")?,
+        labels: serde_json::from_str(&labels)
+            .map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        deleted: row.try_get("deleted")?,
+        key_version: int("key_version")?,
+        secret_chars: int("secret_chars")?,
+        sealed: row.try_get("sealed")?,
+    })
+}
+
+const COLUMNS: &str = "credential_id, tenant_id, name, kind, version, labels, created_at, \
+                       updated_at, deleted, key_version, secret_chars, sealed";
+
+impl PostgresStore {
+    /// Connects and applies the migrations the database has not seen yet.
+    pub fn open(target: PgTarget) -> Result<Self, StoreError> {
+        let store = Self {
+            pool: Pool {
+                target,
+                idle: Mutex::new((Vec::new(), 0)),
+                freed: Condvar::new(),
+            },
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    BIGINT PRIMARY KEY,
+                 applied_at BIGINT NOT NULL
+             )",
+        )?;
+        for (version, sql) in MIGRATIONS {
+            let seen = tx
+                .query_opt(
+                    "SELECT version FROM schema_migrations WHERE version = $1",
+                    &[version],
+                )?
+                .is_some();
+            if !seen {
+                tx.batch_execute(sql)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[version, &now()],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` (which calls its gate last) in a transaction, then COMMIT.
+    fn in_tx<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let value = f(&mut tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+}
+
+fn gated(gate: &mut Gate0<'_>) -> Result<(), StoreError> {
+    gate().map_err(StoreError::Gate)
+}
+
+impl CredentialStore for PostgresStore {
+    fn cached(&self, _id: &CredentialId) -> Option<Arc<CredentialRow>> {
+        // Shared by replicas: no cache (see the module doc).
+        None
+    }
+
+    fn put(
+        &self,
+        new: &NewCredential<'_>,
+        seal: &mut Seal<'_>,
+        gate: &mut PutGate<'_>,
+    ) -> Result<(CredentialId, u32), StoreError> {
+        let labels =
+            serde_json::to_string(new.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.in_tx(|tx| {
+            let existing = tx.query_opt(
+                "SELECT credential_id, version FROM credentials
+                 WHERE tenant_id = $1 AND name = $2 AND NOT deleted FOR UPDATE",
+                &[&new.tenant_id.as_str(), &new.name],
+            )?;
+            let (id, version) = match existing {
+                Some(row) => {
+                    let v: i64 = row.try_get(1)?;
+                    let v = u32::try_from(v)
+                        .map_err(|_| StoreError::Corrupt(format!("version {v} is out of range")))?;
+                    (CredentialId::from_trusted(row.try_get(0)?), v + 1)
+                }
+                None => (CredentialId::generate(), 1),
+            };
+            let (sealed, key_version) = seal(&id, version).map_err(StoreError::Seal)?;
+            let t = now();
+            tx.execute(
+                "INSERT INTO credentials (credential_id, tenant_id, name, kind, version, labels,
+                     created_at, updated_at, deleted, key_version, secret_chars, sealed)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, FALSE, $8, $9, $10)
+                 ON CONFLICT (credential_id) DO UPDATE SET kind = $4, version = $5, labels = $6,
+                     updated_at = $7, key_version = $8, secret_chars = $9, sealed = $10",
+                &[
+                    &id.as_str(),
+                    &new.tenant_id.as_str(),
+                    &new.name,
+                    &new.kind,
+                    &i64::from(version),
+                    &labels,
+                    &t,
+                    &i64::from(key_version),
+                    &i64::from(new.secret_chars),
+                    &sealed,
+                ],
+            )?;
+            gate(&id, version).map_err(StoreError::Gate)?;
+            Ok((id, version))
+        })
+    }
+
+    fn get(&self, id: &CredentialId) -> Result<Option<CredentialRow>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let sql = format!("SELECT {COLUMNS} FROM credentials WHERE credential_id = $1");
+        conn.query_opt(&sql, &[&id.as_str()])?
+            .as_ref()
+            .map(row_to_credential)
+            .transpose()
+    }
+
+    fn list(
+        &self,
+        tenant: &TenantId,
+        include_deleted: bool,
+    ) -> Result<Vec<CredentialRow>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM credentials WHERE tenant_id = $1 AND ($2 OR NOT deleted)
+             ORDER BY name, created_at"
+        );
+        conn.query(&sql, &[&tenant.as_str(), &include_deleted])?
+            .iter()
+            .map(row_to_credential)
+            .collect()
+    }
+
+    fn delete(&self, id: &CredentialId, gate: &mut Gate0<'_>) -> Result<bool, StoreError> {
+        self.in_tx(|tx| {
+            let n = tx.execute(
+                "UPDATE credentials SET deleted = TRUE, sealed = NULL, key_version = 0,
+                     updated_at = $2
+                 WHERE credential_id = $1 AND NOT deleted",
+                &[&id.as_str(), &now()],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            gated(gate)?;
+            Ok(true)
+        })
+    }
+
+    fn stale_sealed(
+        &self,
+        current: u32,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<CredentialRow>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let sql = format!(
+            "SELECT {COLUMNS} FROM credentials WHERE NOT deleted AND key_version < $1
+             AND ($2::TEXT IS NULL OR tenant_id = $2)"
+        );
+        conn.query(&sql, &[&i64::from(current), &tenant.map(|t| t.as_str())])?
+            .iter()
+            .map(row_to_credential)
+            .collect()
+    }
+
+    fn replace_sealed(
+        &self,
+        rows: &[(CredentialId, u32, Vec<u8>, u32)],
+        gate: &mut Gate<'_, u32>,
+    ) -> Result<u32, StoreError> {
+        self.in_tx(|tx| {
+            let mut replaced = 0u32;
+            for (id, version, sealed, key_version) in rows {
+                let n = tx.execute(
+                    "UPDATE credentials SET sealed = $3, key_version = $4
+                     WHERE credential_id = $1 AND version = $2 AND NOT deleted",
+                    &[
+                        &id.as_str(),
+                        &i64::from(*version),
+                        sealed,
+                        &i64::from(*key_version),
+                    ],
+                )?;
+                replaced += u32::try_from(n).unwrap_or(0);
+            }
+            gate(replaced).map_err(StoreError::Gate)?;
+            Ok(replaced)
+        })
+    }
+
+    fn count_by_key_version(&self) -> Result<BTreeMap<u32, u64>, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query(
+            "SELECT key_version, COUNT(*) FROM credentials WHERE NOT deleted GROUP BY key_version",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            let v = u32::try_from(v)
+                .map_err(|_| StoreError::Corrupt(format!("key_version {v} is out of range")))?;
+            Ok((v, n.unsigned_abs()))
+        })
+        .collect()
+    }
+}
+
+impl KeyVersionStore for PostgresStore {
+    fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query(
+            "SELECT version, wrapped, created_at FROM key_versions ORDER BY version",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            let v = u32::try_from(v)
+                .map_err(|_| StoreError::Corrupt(format!("key version {v} is out of range")))?;
+            Ok((v, r.try_get(1)?, r.try_get(2)?))
+        })
+        .collect()
+    }
+
+    fn insert_key_version(
+        &self,
+        version: u32,
+        wrapped: &[u8],
+        gate: &mut Gate0<'_>,
+    ) -> Result<(), StoreError> {
+        self.in_tx(|tx| {
+            tx.execute(
+                "INSERT INTO key_versions (version, wrapped, created_at) VALUES ($1, $2, $3)",
+                &[&i64::from(version), &wrapped, &now()],
+            )?;
+            gated(gate)
+        })
+    }
+}
+
+impl SettingsStore for PostgresStore {
+    fn setting(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.pool.get()?;
+        Ok(conn
+            .query_opt("SELECT value FROM settings WHERE name = $1", &[&name])?
+            .map(|r| r.try_get(0))
+            .transpose()?)
+    }
+
+    fn set_setting(&self, name: &str, value: i64, gate: &mut Gate0<'_>) -> Result<(), StoreError> {
+        self.in_tx(|tx| {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = $2",
+                &[&name, &value],
+            )?;
+            gated(gate)
+        })
+    }
+
+    fn tenant_limit(&self, tenant: &TenantId) -> Result<Option<u32>, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query_opt(
+            "SELECT max_secret_chars FROM tenant_limits WHERE tenant_id = $1",
+            &[&tenant.as_str()],
+        )?
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            u32::try_from(v)
+                .map_err(|_| StoreError::Corrupt(format!("max_secret_chars {v} is out of range")))
+        })
+        .transpose()
+    }
+
+    fn set_tenant_limit(
+        &self,
+        tenant: &TenantId,
+        limit: Option<u32>,
+        gate: &mut Gate0<'_>,
+    ) -> Result<(), StoreError> {
+        self.in_tx(|tx| {
+            match limit {
+                Some(l) => tx.execute(
+                    "INSERT INTO tenant_limits (tenant_id, max_secret_chars) VALUES ($1, $2)
+                     ON CONFLICT (tenant_id) DO UPDATE SET max_secret_chars = $2",
+                    &[&tenant.as_str(), &i64::from(l)],
+                )?,
+                None => tx.execute(
+                    "DELETE FROM tenant_limits WHERE tenant_id = $1",
+                    &[&tenant.as_str()],
+                )?,
+            };
+            gated(gate)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(url: &str) -> Result<PgTarget, String> {
+        PgTarget::parse(url, Path::new("/etc/recvault/db.url")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn urls_are_checked_and_never_echoed() {
+        let t = parse("postgresql://vault:hunter2secret@db.internal:5433/recvault?sslmode=disable")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{t:?}");
+        assert!(shown.contains("db.internal:5433/recvault"), "{shown}");
+        assert!(!shown.contains("hunter2secret"), "{shown}");
+
+        for (url, says) in [
+            ("mysql://x@h/d", "postgresql:// URL"),
+            ("postgresql://vault:hunter2secret@h/d", "sslrootcert"),
+            (
+                "postgresql://vault:hunter2secret@h/d?sslmode=require",
+                "sslmode=require is not supported",
+            ),
+            (
+                "postgresql://vault:hunter2secret@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+                "cannot read sslrootcert",
+            ),
+            (
+                "postgresql://vault:hunter2secret@h/d?sslmode=disable&bogus=1",
+                "not a valid PostgreSQL URL",
+            ),
+        ] {
+            let err = parse(url).map(|_| ()).expect_err(url);
+            assert!(err.contains(says), "{url}: {err}");
+            assert!(
+                err.contains("database_url_file /etc/recvault/db.url"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2secret"), "{err}");
+        }
+    }
+}
