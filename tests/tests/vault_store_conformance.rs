@@ -8,18 +8,30 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use recvault_vault::{
+    ids::LeaseId,
     ids::{CredentialId, TenantId},
-    store::{CredentialRow, NewCredential, StoreError, VaultStore},
+    store::{
+        CredentialRow, LeaseProblem, LeaseStore, NewCredential, NewLease, StoreError, VaultStore,
+    },
 };
+use std::time::Duration;
 
 /// A database a test can open (and open again, as a restart does).
 trait Backend {
     fn open(&self) -> Arc<dyn VaultStore>;
+    /// The lease table as one vault replica sees it; a second call is
+    /// another replica on the same database (the same table, for a backend
+    /// that has only one process).
+    fn leases(&self) -> Arc<dyn LeaseStore>;
 }
 
-struct Sqlite(tempfile::TempDir);
+struct Sqlite(tempfile::TempDir, Arc<recvault_vault::leases::Leases>);
 
 impl Backend for Sqlite {
+    fn leases(&self) -> Arc<dyn LeaseStore> {
+        self.1.clone()
+    }
+
     fn open(&self) -> Arc<dyn VaultStore> {
         Arc::new(
             recvault_vault::store::sqlite::SqliteStore::open(&self.0.path().join("vault.db"))
@@ -29,7 +41,7 @@ impl Backend for Sqlite {
 }
 
 fn sqlite() -> Option<Sqlite> {
-    Some(Sqlite(tempfile::tempdir().unwrap()))
+    Some(Sqlite(tempfile::tempdir().unwrap(), Arc::default()))
 }
 
 /// A fresh database on the test process's PostgreSQL server, reached
@@ -39,11 +51,21 @@ struct Postgres {
     _dir: tempfile::TempDir,
 }
 
-impl Backend for Postgres {
-    fn open(&self) -> Arc<dyn VaultStore> {
+impl Postgres {
+    fn replica(&self) -> Arc<recvault_vault::store::postgres::PostgresStore> {
         use recvault_vault::store::postgres::{PgTarget, PostgresStore};
         let target = PgTarget::from_url_file(&self.url_file).unwrap();
         Arc::new(PostgresStore::open(target).unwrap())
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Arc<dyn VaultStore> {
+        self.replica()
+    }
+
+    fn leases(&self) -> Arc<dyn LeaseStore> {
+        self.replica()
     }
 }
 
@@ -379,6 +401,119 @@ mod suite {
         assert!(versions.iter().all(|(_, _, at)| *at > 1_700_000_000));
     }
 
+    fn new_lease(holder: &str) -> NewLease {
+        NewLease {
+            credential_id: CredentialId::generate(),
+            tenant_id: tenant("acme"),
+            holder: holder.to_owned(),
+        }
+    }
+
+    pub fn leases_grant_release_revoke_and_the_cap(b: &dyn Backend) {
+        let leases = b.leases();
+        let hour = Duration::from_secs(3600);
+        let ids: Vec<LeaseId> = (0..3).map(|_| LeaseId::generate()).collect();
+        let first = new_lease("spiffe://recvault/uploader");
+        assert!(leases.grant(&ids[0], &first, hour, 3).unwrap());
+        for id in &ids[1..] {
+            assert!(leases.grant(id, &new_lease("u"), hour, 3).unwrap());
+        }
+        assert_eq!(leases.active().unwrap(), 3);
+        assert!(
+            !leases
+                .grant(&LeaseId::generate(), &new_lease("u"), hour, 3)
+                .unwrap(),
+            "the cap holds"
+        );
+        assert_eq!(leases.active().unwrap(), 3);
+
+        assert_eq!(
+            leases.release(&ids[0], "someone-else").unwrap(),
+            Err(LeaseProblem::NotHolder)
+        );
+        assert_eq!(
+            leases
+                .release(&ids[0], "spiffe://recvault/uploader")
+                .unwrap(),
+            Ok(first.clone())
+        );
+        assert_eq!(
+            leases
+                .release(&ids[0], "spiffe://recvault/uploader")
+                .unwrap(),
+            Err(LeaseProblem::Unknown)
+        );
+        leases.revoke(&ids[1]).unwrap();
+        leases.revoke(&ids[1]).unwrap();
+        assert_eq!(
+            leases.release(&ids[1], "u").unwrap(),
+            Err(LeaseProblem::Unknown)
+        );
+        assert_eq!(leases.active().unwrap(), 1);
+        assert!(
+            leases
+                .grant(&LeaseId::generate(), &new_lease("u"), hour, 3)
+                .unwrap()
+        );
+        assert_eq!(leases.active().unwrap(), 2);
+    }
+
+    pub fn an_expired_lease_is_refused_once_then_forgotten(b: &dyn Backend) {
+        let leases = b.leases();
+        let id = LeaseId::generate();
+        assert!(
+            leases
+                .grant(&id, &new_lease("u"), Duration::ZERO, 10)
+                .unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            leases.release(&id, "u").unwrap(),
+            Err(LeaseProblem::Expired)
+        );
+        assert_eq!(
+            leases.release(&id, "u").unwrap(),
+            Err(LeaseProblem::Unknown)
+        );
+
+        // Expired leases do not hold places under the cap, swept or not.
+        let short: Vec<LeaseId> = (0..3).map(|_| LeaseId::generate()).collect();
+        for id in &short {
+            assert!(
+                leases
+                    .grant(id, &new_lease("u"), Duration::ZERO, 3)
+                    .unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        let kept = LeaseId::generate();
+        assert!(
+            leases
+                .grant(&kept, &new_lease("u"), Duration::from_secs(60), 3)
+                .unwrap()
+        );
+        leases.sweep().unwrap();
+        assert_eq!(leases.active().unwrap(), 1);
+        assert_eq!(
+            leases.release(&short[1], "u").unwrap(),
+            Err(LeaseProblem::Unknown)
+        );
+        assert!(leases.release(&kept, "u").unwrap().is_ok());
+        assert_eq!(leases.active().unwrap(), 0);
+    }
+
+    pub fn a_lease_from_one_replica_is_released_on_another(b: &dyn Backend) {
+        let (a, other) = (b.leases(), b.leases());
+        let id = LeaseId::generate();
+        let lease = new_lease("u");
+        assert!(a.grant(&id, &lease, Duration::from_secs(60), 10).unwrap());
+        assert_eq!(other.active().unwrap(), 1);
+        assert_eq!(other.release(&id, "u").unwrap(), Ok(lease));
+        // Released is released everywhere.
+        assert_eq!(a.release(&id, "u").unwrap(), Err(LeaseProblem::Unknown));
+        assert_eq!(other.release(&id, "u").unwrap(), Err(LeaseProblem::Unknown));
+    }
+
     pub fn settings_and_tenant_limits(b: &dyn Backend) {
         let store = b.open();
         let acme = tenant("acme");
@@ -428,6 +563,9 @@ macro_rules! conformance_suite {
                 rewrap_skips_rows_a_put_changed,
                 key_versions_are_unique_and_ordered,
                 settings_and_tenant_limits,
+                leases_grant_release_revoke_and_the_cap,
+                an_expired_lease_is_refused_once_then_forgotten,
+                a_lease_from_one_replica_is_released_on_another,
             );
         }
     };

@@ -13,7 +13,6 @@ use crate::{
     error::{VaultError, code_name},
     ids::TenantId,
     keyring::{self, Keyring, MasterKey},
-    leases::Leases,
     policy::{Need, PolicyFile, Role},
     store::VaultStore,
 };
@@ -34,7 +33,7 @@ pub struct VaultCore {
     pub store: Arc<dyn VaultStore>,
     pub audit: Arc<AuditLog>,
     pub policy: Arc<PolicyFile>,
-    pub leases: Arc<Leases>,
+    pub leases: Arc<dyn crate::store::LeaseStore>,
     pub metrics: crate::metrics::VaultMetrics,
 }
 

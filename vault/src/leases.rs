@@ -1,5 +1,6 @@
-//! Live leases, in memory: which credential each lease covers, for whom, until
-//! when. A lease is usable until it expires or is released, never after.
+//! Live leases in this process's memory, the lease store of a vault on
+//! SQLite (one vault, one process): which credential each lease covers, for
+//! whom, until when. A lease is usable until it expires or is released, never after.
 //! Holds no secret: plaintext is handed out once, in the AcquireLease reply.
 //!
 //! The table is split into shards by lease id, each with its own lock and its
@@ -17,14 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::ids::{CredentialId, LeaseId, TenantId};
+use crate::{
+    ids::{CredentialId, LeaseId, TenantId},
+    store::{LeaseStore, NewLease, StoreError},
+};
 
 /// Shards of the table (a power of two is not needed; a few per core is plenty).
 const SHARDS: usize = 16;
 
 /// One granted lease.
 #[derive(Debug, Clone)]
-pub struct Lease {
+struct Lease {
     pub credential_id: CredentialId,
     pub tenant_id: TenantId,
     /// The identity that acquired it; only it may release it.
@@ -96,11 +100,11 @@ impl Leases {
     }
 
     /// Records a lease unless `max_active` are already live.
-    pub fn grant(&self, id: LeaseId, lease: Lease, max_active: usize) -> bool {
+    fn grant_lease(&self, id: LeaseId, lease: Lease, max_active: usize) -> bool {
         if self.active.fetch_add(1, Ordering::AcqRel) >= max_active {
             self.active.fetch_sub(1, Ordering::AcqRel);
             // Expired leases may still be counted: forget them, then look again.
-            self.sweep();
+            self.sweep_expired();
             if self.active.fetch_add(1, Ordering::AcqRel) >= max_active {
                 self.active.fetch_sub(1, Ordering::AcqRel);
                 return false;
@@ -117,7 +121,7 @@ impl Leases {
     }
 
     /// Ends a lease held by `holder`; returns it, or why not.
-    pub fn release(&self, id: &LeaseId, holder: &str) -> Result<Lease, LeaseProblem> {
+    fn release_lease(&self, id: &LeaseId, holder: &str) -> Result<Lease, LeaseProblem> {
         let mut shard = self.shard(id);
         let lease = shard.live.get(id).ok_or(LeaseProblem::Unknown)?;
         if lease.holder != holder {
@@ -133,7 +137,7 @@ impl Leases {
     }
 
     /// Drops a lease without checks (the audit write for it failed).
-    pub fn revoke(&self, id: &LeaseId) {
+    fn revoke_lease(&self, id: &LeaseId) {
         if self.shard(id).remove(id).is_some() {
             self.active.fetch_sub(1, Ordering::AcqRel);
         }
@@ -141,7 +145,7 @@ impl Leases {
 
     /// Forgets expired leases; returns how many. Each shard is locked only
     /// while its expired leases are removed.
-    pub fn sweep(&self) -> usize {
+    fn sweep_expired(&self) -> usize {
         let now = Instant::now();
         let mut removed = 0;
         for shard in &*self.shards {
@@ -153,25 +157,83 @@ impl Leases {
     }
 
     /// Leases granted and neither released, revoked nor swept.
-    pub fn active(&self) -> usize {
+    fn active_now(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
+}
 
-    /// Sweeps every `interval` until dropped.
-    pub fn spawn_sweeper(
-        self: &std::sync::Arc<Self>,
-        interval: Duration,
-    ) -> tokio::task::JoinHandle<()> {
-        let this = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tick.tick().await;
-                let Some(this) = this.upgrade() else { return };
-                this.sweep();
-            }
-        })
+impl LeaseStore for Leases {
+    fn blocks(&self) -> bool {
+        false
     }
+
+    fn grant(
+        &self,
+        id: &LeaseId,
+        lease: &NewLease,
+        ttl: Duration,
+        max_active: usize,
+    ) -> Result<bool, StoreError> {
+        let lease = Lease {
+            credential_id: lease.credential_id.clone(),
+            tenant_id: lease.tenant_id.clone(),
+            holder: lease.holder.clone(),
+            expires: Instant::now() + ttl,
+        };
+        Ok(self.grant_lease(id.clone(), lease, max_active))
+    }
+
+    fn release(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+    ) -> Result<Result<NewLease, LeaseProblem>, StoreError> {
+        Ok(self.release_lease(id, holder).map(|l| NewLease {
+            credential_id: l.credential_id,
+            tenant_id: l.tenant_id,
+            holder: l.holder,
+        }))
+    }
+
+    fn revoke(&self, id: &LeaseId) -> Result<(), StoreError> {
+        self.revoke_lease(id);
+        Ok(())
+    }
+
+    fn sweep(&self) -> Result<usize, StoreError> {
+        Ok(self.sweep_expired())
+    }
+
+    fn active(&self) -> Result<usize, StoreError> {
+        Ok(self.active_now())
+    }
+}
+
+/// Sweeps `leases` every `interval` until dropped, and reports how many are
+/// active to `report` after each sweep.
+pub fn spawn_sweeper(
+    leases: &std::sync::Arc<dyn LeaseStore>,
+    interval: Duration,
+    report: impl Fn(usize) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let this = std::sync::Arc::downgrade(leases);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            let Some(this) = this.upgrade() else { return };
+            let swept = tokio::task::spawn_blocking(move || {
+                this.sweep()?;
+                this.active()
+            })
+            .await;
+            match swept {
+                Ok(Ok(active)) => report(active),
+                Ok(Err(error)) => tracing::warn!(%error, "sweeping expired leases failed"),
+                Err(error) => tracing::warn!(%error, "the lease sweeper task failed"),
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -194,27 +256,27 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let ids: Vec<LeaseId> = (0..40).map(|_| LeaseId::generate()).collect();
         for id in &ids {
-            assert!(leases.grant(id.clone(), lease("u", hour), 40));
+            assert!(leases.grant_lease(id.clone(), lease("u", hour), 40));
         }
-        assert_eq!(leases.active(), 40);
+        assert_eq!(leases.active_now(), 40);
         // The cap holds across every shard.
-        assert!(!leases.grant(LeaseId::generate(), lease("u", hour), 40));
-        assert_eq!(leases.active(), 40);
+        assert!(!leases.grant_lease(LeaseId::generate(), lease("u", hour), 40));
+        assert_eq!(leases.active_now(), 40);
 
         assert_eq!(
-            leases.release(&ids[0], "someone-else").unwrap_err(),
+            leases.release_lease(&ids[0], "someone-else").unwrap_err(),
             LeaseProblem::NotHolder
         );
-        leases.release(&ids[0], "u").unwrap();
+        leases.release_lease(&ids[0], "u").unwrap();
         assert_eq!(
-            leases.release(&ids[0], "u").unwrap_err(),
+            leases.release_lease(&ids[0], "u").unwrap_err(),
             LeaseProblem::Unknown
         );
-        leases.revoke(&ids[1]);
-        leases.revoke(&ids[1]);
-        assert_eq!(leases.active(), 38);
-        assert!(leases.grant(LeaseId::generate(), lease("u", hour), 40));
-        assert_eq!(leases.active(), 39);
+        leases.revoke_lease(&ids[1]);
+        leases.revoke_lease(&ids[1]);
+        assert_eq!(leases.active_now(), 38);
+        assert!(leases.grant_lease(LeaseId::generate(), lease("u", hour), 40));
+        assert_eq!(leases.active_now(), 39);
     }
 
     #[test]
@@ -222,28 +284,34 @@ mod tests {
         let leases = Leases::default();
         let short: Vec<LeaseId> = (0..10).map(|_| LeaseId::generate()).collect();
         for id in &short {
-            assert!(leases.grant(id.clone(), lease("u", Duration::ZERO), 10));
+            assert!(leases.grant_lease(id.clone(), lease("u", Duration::ZERO), 10));
         }
         let kept = LeaseId::generate();
         // Full, but every counted lease has expired: granting sweeps them.
-        assert!(leases.grant(kept.clone(), lease("u", Duration::from_secs(60)), 10));
-        assert_eq!(leases.active(), 1);
+        assert!(leases.grant_lease(kept.clone(), lease("u", Duration::from_secs(60)), 10));
+        assert_eq!(leases.active_now(), 1);
         assert_eq!(
-            leases.release(&short[3], "u").unwrap_err(),
+            leases.release_lease(&short[3], "u").unwrap_err(),
             LeaseProblem::Unknown
         );
-        assert_eq!(leases.sweep(), 0);
-        leases.release(&kept, "u").unwrap();
-        assert_eq!(leases.active(), 0);
+        assert_eq!(leases.sweep_expired(), 0);
+        leases.release_lease(&kept, "u").unwrap();
+        assert_eq!(leases.active_now(), 0);
     }
 
     #[test]
     fn an_expired_lease_is_refused_once_then_forgotten() {
         let leases = Leases::default();
         let id = LeaseId::generate();
-        assert!(leases.grant(id.clone(), lease("u", Duration::ZERO), 10));
-        assert_eq!(leases.release(&id, "u").unwrap_err(), LeaseProblem::Expired);
-        assert_eq!(leases.release(&id, "u").unwrap_err(), LeaseProblem::Unknown);
-        assert_eq!(leases.active(), 0);
+        assert!(leases.grant_lease(id.clone(), lease("u", Duration::ZERO), 10));
+        assert_eq!(
+            leases.release_lease(&id, "u").unwrap_err(),
+            LeaseProblem::Expired
+        );
+        assert_eq!(
+            leases.release_lease(&id, "u").unwrap_err(),
+            LeaseProblem::Unknown
+        );
+        assert_eq!(leases.active_now(), 0);
     }
 }

@@ -18,7 +18,6 @@ use crate::{
     core::VaultCore,
     datakeys::WrappingKey,
     keyring::MasterKey,
-    leases::Leases,
     policy::PolicyFile,
     service::{
         audit::AuditService, credentials::CredentialsService, datakeys::DataKeysService,
@@ -65,7 +64,7 @@ pub fn audit_key(master: &MasterKey) -> Result<AuditKey, recvault_audit::AuditEr
 /// benchmark can reach the core.
 pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
     let master = MasterKey::load(&config.master_key_file)?;
-    let store = crate::store::open(&config)?;
+    let crate::store::Stores { store, leases } = crate::store::open(&config)?;
     let keyring = VaultCore::load_keyring(&master, store.as_ref()).map_err(StartError::Keyring)?;
     let wrapping_key = WrappingKey::derive(&master)?;
     let sealing_key = crate::sealing::SealingKey::derive(&master)?;
@@ -84,7 +83,7 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
         store,
         audit,
         policy,
-        leases: Arc::new(Leases::default()),
+        leases,
         metrics: crate::metrics::VaultMetrics::new(),
     }))
 }
@@ -129,7 +128,11 @@ impl Bound {
         let interval = core.config.reload_interval();
         let _tls_reloader = tls.spawn_reloader(interval);
         let _policy_reloader = core.policy.spawn_reloader(interval);
-        let _lease_sweeper = core.leases.spawn_sweeper(Duration::from_secs(5));
+        let active = core.metrics.leases_active.clone();
+        let _lease_sweeper =
+            crate::leases::spawn_sweeper(&core.leases, Duration::from_secs(5), move |n| {
+                active.set(i64::try_from(n).unwrap_or(i64::MAX));
+            });
         let max = core.config.limits.max_request_bytes;
 
         let (health_reporter, health) = tonic_health::server::health_reporter();

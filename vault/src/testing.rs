@@ -106,6 +106,14 @@ impl TestVault {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        // Returns once the vault has closed its files: background tasks that
+        // still hold the core (a draining connection, a sweeper tick) finish
+        // first, so the audit writer's last anchor cannot land after a test
+        // edits the log.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.core) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }
 

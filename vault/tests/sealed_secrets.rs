@@ -113,7 +113,7 @@ async fn secrets_in_clear_are_refused_naming_the_setting_and_nothing_is_stored_o
             && status.message().contains("recipient_public_key"),
         "{status:?}"
     );
-    assert_eq!(vault.core.leases.active(), 0);
+    assert_eq!(vault.core.leases.active().unwrap(), 0);
     // Both refusals are on the record.
     let refused = query(
         &vault,
@@ -232,7 +232,7 @@ async fn a_lease_is_sealed_to_the_callers_key_bound_to_lease_and_credential() {
             )
             .is_err()
     );
-    assert_eq!(vault.core.leases.active(), 1);
+    assert_eq!(vault.core.leases.active().unwrap(), 1);
 
     // A key that is not a usable X25519 public key: refused, no lease granted.
     for bad in [vec![7u8; 31], vec![0u8; 32]] {
@@ -250,5 +250,5 @@ async fn a_lease_is_sealed_to_the_callers_key_bound_to_lease_and_credential() {
             "{status:?}"
         );
     }
-    assert_eq!(vault.core.leases.active(), 1);
+    assert_eq!(vault.core.leases.active().unwrap(), 1);
 }

@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use recvault_proto::vault::v1::{
@@ -17,10 +17,10 @@ use crate::{
     core::{Call, Subject, VaultCore, blocking},
     error::VaultError,
     ids::{CredentialId, LeaseId},
-    leases::{Lease, LeaseProblem},
     policy::Role,
     sealing::{plaintext_refused, seal_lease},
     store::CredentialRow,
+    store::{LeaseProblem, NewLease},
 };
 use recvault_runtime::hpke::KEY_LEN;
 
@@ -135,17 +135,22 @@ impl LeasesService {
                 )
             })
             .transpose()?;
-        let lease = Lease {
+        let lease = NewLease {
             credential_id: row.credential_id.clone(),
             tenant_id: row.tenant_id.clone(),
             holder: call.identity.clone().unwrap_or_default(),
-            expires: Instant::now() + Duration::from_secs(u64::from(ttl)),
         };
-        if !self
-            .core
-            .leases
-            .grant(lease_id.clone(), lease, settings.max_active)
-        {
+        let ttl_d = Duration::from_secs(u64::from(ttl));
+        let max_active = settings.max_active;
+        let granted = if self.core.leases.blocks() {
+            let (leases, id) = (self.core.leases.clone(), lease_id.clone());
+            blocking(move || Ok(leases.grant(&id, &lease, ttl_d, max_active)?)).await?
+        } else {
+            self.core
+                .leases
+                .grant(&lease_id, &lease, ttl_d, max_active)?
+        };
+        if !granted {
             return Err(VaultError::ResourceExhausted(format!(
                 "{} leases are active (leases.max_active); release leases or raise the limit",
                 settings.max_active
@@ -177,7 +182,7 @@ impl LeasesService {
         })
     }
 
-    fn release(
+    async fn release(
         &self,
         subject: &mut Subject,
         call: &Call,
@@ -188,7 +193,13 @@ impl LeasesService {
         subject.lease_id = id.to_string();
         self.core.authorize_role_anywhere(call, Role::Uploader)?;
         let holder = call.identity.as_deref().unwrap_or_default();
-        match self.core.leases.release(&id, holder) {
+        let released = if self.core.leases.blocks() {
+            let (leases, lease, holder) = (self.core.leases.clone(), id.clone(), holder.to_owned());
+            blocking(move || Ok(leases.release(&lease, &holder)?)).await?
+        } else {
+            self.core.leases.release(&id, holder)?
+        };
+        match released {
             Ok(lease) => {
                 subject.tenant_id = lease.tenant_id.to_string();
                 subject.credential_id = lease.credential_id.to_string();
@@ -205,6 +216,21 @@ impl LeasesService {
             Err(LeaseProblem::NotHolder) => Err(VaultError::NotFound(format!(
                 "lease {id} is not active for this identity"
             ))),
+        }
+    }
+}
+
+impl LeasesService {
+    /// Sets the active-leases gauge now when that is cheap (in memory); a
+    /// shared lease table is counted by the sweeper every few seconds.
+    fn report_active(&self) {
+        if !self.core.leases.blocks()
+            && let Ok(n) = self.core.leases.active()
+        {
+            self.core
+                .metrics
+                .leases_active
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }
@@ -230,7 +256,12 @@ impl leases_server::Leases for LeasesService {
             && !lease_id.is_empty()
             && let Ok(id) = LeaseId::parse(&lease_id)
         {
-            self.core.leases.revoke(&id);
+            let leases = self.core.leases.clone();
+            // Best effort: a revoke that fails leaves a lease that expires.
+            let revoked = blocking(move || Ok(leases.revoke(&id)?)).await;
+            if let Err(error) = revoked {
+                tracing::warn!(%error, "revoking a lease whose audit event failed");
+            }
         }
         let metrics = &self.core.metrics;
         match &finished {
@@ -238,9 +269,7 @@ impl leases_server::Leases for LeasesService {
             Err(s) if s.code() == tonic::Code::PermissionDenied => metrics.leases_denied.inc(),
             Err(_) => {}
         }
-        metrics
-            .leases_active
-            .set(i64::try_from(self.core.leases.active()).unwrap_or(i64::MAX));
+        self.report_active();
         finished.map(Response::new)
     }
 
@@ -252,12 +281,9 @@ impl leases_server::Leases for LeasesService {
             .core
             .call(&request, "recvault.vault.v1.Leases/ReleaseLease");
         let mut subject = Subject::default();
-        let result = self.release(&mut subject, &call, request.get_ref());
+        let result = self.release(&mut subject, &call, request.get_ref()).await;
         let finished = self.core.finish(&call, subject, result).await;
-        self.core
-            .metrics
-            .leases_active
-            .set(i64::try_from(self.core.leases.active()).unwrap_or(i64::MAX));
+        self.report_active();
         finished.map(Response::new)
     }
 }

@@ -5,9 +5,11 @@
 //! | [`CredentialStore`] | credential metadata and sealed secrets (never plaintext) |
 //! | [`KeyVersionStore`] | wrapped master-key versions |
 //! | [`SettingsStore`] | integer settings (`min_decrypt_version`) and per-tenant limits |
+//! | [`LeaseStore`] | live leases: which credential, for whom, until when |
 //!
-//! [`sqlite`] is the embedded default (one file, one host); [`postgres`] is
-//! shared by several vault replicas. Every backend
+//! [`sqlite`] is the embedded default (one file, one host; its leases live
+//! in this process's memory, [`crate::leases`]); [`postgres`] is shared by
+//! several vault replicas, leases included. Every backend
 //! passes the same conformance suite (`tests/tests/vault_store_conformance.rs`
 //! in the workspace), which checks the commit gate: a change commits only
 //! after its gate (the audit event for it) succeeded, inside the transaction.
@@ -22,7 +24,8 @@ pub mod sqlite;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use crate::ids::{CredentialId, TenantId};
+use crate::ids::{CredentialId, LeaseId, TenantId};
+pub use crate::leases::LeaseProblem;
 
 /// Errors of every store, whatever the backend. Messages never hold secrets
 /// (the stores have none in clear) nor database passwords.
@@ -178,6 +181,55 @@ pub trait SettingsStore: Send + Sync + fmt::Debug {
     ) -> Result<(), StoreError>;
 }
 
+/// What a lease is granted for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLease {
+    pub credential_id: CredentialId,
+    pub tenant_id: TenantId,
+    /// The identity that acquires it; only it may release it.
+    pub holder: String,
+}
+
+/// Live leases. A lease is usable until it expires or is released, never
+/// after; released and expired ones are forgotten, so an id cannot be used
+/// twice. Holds no secret.
+pub trait LeaseStore: Send + Sync + fmt::Debug {
+    /// True when calls wait on a database: run them on a blocking thread.
+    fn blocks(&self) -> bool;
+
+    /// Records a lease for `ttl` unless `max_active` are already live.
+    fn grant(
+        &self,
+        id: &LeaseId,
+        lease: &NewLease,
+        ttl: std::time::Duration,
+        max_active: usize,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends a lease held by `holder`: what it was for, or why not.
+    fn release(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+    ) -> Result<Result<NewLease, LeaseProblem>, StoreError>;
+
+    /// Drops a lease without checks (the audit write for it failed).
+    fn revoke(&self, id: &LeaseId) -> Result<(), StoreError>;
+
+    /// Forgets expired leases; returns how many.
+    fn sweep(&self) -> Result<usize, StoreError>;
+
+    /// Leases granted and neither released, revoked nor expired.
+    fn active(&self) -> Result<usize, StoreError>;
+}
+
+/// The stores a vault opens: its database, and where its leases live.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub store: Arc<dyn VaultStore>,
+    pub leases: Arc<dyn LeaseStore>,
+}
+
 /// Everything the vault keeps in its database, as one handle.
 pub trait VaultStore: CredentialStore + KeyVersionStore + SettingsStore {}
 
@@ -185,12 +237,21 @@ impl<T: CredentialStore + KeyVersionStore + SettingsStore> VaultStore for T {}
 
 /// Opens the store the config names: the SQLite file `database`, or the
 /// PostgreSQL database whose URL `database_url_file` holds.
-pub fn open(config: &crate::config::VaultConfig) -> Result<Arc<dyn VaultStore>, StoreError> {
+pub fn open(config: &crate::config::VaultConfig) -> Result<Stores, StoreError> {
     Ok(match config.store_backend() {
-        crate::config::StoreBackend::Sqlite(path) => Arc::new(sqlite::SqliteStore::open(path)?),
-        crate::config::StoreBackend::Postgres(url_file) => Arc::new(postgres::PostgresStore::open(
-            postgres::PgTarget::from_url_file(url_file)?,
-        )?),
+        crate::config::StoreBackend::Sqlite(path) => Stores {
+            store: Arc::new(sqlite::SqliteStore::open(path)?),
+            leases: Arc::new(crate::leases::Leases::default()),
+        },
+        crate::config::StoreBackend::Postgres(url_file) => {
+            let pg = Arc::new(postgres::PostgresStore::open(
+                postgres::PgTarget::from_url_file(url_file)?,
+            )?);
+            Stores {
+                store: pg.clone(),
+                leases: pg,
+            }
+        }
     })
 }
 

@@ -27,16 +27,19 @@ use std::{
 use postgres::{Client, NoTls, Row, Transaction, error::SqlState};
 
 use super::{
-    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, NewCredential, PutGate, Seal,
-    SettingsStore, StoreError, now,
+    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, LeaseProblem, LeaseStore,
+    NewCredential, NewLease, PutGate, Seal, SettingsStore, StoreError, now,
 };
-use crate::ids::{CredentialId, TenantId};
+use crate::ids::{CredentialId, LeaseId, TenantId};
 
 /// The migrations, in order: (version, SQL), recorded in `schema_migrations`.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (2, include_str!("../../migrations/postgres/0002_leases.sql")),
+];
 
 /// Key of the advisory lock replicas take while migrating (so two replicas
 /// starting at once do not both apply a migration).
@@ -661,6 +664,90 @@ impl SettingsStore for PostgresStore {
             };
             gated(gate)
         })
+    }
+}
+
+impl LeaseStore for PostgresStore {
+    fn blocks(&self) -> bool {
+        true
+    }
+
+    fn grant(
+        &self,
+        id: &LeaseId,
+        lease: &NewLease,
+        ttl: Duration,
+        max_active: usize,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get()?;
+        // The cap counts the live leases of every replica; two grants racing
+        // at the cap may both pass (it is a guard against runaway callers,
+        // not an exact quota).
+        let n = conn.execute(
+            "INSERT INTO leases (lease_id, credential_id, tenant_id, holder, expires_at)
+             SELECT $1, $2, $3, $4, now() + make_interval(secs => $5)
+             WHERE (SELECT count(*) FROM leases WHERE expires_at > now()) < $6",
+            &[
+                &id.as_str(),
+                &lease.credential_id.as_str(),
+                &lease.tenant_id.as_str(),
+                &lease.holder,
+                &ttl.as_secs_f64(),
+                &i64::try_from(max_active).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn release(
+        &self,
+        id: &LeaseId,
+        holder: &str,
+    ) -> Result<Result<NewLease, LeaseProblem>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let row = conn.query_opt(
+            "DELETE FROM leases WHERE lease_id = $1 AND holder = $2
+             RETURNING credential_id, tenant_id, holder, expires_at <= now() AS expired",
+            &[&id.as_str(), &holder],
+        )?;
+        let Some(row) = row else {
+            let held_by_another = conn
+                .query_opt("SELECT 1 FROM leases WHERE lease_id = $1", &[&id.as_str()])?
+                .is_some();
+            return Ok(Err(if held_by_another {
+                LeaseProblem::NotHolder
+            } else {
+                LeaseProblem::Unknown
+            }));
+        };
+        if row.try_get::<_, bool>("expired")? {
+            return Ok(Err(LeaseProblem::Expired));
+        }
+        Ok(Ok(NewLease {
+            credential_id: CredentialId::from_trusted(row.try_get("credential_id")?),
+            tenant_id: TenantId::from_trusted(row.try_get("tenant_id")?),
+            holder: row.try_get("holder")?,
+        }))
+    }
+
+    fn revoke(&self, id: &LeaseId) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.execute("DELETE FROM leases WHERE lease_id = $1", &[&id.as_str()])?;
+        Ok(())
+    }
+
+    fn sweep(&self) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get()?;
+        let n = conn.execute("DELETE FROM leases WHERE expires_at <= now()", &[])?;
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn active(&self) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get()?;
+        let n: i64 = conn
+            .query_one("SELECT count(*) FROM leases WHERE expires_at > now()", &[])?
+            .try_get(0)?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 }
 
