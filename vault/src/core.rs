@@ -236,6 +236,45 @@ impl VaultCore {
         }
     }
 
+    /// Brings the keyring up to date with a database other vaults share: key
+    /// versions another replica added are unwrapped and added, and its
+    /// `min_decrypt_version` applies here from this call on. Nothing to do
+    /// (and no query) on a database only this vault uses. Blocks.
+    pub fn sync_keyring(&self) -> Result<(), VaultError> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        let versions = self.store.key_versions()?;
+        let min = self
+            .store
+            .setting(MIN_DECRYPT_VERSION)?
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(1);
+        let known = self.keyring().versions();
+        let missing: Vec<_> = versions
+            .into_iter()
+            .filter(|(v, _, _)| !known.contains(v))
+            .collect();
+        if missing.is_empty() && self.keyring().min_decrypt_version() == min {
+            return Ok(());
+        }
+        let mut ring = self.keyring_mut();
+        for (version, wrapped, _) in missing {
+            let key = keyring::unwrap_version(&self.master, version, &wrapped).map_err(|_| {
+                VaultError::Unavailable(format!(
+                    "key version {version} in the shared database does not unwrap with this \
+                     vault's master key; every replica must use the same master_key_file"
+                ))
+            })?;
+            if let Err(error) = ring.insert(version, key) {
+                // Another call added it meanwhile.
+                tracing::debug!(%error, "key version already loaded");
+            }
+        }
+        ring.set_min_decrypt_version(min);
+        Ok(())
+    }
+
     /// The secret size limit in force for `tenant`.
     pub fn secret_limit(&self, tenant: &TenantId) -> Result<u32, VaultError> {
         Ok(self

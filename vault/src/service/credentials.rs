@@ -212,6 +212,7 @@ impl CredentialsService {
         let gate_call = call.clone();
         let gate_subject = subject.clone();
         let (id, version) = blocking(move || {
+            core.sync_keyring()?;
             let limit = core.secret_limit(&tenant)?;
             let secret_chars = check_secret(kind, &secret, limit)?;
             let new = NewCredential {

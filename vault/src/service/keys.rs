@@ -38,6 +38,7 @@ impl KeysService {
         let core = self.core.clone();
         let (gate_call, gate_subject) = (call.clone(), subject.clone());
         let version = blocking(move || {
+            core.sync_keyring()?;
             // Hold the write lock across the insert so two rotations cannot pick the same number.
             let mut ring = core.keyring_mut();
             let next = ring.current_version().unwrap_or(0) + 1;
@@ -81,6 +82,7 @@ impl KeysService {
         let core = self.core.clone();
         let (gate_call, gate_subject) = (call.clone(), subject.clone());
         let (rewrapped, already_current, key_version) = blocking(move || {
+            core.sync_keyring()?;
             let ring = core.keyring();
             let current = ring.current_version().unwrap_or(0);
             let mut fresh_rows = Vec::new();
@@ -132,6 +134,7 @@ impl KeysService {
     async fn status(&self) -> Result<KeyStatusResponse, VaultError> {
         let core = self.core.clone();
         blocking(move || {
+            core.sync_keyring()?;
             let counts = core.store.count_by_key_version()?;
             let ring = core.keyring();
             let versions = core
@@ -165,6 +168,7 @@ impl KeysService {
         let core = self.core.clone();
         let (gate_call, gate_subject) = (call.clone(), subject.clone());
         blocking(move || {
+            core.sync_keyring()?;
             let mut ring = core.keyring_mut();
             let current = ring.current_version().unwrap_or(0);
             if min == 0 || min > current {

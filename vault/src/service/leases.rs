@@ -103,9 +103,15 @@ impl LeasesService {
         let row = match self.core.store.cached(&id) {
             Some(row) => Some(row),
             None => {
-                let store = self.core.store.clone();
+                let core = self.core.clone();
                 let lookup = id.clone();
-                blocking(move || Ok(store.get(&lookup)?.map(Arc::new))).await?
+                blocking(move || {
+                    // A shared database: another vault may have rotated or
+                    // retired keys since this one last looked.
+                    core.sync_keyring()?;
+                    Ok(core.store.get(&lookup)?.map(Arc::new))
+                })
+                .await?
             }
         }
         .ok_or_else(|| VaultError::NotFound(format!("credential {id} does not exist")))?;

@@ -149,6 +149,12 @@ pub trait CredentialStore: Send + Sync + fmt::Debug {
 
 /// Wrapped master-key versions.
 pub trait KeyVersionStore: Send + Sync + fmt::Debug {
+    /// True when other vaults share this database, so key versions and
+    /// settings may change under this one (it re-reads them before use).
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// (version, wrapped, created_at), ascending.
     fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError>;
 

@@ -578,6 +578,10 @@ impl CredentialStore for PostgresStore {
 }
 
 impl KeyVersionStore for PostgresStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {
         let mut conn = self.pool.get()?;
         conn.query(

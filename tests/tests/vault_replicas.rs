@@ -1,0 +1,246 @@
+//! Two real `vaultd` replicas on one real PostgreSQL database behave as one
+//! vault: a lease from A is released on B, a credential re-put or deleted
+//! through A is leased (or refused) by B from then on, and a key rotated or
+//! retired and a tenant limit set on A apply on B.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{path::Path, process::Command, time::Duration};
+
+use recvault_proto::vault::v1::{
+    self as va, credentials_client::CredentialsClient, keys_client::KeysClient,
+    leases_client::LeasesClient,
+};
+use recvault_runtime::{
+    hpke::{self, OneCallKey},
+    secret::SecretBytes,
+};
+use recvault_tests::{
+    Daemon, binary,
+    client::{self, Endpoints},
+    postgres::Postgres,
+    served_addr,
+};
+use tonic::Code;
+
+/// `vaultd init` into `root/vault`, then two configs on the database whose
+/// URL is in `root/database.url`: `a.toml` and `b.toml` (own audit logs).
+fn init(root: &Path, url: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let out = Command::new(binary("vaultd"))
+        .args(["init", "--listen", "127.0.0.1:0", "--dir"])
+        .arg(root.join("vault"))
+        .arg("--certs")
+        .arg(root.join("certs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url_file = root.join("database.url");
+    std::fs::write(&url_file, url).unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let generated = std::fs::read_to_string(root.join("vault/vault.toml")).unwrap();
+    for replica in ["a", "b"] {
+        let config: String = generated
+            .lines()
+            .map(|line| {
+                if line.starts_with("database = ") {
+                    format!(
+                        "database_url_file = \"{}\"\ninstance_id = \"vault-{replica}\"",
+                        url_file.display()
+                    )
+                } else if line.starts_with("audit_database = ") {
+                    format!(
+                        "audit_database = \"{}\"",
+                        root.join(format!("vault/audit-{replica}.db")).display()
+                    )
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(root.join(format!("vault/{replica}.toml")), config).unwrap();
+    }
+}
+
+fn serve(root: &Path, replica: &str) -> (Daemon, String) {
+    let mut cmd = Command::new(binary("vaultd"));
+    cmd.args(["serve", "--config"])
+        .arg(root.join(format!("vault/{replica}.toml")));
+    let mut daemon = Daemon::spawn(cmd);
+    let line = daemon.wait_for("vault serving", Duration::from_secs(30));
+    (daemon, served_addr(&line))
+}
+
+struct Replica {
+    ep: Endpoints,
+}
+
+impl Replica {
+    fn channel(&self, identity: &str) -> tonic::transport::Channel {
+        self.ep.channel(&self.ep.vault, identity).unwrap()
+    }
+
+    async fn put(&self, name: &str, secret: &str) -> Result<String, String> {
+        client::put_credential(
+            self.channel("manager"),
+            "acme",
+            name,
+            va::CredentialKind::S3,
+            SecretBytes::from_slice(secret.as_bytes()),
+            None,
+        )
+        .await
+        .map(|r| r.credential_id)
+    }
+
+    /// Acquires a lease as the uploader: (lease id, the secret opened).
+    async fn lease(&self, credential_id: &str) -> Result<(String, Vec<u8>), tonic::Status> {
+        let key = OneCallKey::generate().unwrap();
+        let reply = LeasesClient::new(self.channel("uploader"))
+            .acquire_lease(va::AcquireLeaseRequest {
+                credential_id: credential_id.to_owned(),
+                purpose: "replica test".into(),
+                ttl_seconds: 60,
+                recipient_public_key: key.public_key().to_vec(),
+            })
+            .await?
+            .into_inner();
+        let secret = key
+            .open(
+                hpke::LEASE_INFO,
+                &hpke::aad(&[&reply.lease_id, credential_id]),
+                &reply.enc,
+                &reply.sealed_secret,
+            )
+            .unwrap();
+        Ok((reply.lease_id, secret.expose_secret().to_vec()))
+    }
+
+    async fn release(&self, lease_id: &str) -> Result<(), tonic::Status> {
+        LeasesClient::new(self.channel("uploader"))
+            .release_lease(va::ReleaseLeaseRequest {
+                lease_id: lease_id.to_owned(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn keys(&self) -> KeysClient<tonic::transport::Channel> {
+        KeysClient::new(self.channel("admin"))
+    }
+}
+
+fn secret(n: u32) -> String {
+    format!(r#"{{"access_key_id":"AKIA{n:04}","secret_access_key":"replica-secret-{n:020}"}}"#)
+}
+
+#[test]
+fn two_vaults_on_one_database_behave_as_one() {
+    let Some(pg) = Postgres::shared() else { return };
+    let db = pg.database();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    init(root, &db.url());
+    let (_a_daemon, a_addr) = serve(root, "a");
+    let (_b_daemon, b_addr) = serve(root, "b");
+    let replica = |addr: String| Replica {
+        ep: Endpoints {
+            vault: addr,
+            uploader: String::new(),
+            certs: root.join("certs"),
+        },
+    };
+    let (a, b) = (replica(a_addr), replica(b_addr));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        // Put on A, lease on B, release on A; released is released on both.
+        let id = a.put("archive", &secret(1)).await.unwrap();
+        let (lease, got) = b.lease(&id).await.unwrap();
+        assert_eq!(got, secret(1).as_bytes());
+        a.release(&lease).await.unwrap();
+        for r in [&a, &b] {
+            assert_eq!(r.release(&lease).await.unwrap_err().code(), Code::NotFound);
+        }
+
+        // Re-put through A: B leases the new version at once.
+        assert_eq!(a.put("archive", &secret(2)).await.unwrap(), id);
+        let (lease, got) = b.lease(&id).await.unwrap();
+        assert_eq!(got, secret(2).as_bytes(), "B served a stale secret");
+        b.release(&lease).await.unwrap();
+
+        // A key rotated on A seals B's next put; B reports it.
+        let rotated = a
+            .keys()
+            .rotate_key(va::RotateKeyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .key_version;
+        assert_eq!(rotated, 2);
+        let on_b = b.put("backup", &secret(3)).await.unwrap();
+        let status = a
+            .keys()
+            .key_status(va::KeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let under = |v: u32| {
+            status
+                .versions
+                .iter()
+                .find(|s| s.version == v)
+                .map_or(0, |s| s.credentials)
+        };
+        assert_eq!((under(1), under(2)), (1, 1), "{status:?}");
+        assert_eq!(a.lease(&on_b).await.unwrap().1, secret(3).as_bytes());
+
+        // Rewrap and retire on A: B refuses nothing it should serve and
+        // reports the new floor.
+        a.keys().rewrap(va::RewrapRequest::default()).await.unwrap();
+        a.keys()
+            .retire_keys(va::RetireKeysRequest {
+                min_decrypt_version: 2,
+            })
+            .await
+            .unwrap();
+        let b_status = b
+            .keys()
+            .key_status(va::KeyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (b_status.current_version, b_status.min_decrypt_version),
+            (2, 2),
+            "{b_status:?}"
+        );
+        assert_eq!(b.lease(&id).await.unwrap().1, secret(2).as_bytes());
+
+        // A tenant limit set on A holds on B.
+        a.keys()
+            .set_tenant_limit(va::SetTenantLimitRequest {
+                tenant_id: "acme".into(),
+                max_secret_chars: 20,
+            })
+            .await
+            .unwrap();
+        let refused = b.put("too-long", &secret(4)).await.unwrap_err();
+        assert!(refused.contains("20"), "{refused}");
+
+        // Deleted through A: B refuses it from then on.
+        CredentialsClient::new(a.channel("manager"))
+            .delete_credential(va::DeleteCredentialRequest {
+                credential_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(b.lease(&id).await.unwrap_err().code(), Code::NotFound);
+    });
+}
