@@ -237,7 +237,6 @@ fn two_vaults_on_one_database_behave_as_one() {
         CredentialsClient::new(a.channel("manager"))
             .delete_credential(va::DeleteCredentialRequest {
                 credential_id: id.clone(),
-                ..Default::default()
             })
             .await
             .unwrap();
