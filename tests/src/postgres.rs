@@ -29,6 +29,8 @@ pub const ROLE: &str = "recvault";
 #[derive(Debug)]
 pub struct Postgres {
     bin: PathBuf,
+    root: bool,
+    data: PathBuf,
     port: u16,
     // Kept for the server's lifetime (data directory and socket).
     _dir: tempfile::TempDir,
@@ -130,6 +132,47 @@ impl Postgres {
             .as_ref()
     }
 
+    /// A server of the caller's own (to stop and start again: outage
+    /// tests); `None` as for [`Postgres::shared`].
+    pub fn dedicated() -> Option<Postgres> {
+        Postgres::shared()?;
+        find_bin().map(Postgres::start)
+    }
+
+    /// Stops the server now (`pg_ctl stop -m immediate`: as a crash would).
+    pub fn stop(&self) {
+        let mut pg_ctl = as_pg_user(self.root, &self.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(pg_ctl, "pg_ctl stop");
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+        self.wait_ready();
+    }
+
+    fn pg_ctl_start(&self) {
+        let dir = self.data.parent().unwrap_or(Path::new("/"));
+        let mut pg_ctl = as_pg_user(self.root, &self.bin.join("pg_ctl"));
+        pg_ctl
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -h 127.0.0.1 -c fsync=off -c max_connections=200",
+                self.port,
+                dir.display()
+            ))
+            .args(["-w", "-t", "60", "start"]);
+        run(pg_ctl, "pg_ctl start");
+    }
+
     fn start(bin: PathBuf) -> Postgres {
         let root = is_root();
         if root {
@@ -175,19 +218,6 @@ impl Postgres {
             .args(["-U", ROLE, "--auth=trust", "--no-sync", "-E", "UTF8"]);
         run(initdb, "initdb");
         let port = free_port();
-        let mut pg_ctl = as_pg_user(root, &bin.join("pg_ctl"));
-        pg_ctl
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("server.log"))
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -h 127.0.0.1 -c fsync=off -c max_connections=200",
-                dir.path().display()
-            ))
-            .args(["-w", "-t", "60", "start"]);
-        run(pg_ctl, "pg_ctl start");
         // Stop the server when this process ends, however it ends.
         // (As this process's user, so that `kill -0` may probe it.)
         let watchdog = format!(
@@ -211,10 +241,13 @@ impl Postgres {
             .expect("start the PostgreSQL watchdog");
         let server = Postgres {
             bin,
+            root,
+            data,
             port,
             _dir: dir,
             _watchdog: watchdog,
         };
+        server.pg_ctl_start();
         server.wait_ready();
         server
     }
@@ -272,5 +305,19 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // A dedicated server ends with its owner (the shared one lives in a
+        // static and is stopped by its watchdog).
+        let _ = as_pg_user(self.root, &self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -243,3 +243,60 @@ fn two_vaults_on_one_database_behave_as_one() {
         assert_eq!(b.lease(&id).await.unwrap_err().code(), Code::NotFound);
     });
 }
+
+/// A database that goes away answers UNAVAILABLE with the reason, promptly
+/// (never a hang), and the vault recovers by itself when it returns.
+#[test]
+fn a_database_outage_is_unavailable_then_heals_by_itself() {
+    let Some(pg) = Postgres::dedicated() else {
+        return;
+    };
+    let db = pg.database();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    init(root, &db.url());
+    let (mut daemon, addr) = serve(root, "a");
+    let a = Replica {
+        ep: Endpoints {
+            vault: addr,
+            uploader: String::new(),
+            certs: root.join("certs"),
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let id = a.put("archive", &secret(1)).await.unwrap();
+        pg.stop();
+
+        let started = std::time::Instant::now();
+        let refused = a.put("archive", &secret(2)).await.unwrap_err();
+        assert!(refused.starts_with("Unavailable:"), "{refused}");
+        assert!(refused.contains("PostgreSQL"), "{refused}");
+        assert!(refused.contains("retry later"), "{refused}");
+        let status = a.lease(&id).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        // Bounded by the connect timeout (5 s), not by a hang: generous
+        // slack for a loaded machine.
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_secs(40), "took {waited:?}");
+        println!("two calls refused in {waited:?} with the database down");
+
+        pg.start_again();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let healed = loop {
+            match a.put("archive", &secret(3)).await {
+                Ok(again) => break again,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    println!("not yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the vault did not recover: {e}"),
+            }
+        };
+        assert_eq!(healed, id);
+        assert_eq!(a.lease(&id).await.unwrap().1, secret(3).as_bytes());
+    });
+    let output = daemon.output();
+    assert!(!output.contains("replica-secret"), "a secret in the log");
+    daemon.stop();
+}
