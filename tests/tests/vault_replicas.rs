@@ -73,6 +73,8 @@ fn serve(root: &Path, replica: &str) -> (Daemon, String) {
         .arg(root.join(format!("vault/{replica}.toml")));
     let mut daemon = Daemon::spawn(cmd);
     let line = daemon.wait_for("vault serving", Duration::from_secs(30));
+    assert!(line.contains(&format!("vault-{replica}")), "{line}");
+    assert!(line.contains("postgresql"), "{line}");
     (daemon, served_addr(&line))
 }
 

@@ -185,7 +185,12 @@ impl Bound {
             let handshakes = handshakes.clone();
             Arc::new(move |peer, reason| handshakes.record(peer, reason))
         };
-        tracing::info!(%local_addr, "vault serving (mTLS, TLS 1.3)");
+        let instance_id = core.config.instance_id.as_deref().unwrap_or("");
+        let database = match core.config.store_backend() {
+            crate::config::StoreBackend::Sqlite(_) => "sqlite",
+            crate::config::StoreBackend::Postgres(_) => "postgresql",
+        };
+        tracing::info!(%local_addr, instance_id, database, "vault serving (mTLS, TLS 1.3)");
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(crate::refusals::AuditRefusalsLayer::new(core.clone()))
