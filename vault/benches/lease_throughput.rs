@@ -14,6 +14,12 @@
 //! before sealing), sealed without wiping, sealed + wiping, in throughput
 //! and CPU per call.
 //!
+//! PostgreSQL mode: in every round a third phase calls a second vault
+//! whose store (credentials, keys, leases) is a real PostgreSQL database
+//! (Debian's server, started by the test kit; skipped with the reason where
+//! it is not installed), on the same certificates and settings. Its audit
+//! log is the same embedded one. The summary prints both ratios.
+//!
 //! Run: `cargo bench -p recvault-vault --bench lease_throughput`
 //!
 //! Environment:
@@ -408,9 +414,43 @@ async fn run(settings: Settings) {
     config.leases.max_active = usize::MAX;
     // Only for the "clear, no wiping" comparison phases.
     config.secrets.allow_plaintext = true;
+    let pg_vault = match recvault_tests::postgres::Postgres::shared() {
+        Some(pg) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            let url_file = root.path().join("database.url");
+            std::fs::write(&url_file, pg.database().url()).expect("url file");
+            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600))
+                .expect("url file mode");
+            let mut pg_config = config.clone();
+            pg_config.database = None;
+            pg_config.database_url_file = Some(url_file);
+            pg_config.audit_database = root.path().join("vault/audit-pg.db");
+            Some(testing::TestVault::start_with(pg_config).await)
+        }
+        None => None,
+    };
     let vault = testing::TestVault::start_with(config).await;
     let baseline_addr = start_baseline(&vault.config).await;
     let credential_id = store_credential(&vault).await;
+    let pg_acquire: Vec<Acquire> = match &pg_vault {
+        Some(pg) => {
+            let id = store_credential(pg).await;
+            channels(pg.addr, &pg.certs, settings.channels)
+                .into_iter()
+                .map(|c| Acquire {
+                    client: LeasesClient::new(c),
+                    credential_id: id.clone(),
+                    sealed: true,
+                })
+                .collect()
+        }
+        None => {
+            println!(
+                "postgresql: skipped (PostgreSQL is not installed: apt-get install -y postgresql)"
+            );
+            Vec::new()
+        }
+    };
 
     let group = GroupCommitOptions::default();
     println!(
@@ -459,7 +499,11 @@ async fn run(settings: Settings) {
     let warmup = Duration::from_secs_f64(settings.warmup);
     phase(&baseline, settings.concurrency, warmup).await;
     phase(&acquire, settings.concurrency, warmup).await;
+    if !pg_acquire.is_empty() {
+        phase(&pg_acquire, settings.concurrency, warmup).await;
+    }
 
+    let mut pg_phases = Vec::new();
     let mut base_phases = Vec::new();
     let mut vault_phases = Vec::new();
     let (mut events, mut commits) = (0u64, 0u64);
@@ -488,6 +532,15 @@ async fn run(settings: Settings) {
             writer_cpu.as_secs_f64() * 1e6 / e.max(1) as f64,
             audit_wait,
         );
+        if !pg_acquire.is_empty() {
+            let p = phase(&pg_acquire, settings.concurrency, length).await;
+            println!(
+                "round {round} pg       Leases/AcquireLease {} ratio {:.3}",
+                p.line(),
+                p.rps / b.rps
+            );
+            pg_phases.push(p);
+        }
         events += e;
         commits += c;
         base_phases.push(b);
@@ -521,6 +574,20 @@ async fn run(settings: Settings) {
          (target >= 0.800: {})",
         if ratio >= 0.8 { "met" } else { "NOT MET" }
     );
+    if !pg_phases.is_empty() {
+        let p = median(&pg_phases);
+        println!("median   pg       Leases/AcquireLease {}", p.line());
+        println!(
+            "ratio    postgresql/baseline throughput {:.3}, postgresql/sqlite {:.3} (target >= 0.650: {})",
+            p.rps / b.rps,
+            p.rps / v.rps,
+            if p.rps / b.rps >= 0.65 {
+                "met"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
 
     if settings.pairs {
         let pairs: Vec<AcquireRelease> = acquire.iter().cloned().map(AcquireRelease).collect();
@@ -584,6 +651,9 @@ async fn run(settings: Settings) {
         settings.channels,
     );
     vault.stop().await;
+    if let Some(pg) = pg_vault {
+        pg.stop().await;
+    }
 }
 
 fn main() {
