@@ -83,6 +83,26 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `vaultd init FLAGS --listen 127.0.0.1:0 --dir ROOT/vault --certs ROOT/certs`
+/// with the real binary: master key, policy, config (`ROOT/vault/vault.toml`)
+/// and dev certificates. Panics with vaultd's message if it fails.
+pub fn vaultd_init(root: &Path, flags: &[&str]) {
+    let out = Command::new(binary("vaultd"))
+        .arg("init")
+        .args(flags)
+        .args(["--listen", "127.0.0.1:0", "--dir"])
+        .arg(root.join("vault"))
+        .arg("--certs")
+        .arg(root.join("certs"))
+        .output()
+        .expect("run vaultd init");
+    assert!(
+        out.status.success(),
+        "vaultd init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A plain HTTP/1.1 GET of `path` on `addr` (the services' metrics ports):
 /// the whole response, headers included.
 pub fn http_get(addr: &str, path: &str) -> String {

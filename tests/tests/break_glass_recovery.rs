@@ -33,18 +33,7 @@ use recvault_tests::{
 
 /// `vaultd init` into `root/vault`, certificates in `root/certs`.
 fn init(root: &Path) {
-    let out = Command::new(binary("vaultd"))
-        .args(["init", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(root.join("vault"))
-        .arg("--certs")
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "vaultd init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    recvault_tests::vaultd_init(root, &[]);
 }
 
 /// `vaultd serve` on a free port; returns the daemon and its address.

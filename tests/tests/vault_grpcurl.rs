@@ -29,20 +29,7 @@ fn start_vault() -> Running {
 fn start_vault_with(init_flags: &[&str]) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
-    let out = Command::new(binary("vaultd"))
-        .arg("init")
-        .args(init_flags)
-        .args(["--listen", "127.0.0.1:0", "--dir"])
-        .arg(root.join("vault"))
-        .arg("--certs")
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "vaultd init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    recvault_tests::vaultd_init(&root, init_flags);
     let config = root.join("vault/vault.toml");
     let mut cmd = Command::new(binary("vaultd"));
     cmd.args(["serve", "--config"])

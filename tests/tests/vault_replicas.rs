@@ -27,18 +27,7 @@ use tonic::Code;
 /// URL is in `root/database.url`: `a.toml` and `b.toml` (own audit logs).
 fn init(root: &Path, url: &str) {
     use std::os::unix::fs::PermissionsExt as _;
-    let out = Command::new(binary("vaultd"))
-        .args(["init", "--listen", "127.0.0.1:0", "--dir"])
-        .arg(root.join("vault"))
-        .arg("--certs")
-        .arg(root.join("certs"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    recvault_tests::vaultd_init(root, &[]);
     let url_file = root.join("database.url");
     std::fs::write(&url_file, url).unwrap();
     std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
