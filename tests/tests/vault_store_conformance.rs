@@ -110,6 +110,20 @@ fn put(
     })
 }
 
+/// Credential "n" of `tenant`, one character long.
+fn new_credential<'a>(
+    tenant: &'a TenantId,
+    labels: &'a BTreeMap<String, String>,
+) -> NewCredential<'a> {
+    NewCredential {
+        tenant_id: tenant,
+        name: "n",
+        kind: 1,
+        labels,
+        secret_chars: 1,
+    }
+}
+
 fn get(store: &dyn VaultStore, id: &CredentialId) -> CredentialRow {
     store.get(id).unwrap().expect("row exists")
 }
@@ -166,13 +180,7 @@ mod suite {
         let acme = tenant("acme");
         let (id, _) = put(store.as_ref(), &acme, "n", b"one").unwrap();
         let labels = BTreeMap::new();
-        let new = NewCredential {
-            tenant_id: &acme,
-            name: "n",
-            kind: 1,
-            labels: &labels,
-            secret_chars: 1,
-        };
+        let new = new_credential(&acme, &labels);
         let (mut sealed_for, mut gated_for) = (None, None);
         let got = store
             .put(
@@ -197,13 +205,7 @@ mod suite {
         let store = b.open();
         let acme = tenant("acme");
         let labels = BTreeMap::new();
-        let new = NewCredential {
-            tenant_id: &acme,
-            name: "n",
-            kind: 1,
-            labels: &labels,
-            secret_chars: 1,
-        };
+        let new = new_credential(&acme, &labels);
         let err = store
             .put(&new, &mut |_, _| Ok((b"x".to_vec(), 1)), &mut |_, _| {
                 refused()
@@ -272,13 +274,7 @@ mod suite {
         let store = b.open();
         let acme = tenant("acme");
         let labels = BTreeMap::new();
-        let new = NewCredential {
-            tenant_id: &acme,
-            name: "n",
-            kind: 1,
-            labels: &labels,
-            secret_chars: 1,
-        };
+        let new = new_credential(&acme, &labels);
         let mut gated = false;
         let err = store
             .put(

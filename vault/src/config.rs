@@ -246,19 +246,7 @@ impl VaultConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        match (&self.database, &self.database_url_file) {
-            (Some(_), Some(_)) => {
-                return Err("set one of database (SQLite file) and database_url_file \
-                            (PostgreSQL URL file), not both"
-                    .into());
-            }
-            (None, None) => {
-                return Err("set database (a SQLite file) or database_url_file (a file \
-                            holding a postgresql:// URL)"
-                    .into());
-            }
-            _ => {}
-        }
+        self.store_backend()?;
         if let Some(id) = &self.instance_id
             && (id.is_empty()
                 || id.len() > 64
@@ -286,12 +274,18 @@ impl VaultConfig {
         Ok(())
     }
 
-    /// Which credential database backend the config names (validated: exactly one).
-    pub fn store_backend(&self) -> StoreBackend<'_> {
-        match (&self.database_url_file, &self.database) {
-            (Some(url_file), _) => StoreBackend::Postgres(url_file),
-            (None, Some(path)) => StoreBackend::Sqlite(path),
-            (None, None) => StoreBackend::Sqlite(Path::new("vault.db")),
+    /// Which credential database the config names: exactly one of
+    /// `database` and `database_url_file`, else why not.
+    pub fn store_backend(&self) -> Result<StoreBackend<'_>, String> {
+        match (&self.database, &self.database_url_file) {
+            (Some(path), None) => Ok(StoreBackend::Sqlite(path)),
+            (None, Some(url_file)) => Ok(StoreBackend::Postgres(url_file)),
+            (Some(_), Some(_)) => Err("set one of database (SQLite file) and \
+                                       database_url_file (PostgreSQL URL file), not both"
+                .into()),
+            (None, None) => Err("set database (a SQLite file) or database_url_file (a \
+                                 file holding a postgresql:// URL)"
+                .into()),
         }
     }
 
@@ -369,6 +363,49 @@ mod tests {
             .apply_env(|n| (n == "RECVAULT_VAULT_LISTEN").then(|| "nope".into()))
             .expect_err("invalid listen");
         assert!(err.to_string().contains("RECVAULT_VAULT_LISTEN"));
+    }
+
+    #[test]
+    fn exactly_one_credential_database_and_a_sane_instance_id() {
+        let mut config =
+            VaultConfig::for_data_dir(Path::new("/d"), Path::new("/c"), default_listen());
+        assert!(matches!(
+            config.store_backend(),
+            Ok(StoreBackend::Sqlite(_))
+        ));
+        config.database_url_file = Some("/etc/recvault/db.url".into());
+        let both = config.validate().expect_err("both set");
+        assert!(
+            both.contains("database (SQLite file) and database_url_file"),
+            "{both}"
+        );
+        config.database = None;
+        assert!(matches!(
+            config.store_backend(),
+            Ok(StoreBackend::Postgres(_))
+        ));
+        config.validate().expect("the URL file alone");
+        config.database_url_file = None;
+        let neither = config.validate().expect_err("neither set");
+        assert!(
+            neither.contains("database") && neither.contains("database_url_file"),
+            "{neither}"
+        );
+
+        // The environment picks one and drops the other.
+        config
+            .apply_env(|n| (n == "RECVAULT_VAULT_DATABASE_URL_FILE").then(|| "/run/db.url".into()))
+            .expect("valid override");
+        assert_eq!(config.database, None);
+        config.validate().expect("one database after the override");
+
+        for bad in ["", "vault 0", "vault/0", &"x".repeat(65)] {
+            config.instance_id = Some(bad.to_owned());
+            let err = config.validate().expect_err(bad);
+            assert!(err.contains("instance_id"), "{err}");
+        }
+        config.instance_id = Some("vault-0.eu_1".into());
+        config.validate().expect("a sane instance_id");
     }
 
     #[test]

@@ -19,21 +19,18 @@ use std::{
 };
 
 use crate::{
-    ids::{CredentialId, LeaseId, TenantId},
+    ids::LeaseId,
     store::{LeaseStore, NewLease, StoreError},
 };
 
 /// Shards of the table (a power of two is not needed; a few per core is plenty).
 const SHARDS: usize = 16;
 
-/// One granted lease.
+/// One granted lease: what it is for, and until when.
 #[derive(Debug, Clone)]
 struct Lease {
-    pub credential_id: CredentialId,
-    pub tenant_id: TenantId,
-    /// The identity that acquired it; only it may release it.
-    pub holder: String,
-    pub expires: Instant,
+    granted: NewLease,
+    expires: Instant,
 }
 
 /// Why a lease cannot be used.
@@ -124,7 +121,7 @@ impl Leases {
     fn release_lease(&self, id: &LeaseId, holder: &str) -> Result<Lease, LeaseProblem> {
         let mut shard = self.shard(id);
         let lease = shard.live.get(id).ok_or(LeaseProblem::Unknown)?;
-        if lease.holder != holder {
+        if lease.granted.holder != holder {
             return Err(LeaseProblem::NotHolder);
         }
         let expired = lease.expires <= Instant::now();
@@ -175,9 +172,7 @@ impl LeaseStore for Leases {
         max_active: usize,
     ) -> Result<bool, StoreError> {
         let lease = Lease {
-            credential_id: lease.credential_id.clone(),
-            tenant_id: lease.tenant_id.clone(),
-            holder: lease.holder.clone(),
+            granted: lease.clone(),
             expires: Instant::now() + ttl,
         };
         Ok(self.grant_lease(id.clone(), lease, max_active))
@@ -188,11 +183,7 @@ impl LeaseStore for Leases {
         id: &LeaseId,
         holder: &str,
     ) -> Result<Result<NewLease, LeaseProblem>, StoreError> {
-        Ok(self.release_lease(id, holder).map(|l| NewLease {
-            credential_id: l.credential_id,
-            tenant_id: l.tenant_id,
-            holder: l.holder,
-        }))
+        Ok(self.release_lease(id, holder).map(|l| l.granted))
     }
 
     fn revoke(&self, id: &LeaseId) -> Result<(), StoreError> {
@@ -240,12 +231,15 @@ pub fn spawn_sweeper(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ids::{CredentialId, TenantId};
 
     fn lease(holder: &str, ttl: Duration) -> Lease {
         Lease {
-            credential_id: CredentialId::generate(),
-            tenant_id: TenantId::parse("acme").unwrap(),
-            holder: holder.into(),
+            granted: NewLease {
+                credential_id: CredentialId::generate(),
+                tenant_id: TenantId::parse("acme").unwrap(),
+                holder: holder.into(),
+            },
             expires: Instant::now() + ttl,
         }
     }

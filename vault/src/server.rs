@@ -187,8 +187,9 @@ impl Bound {
         };
         let instance_id = core.config.instance_id.as_deref().unwrap_or("");
         let database = match core.config.store_backend() {
-            crate::config::StoreBackend::Sqlite(_) => "sqlite",
-            crate::config::StoreBackend::Postgres(_) => "postgresql",
+            Ok(crate::config::StoreBackend::Sqlite(_)) => "sqlite",
+            Ok(crate::config::StoreBackend::Postgres(_)) => "postgresql",
+            Err(_) => "none",
         };
         tracing::info!(%local_addr, instance_id, database, "vault serving (mTLS, TLS 1.3)");
         let served = tonic::transport::Server::builder()

@@ -244,7 +244,8 @@ impl<T: CredentialStore + KeyVersionStore + SettingsStore> VaultStore for T {}
 /// Opens the store the config names: the SQLite file `database`, or the
 /// PostgreSQL database whose URL `database_url_file` holds.
 pub fn open(config: &crate::config::VaultConfig) -> Result<Stores, StoreError> {
-    Ok(match config.store_backend() {
+    let backend = config.store_backend().map_err(StoreError::Unavailable)?;
+    Ok(match backend {
         crate::config::StoreBackend::Sqlite(path) => Stores {
             store: Arc::new(sqlite::SqliteStore::open(path)?),
             leases: Arc::new(crate::leases::Leases::default()),
