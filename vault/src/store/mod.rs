@@ -252,7 +252,7 @@ pub fn open(config: &crate::config::VaultConfig) -> Result<Stores, StoreError> {
         },
         crate::config::StoreBackend::Postgres(url_file) => {
             let pg = Arc::new(postgres::PostgresStore::open(
-                postgres::PgTarget::from_url_file(url_file)?,
+                postgres::PgTarget::from_url_file(url_file, "vaultd")?,
             )?);
             Stores {
                 store: pg.clone(),

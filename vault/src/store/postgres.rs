@@ -1,6 +1,6 @@
 //! The credential store on PostgreSQL, shared by several vault replicas:
-//! the same tables as the SQLite backend, a small connection pool, TLS
-//! through rustls with aws-lc-rs (`sslmode=verify-full`).
+//! the same tables as the SQLite backend, on the shared pool, TLS and
+//! migrations of `recvault-pg`.
 //!
 //! There is no row cache here: another replica may change or delete a row
 //! at any time, so every read goes to the database and a credential deleted
@@ -10,24 +10,22 @@
 //! locked (`FOR UPDATE`) for a new version; a first version races on the
 //! unique index and the loser gets [`StoreError::Conflict`] (ABORTED).
 //!
-//! Timeouts: connecting 5 s, a statement 15 s, a lock 10 s, a free pool
-//! connection 10 s. A database that is down answers UNAVAILABLE with the
-//! reason after at most the connect timeout; the pool drops broken
-//! connections and opens new ones, so the vault recovers by itself.
+//! A database that is down answers UNAVAILABLE with the reason after at
+//! most the connect timeout (5 s); the pool drops broken connections and
+//! opens new ones, so the vault recovers by itself.
 
 use std::{
     collections::BTreeMap,
     fmt,
-    path::{Path, PathBuf},
-    str::FromStr,
     sync::{
-        Arc, Condvar, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use postgres::{Client, NoTls, Row, Transaction, error::SqlState};
+pub use recvault_pg::PgTarget;
+use recvault_pg::{PgError, Pool, Row, Transaction};
 
 use super::{
     CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, LeaseProblem, LeaseStore,
@@ -44,303 +42,19 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../../migrations/postgres/0002_leases.sql")),
 ];
 
-/// Key of the advisory lock replicas take while migrating (so two replicas
-/// starting at once do not both apply a migration).
-const MIGRATION_LOCK: i64 = 0x7265_6376_6175_6c74; // "recvault"
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const POOL_WAIT: Duration = Duration::from_secs(10);
-const POOL_MAX: usize = 16;
-/// Longest URL file accepted.
-const URL_MAX: usize = 4096;
-
-/// How to reach the database, read from a `postgresql://` URL. The password
-/// stays inside the driver's config; `Debug` never shows it.
-pub struct PgTarget {
-    config: postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-    /// Host, port and database, for messages (never the password).
-    display: String,
-}
-
-impl fmt::Debug for PgTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgTarget")
-            .field("database", &self.display)
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a database URL was refused. Never holds the URL (it has a password).
-fn url_error(file: &Path, message: impl fmt::Display) -> StoreError {
-    StoreError::Unavailable(format!("database_url_file {}: {message}", file.display()))
-}
-
-impl PgTarget {
-    /// Reads the URL from `file` (owner-only, like every key file) and
-    /// parses it. `sslmode` is `disable` or `verify-full` (the default when
-    /// absent is `verify-full`); `sslrootcert` names a PEM CA bundle
-    /// (relative paths resolve against the URL file's directory).
-    pub fn from_url_file(file: &Path) -> Result<Self, StoreError> {
-        use recvault_runtime::secret::{PrivateFileError, read_private_file};
-        let (secret, len) = read_private_file(file, URL_MAX).map_err(|e| match e {
-            PrivateFileError::Io(e) => url_error(file, format!("cannot be read ({e})")),
-            PrivateFileError::NotAFile => url_error(file, "is not a regular file"),
-            PrivateFileError::Permissions(mode) => url_error(
-                file,
-                format!("has mode {mode:o}: it holds a password, so only its owner may read it (chmod 600)"),
-            ),
-        })?;
-        if len > URL_MAX {
-            return Err(url_error(file, format!("is longer than {URL_MAX} bytes")));
-        }
-        let url = std::str::from_utf8(&secret.expose_secret()[..len])
-            .map_err(|_| url_error(file, "is not UTF-8"))?
-            .trim();
-        Self::parse(url, file)
-    }
-
-    fn parse(url: &str, file: &Path) -> Result<Self, StoreError> {
-        if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
-            return Err(url_error(
-                file,
-                "must hold one postgresql:// URL (postgresql://user:password@host:port/database)",
-            ));
-        }
-        // tokio-postgres knows only disable/prefer/require: take sslmode and
-        // sslrootcert out and do verification ourselves.
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let (mut sslmode, mut rootcert, mut rest) = (None, None, Vec::new());
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
-                Some(("sslrootcert", v)) => rootcert = Some(PathBuf::from(v)),
-                _ => rest.push(pair),
-            }
-        }
-        let driver_url = if rest.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", rest.join("&"))
-        };
-        let mut config = postgres::Config::from_str(&driver_url)
-            .map_err(|e| url_error(file, format!("is not a valid PostgreSQL URL ({e})")))?;
-        let tls = match sslmode.as_deref().unwrap_or("verify-full") {
-            "disable" => None,
-            "verify-full" => {
-                let rootcert = rootcert.ok_or_else(|| {
-                    url_error(
-                        file,
-                        "sslmode=verify-full needs sslrootcert=<PEM CA file> in the URL \
-                         (or sslmode=disable on a trusted loopback)",
-                    )
-                })?;
-                let rootcert = if rootcert.is_relative() {
-                    file.parent().unwrap_or(Path::new(".")).join(rootcert)
-                } else {
-                    rootcert
-                };
-                config.ssl_mode(postgres::config::SslMode::Require);
-                Some(rustls_connector(&rootcert).map_err(|e| url_error(file, e))?)
-            }
-            other => {
-                return Err(url_error(
-                    file,
-                    format!(
-                        "sslmode={other} is not supported: use verify-full (with sslrootcert) \
-                         or disable"
-                    ),
-                ));
-            }
-        };
-        config
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_user_timeout(Duration::from_secs(15))
-            .keepalives_idle(Duration::from_secs(30))
-            .options("-c statement_timeout=15000 -c lock_timeout=10000")
-            .application_name("vaultd");
-        let host = config
-            .get_hosts()
-            .first()
-            .map(|h| match h {
-                postgres::config::Host::Tcp(h) => h.clone(),
-                postgres::config::Host::Unix(p) => p.display().to_string(),
-            })
-            .unwrap_or_default();
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        let display = format!("{host}:{port}/{}", config.get_dbname().unwrap_or_default());
-        Ok(Self {
-            config,
-            tls,
-            display,
-        })
-    }
-
-    fn connect(&self) -> Result<Client, StoreError> {
-        let connected = match &self.tls {
-            None => self.config.connect(NoTls),
-            Some(tls) => self.config.connect(tls.clone()),
-        };
-        connected.map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot connect to PostgreSQL at {}: {e}",
-                self.display
-            ))
-        })
-    }
-}
-
-/// A rustls connector trusting the CAs in `rootcert` and checking the
-/// server's name (verify-full).
-fn rustls_connector(rootcert: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
-    let pem = std::fs::read(rootcert)
-        .map_err(|e| format!("cannot read sslrootcert {}: {e}", rootcert.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("sslrootcert {}: {e}", rootcert.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("sslrootcert {}: {e}", rootcert.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!(
-            "sslrootcert {} holds no PEM certificate",
-            rootcert.display()
-        ));
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
-}
-
-impl From<postgres::Error> for StoreError {
-    fn from(error: postgres::Error) -> Self {
-        let code = error.code().cloned();
-        match code {
-            Some(c) if c == SqlState::UNIQUE_VIOLATION => StoreError::Conflict(error.to_string()),
-            Some(c) if c == SqlState::DATA_CORRUPTED || c == SqlState::INDEX_CORRUPTED => {
-                StoreError::Corrupt(error.to_string())
-            }
-            Some(c)
-                if c == SqlState::T_R_SERIALIZATION_FAILURE
-                    || c == SqlState::T_R_DEADLOCK_DETECTED =>
-            {
-                StoreError::Conflict(error.to_string())
-            }
-            _ => StoreError::Unavailable(format!("PostgreSQL: {error}")),
+impl From<PgError> for StoreError {
+    fn from(error: PgError) -> Self {
+        match error {
+            PgError::Unavailable(m) => StoreError::Unavailable(m),
+            PgError::Conflict(m) => StoreError::Conflict(m),
+            PgError::Corrupt(m) => StoreError::Corrupt(m),
         }
     }
 }
 
-/// A few connections, opened on demand, broken ones dropped.
-struct Pool {
-    target: PgTarget,
-    idle: Mutex<(Vec<Client>, usize)>,
-    freed: Condvar,
-}
-
-/// A pooled connection, returned on drop (unless it broke).
-struct Conn<'a> {
-    pool: &'a Pool,
-    client: Option<Client>,
-}
-
-impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.client
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("taken only on drop"))
-    }
-}
-
-impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.client
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("taken only on drop"))
-    }
-}
-
-impl Drop for Conn<'_> {
-    fn drop(&mut self) {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        match self.client.take() {
-            Some(client) if !client.is_closed() => idle.0.push(client),
-            _ => idle.1 -= 1,
-        }
-        self.pool.freed.notify_one();
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Closing a client blocks on its own runtime, which panics on an
-        // async thread (where the vault's last handle may be dropped at
-        // shutdown): close them on a thread of their own.
-        let idle = std::mem::take(&mut self.idle.get_mut().unwrap_or_else(|p| p.into_inner()).0);
-        if idle.is_empty() {
-            return;
-        }
-        let closing = std::thread::Builder::new()
-            .name("pg-pool-close".into())
-            .spawn(move || drop(idle));
-        if let Ok(closing) = closing {
-            let _ = closing.join();
-        }
-    }
-}
-
-impl Pool {
-    fn get(&self) -> Result<Conn<'_>, StoreError> {
-        let deadline = Instant::now() + POOL_WAIT;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(client) = idle.0.pop() {
-                if client.is_closed() {
-                    idle.1 -= 1;
-                    continue;
-                }
-                return Ok(Conn {
-                    pool: self,
-                    client: Some(client),
-                });
-            }
-            if idle.1 < POOL_MAX {
-                idle.1 += 1;
-                drop(idle);
-                return match self.target.connect() {
-                    Ok(client) => Ok(Conn {
-                        pool: self,
-                        client: Some(client),
-                    }),
-                    Err(e) => {
-                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                        idle.1 -= 1;
-                        self.freed.notify_one();
-                        Err(e)
-                    }
-                };
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::Unavailable(format!(
-                    "all {POOL_MAX} PostgreSQL connections stayed busy for {}s",
-                    POOL_WAIT.as_secs()
-                )));
-            }
-            idle = self
-                .freed
-                .wait_timeout(idle, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+impl From<recvault_pg::Error> for StoreError {
+    fn from(error: recvault_pg::Error) -> Self {
+        PgError::from(error).into()
     }
 }
 
@@ -357,7 +71,7 @@ pub struct PostgresStore {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("target", &self.pool.target)
+            .field("target", self.pool.target())
             .finish_non_exhaustive()
     }
 }
@@ -392,11 +106,7 @@ impl PostgresStore {
     /// Connects and applies the migrations the database has not seen yet.
     pub fn open(target: PgTarget) -> Result<Self, StoreError> {
         let store = Self {
-            pool: Pool {
-                target,
-                idle: Mutex::new((Vec::new(), 0)),
-                freed: Condvar::new(),
-            },
+            pool: Pool::new(target),
             leases_counted: AtomicUsize::new(0),
             leases_granted_since: AtomicUsize::new(0),
         };
@@ -406,32 +116,11 @@ impl PostgresStore {
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.get()?;
-        let mut tx = conn.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
-                 version    BIGINT PRIMARY KEY,
-                 applied_at BIGINT NOT NULL
-             )",
-        )?;
-        for (version, sql) in MIGRATIONS {
-            let seen = tx
-                .query_opt(
-                    "SELECT version FROM schema_migrations WHERE version = $1",
-                    &[version],
-                )?
-                .is_some();
-            if !seen {
-                tx.batch_execute(sql)?;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    &[version, &now()],
-                )?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        Ok(recvault_pg::migrate(
+            &self.pool,
+            "schema_migrations",
+            MIGRATIONS,
+        )?)
     }
 
     /// Runs `f` (which calls its gate last) in a transaction, then COMMIT.
@@ -802,48 +491,5 @@ impl LeaseStore for PostgresStore {
         self.leases_counted.store(n, Ordering::Relaxed);
         self.leases_granted_since.store(0, Ordering::Relaxed);
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(url: &str) -> Result<PgTarget, String> {
-        PgTarget::parse(url, Path::new("/etc/recvault/db.url")).map_err(|e| e.to_string())
-    }
-
-    #[test]
-    fn urls_are_checked_and_never_echoed() {
-        let t = parse("postgresql://vault:hunter2secret@db.internal:5433/recvault?sslmode=disable")
-            .unwrap_or_else(|e| panic!("{e}"));
-        let shown = format!("{t:?}");
-        assert!(shown.contains("db.internal:5433/recvault"), "{shown}");
-        assert!(!shown.contains("hunter2secret"), "{shown}");
-
-        for (url, says) in [
-            ("mysql://x@h/d", "postgresql:// URL"),
-            ("postgresql://vault:hunter2secret@h/d", "sslrootcert"),
-            (
-                "postgresql://vault:hunter2secret@h/d?sslmode=require",
-                "sslmode=require is not supported",
-            ),
-            (
-                "postgresql://vault:hunter2secret@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
-                "cannot read sslrootcert",
-            ),
-            (
-                "postgresql://vault:hunter2secret@h/d?sslmode=disable&bogus=1",
-                "not a valid PostgreSQL URL",
-            ),
-        ] {
-            let err = parse(url).map(|_| ()).expect_err(url);
-            assert!(err.contains(says), "{url}: {err}");
-            assert!(
-                err.contains("database_url_file /etc/recvault/db.url"),
-                "{err}"
-            );
-            assert!(!err.contains("hunter2secret"), "{err}");
-        }
     }
 }
