@@ -54,7 +54,7 @@ struct Postgres {
 impl Postgres {
     fn replica(&self) -> Arc<recvault_vault::store::postgres::PostgresStore> {
         use recvault_vault::store::postgres::{PgTarget, PostgresStore};
-        let target = PgTarget::from_url_file(&self.url_file).unwrap();
+        let target = PgTarget::from_url_file(&self.url_file, "conformance").unwrap();
         Arc::new(PostgresStore::open(target).unwrap())
     }
 }

@@ -109,7 +109,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let key = AuditKey::load_file(&config.audit_key_file)
                 .map_err(|e| format!("audit_key_file: {e}"))?;
             offline::verify(
-                &config.audit_database(),
+                recvault_audit::AuditStorage::Sqlite(config.audit_database()),
                 &key,
                 "uploader",
                 &mut std::io::stdout().lock(),
@@ -121,8 +121,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = UploaderConfig::load(&config).map_err(|e| e.to_string())?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            offline::export(&config.audit_database(), &filter, &mut out)
-                .map_err(|e| e.to_string())?;
+            offline::export(
+                recvault_audit::AuditStorage::Sqlite(config.audit_database()),
+                &filter,
+                &mut out,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
     }

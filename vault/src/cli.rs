@@ -162,12 +162,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
             let master = MasterKey::load(&config.master_key_file).map_err(|e| e.to_string())?;
             let key = server::audit_key(&master).map_err(|e| e.to_string())?;
-            offline::verify(
-                &config.audit_database,
-                &key,
-                "vault",
-                &mut std::io::stdout().lock(),
-            )
+            let storage = server::audit_storage(&config).map_err(|e| e.to_string())?;
+            offline::verify(storage, &key, "vault", &mut std::io::stdout().lock())
         }
         Command::Audit {
             command: AuditCommand::Export { config, filter },
@@ -175,8 +171,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = VaultConfig::load(&config).map_err(|e| e.to_string())?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            offline::export(&config.audit_database, &filter, &mut out)
-                .map_err(|e| e.to_string())?;
+            let storage = server::audit_storage(&config).map_err(|e| e.to_string())?;
+            offline::export(storage, &filter, &mut out).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -289,6 +289,27 @@ impl VaultConfig {
         }
     }
 
+    /// This replica's name: `instance_id` when set, else the host name (a
+    /// pod's name on Kubernetes), cut to the `instance_id` rules, else
+    /// `vault`. The audit log records it with every event on PostgreSQL.
+    pub fn instance(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .take(64)
+            .collect();
+        if host.is_empty() {
+            "vault".into()
+        } else {
+            host
+        }
+    }
+
     /// How often watched files are checked.
     pub fn reload_interval(&self) -> Duration {
         Duration::from_secs(self.reload_interval_secs.max(1))

@@ -11,7 +11,7 @@ use recvault_proto::vault::v1::{
 use recvault_runtime::tls::{self, ReloadingServerTls};
 use tokio::net::TcpListener;
 
-use recvault_audit::{AuditKey, AuditLog, GroupCommitOptions};
+use recvault_audit::{AuditKey, AuditLog, AuditStorage, GroupCommitOptions};
 
 use crate::{
     config::VaultConfig,
@@ -60,6 +60,19 @@ pub fn audit_key(master: &MasterKey) -> Result<AuditKey, recvault_audit::AuditEr
     AuditKey::new(master.derive(AUDIT_KEY_INFO, 32))
 }
 
+/// Where the audit log lives: in the PostgreSQL database of the stores when
+/// there is one (one chain every replica appends to), else the SQLite file
+/// `audit_database`.
+pub fn audit_storage(config: &VaultConfig) -> Result<AuditStorage, StartError> {
+    Ok(match config.store_backend() {
+        Ok(crate::config::StoreBackend::Postgres(url_file)) => AuditStorage::Postgres(Box::new(
+            recvault_pg::PgTarget::from_url_file(url_file, "vaultd")
+                .map_err(crate::store::StoreError::from)?,
+        )),
+        _ => AuditStorage::Sqlite(config.audit_database.clone()),
+    })
+}
+
 /// Opens everything the vault needs. Separate from serving so tests and the
 /// benchmark can reach the core.
 pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
@@ -68,8 +81,9 @@ pub fn open(config: VaultConfig) -> Result<Arc<VaultCore>, StartError> {
     let keyring = VaultCore::load_keyring(&master, store.as_ref()).map_err(StartError::Keyring)?;
     let wrapping_key = WrappingKey::derive(&master)?;
     let sealing_key = crate::sealing::SealingKey::derive(&master)?;
-    let audit = Arc::new(AuditLog::open(
-        &config.audit_database,
+    let audit = Arc::new(AuditLog::open_in(
+        audit_storage(&config)?,
+        &config.instance(),
         audit_key(&master)?,
         GroupCommitOptions::default(),
     )?);
@@ -185,13 +199,13 @@ impl Bound {
             let handshakes = handshakes.clone();
             Arc::new(move |peer, reason| handshakes.record(peer, reason))
         };
-        let instance_id = core.config.instance_id.as_deref().unwrap_or("");
+        let instance_id = core.config.instance();
         let database = match core.config.store_backend() {
             Ok(crate::config::StoreBackend::Sqlite(_)) => "sqlite",
             Ok(crate::config::StoreBackend::Postgres(_)) => "postgresql",
             Err(_) => "none",
         };
-        tracing::info!(%local_addr, instance_id, database, "vault serving (mTLS, TLS 1.3)");
+        tracing::info!(%local_addr, %instance_id, database, "vault serving (mTLS, TLS 1.3)");
         let served = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(crate::refusals::AuditRefusalsLayer::new(core.clone()))

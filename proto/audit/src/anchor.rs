@@ -1,5 +1,7 @@
 //! The head anchor: the last committed sequence and hash, MAC'd under the
-//! audit key, in a small file beside the database (`<database>.anchor`).
+//! audit key, in a small file beside the SQLite database
+//! (`<database>.anchor`); the PostgreSQL backend keeps the same MAC in a row
+//! it moves in every batch's transaction.
 //!
 //! The chain alone shows an edited, deleted or reordered event, but not a
 //! log cut short at the end: the remaining prefix is a valid chain. The
@@ -52,6 +54,21 @@ fn mac(key: &AuditKey, sequence: u64, hash: &[u8; 32]) -> Hmac<Sha256> {
     mac.update(&sequence.to_be_bytes());
     mac.update(hash);
     mac
+}
+
+/// The anchor's MAC, for a backend that keeps the anchor as a row.
+pub(crate) fn tag(key: &AuditKey, anchor: Anchor) -> Vec<u8> {
+    mac(key, anchor.sequence, &anchor.hash)
+        .finalize()
+        .into_bytes()
+        .to_vec()
+}
+
+/// Whether `tag` authenticates `anchor` (constant time).
+pub(crate) fn authentic(key: &AuditKey, anchor: Anchor, tag: &[u8]) -> bool {
+    mac(key, anchor.sequence, &anchor.hash)
+        .verify_slice(tag)
+        .is_ok()
 }
 
 /// Reads and authenticates the anchor; `None` if there is no anchor file.

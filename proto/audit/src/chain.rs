@@ -12,6 +12,7 @@
 //!   ‖ field(outcome) ‖ field(code) ‖ field(request_id) ‖ field(detail)
 //!   [ ‖ "recvault.audit.v1.ext.recording"
 //!     ‖ field(job_id) ‖ field(recording_id) ‖ field(destination_id) ]
+//!   [ ‖ "recvault.audit.v1.ext.instance" ‖ field(instance_id) ]
 //! ```
 //!
 //! The bracketed extension block (schema v2, for the uploader's recording
@@ -24,6 +25,10 @@
 //! input can equal (the tag marks which block follows, for any later one).
 //! Blanking the three columns of an uploader event removes the block and
 //! breaks the hash, like any other edit.
+//!
+//! The second block (schema v3) names the replica that wrote the event, on
+//! a log several replicas share; it follows the same rule (present only
+//! when `instance_id` is non-empty, so a single-writer log hashes as before).
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -36,6 +41,9 @@ const DOMAIN: &[u8] = b"recvault.audit.v1";
 
 /// Starts the extension block of job, recording and destination ids.
 const RECORDING_EXTENSION: &[u8] = b"recvault.audit.v1.ext.recording";
+
+/// Starts the extension block of the writing replica's instance id.
+const INSTANCE_EXTENSION: &[u8] = b"recvault.audit.v1.ext.instance";
 
 /// Hash of the (absent) event before sequence 1.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
@@ -50,6 +58,9 @@ pub(crate) struct HashInput<'a> {
     /// job_id, recording_id, destination_id: the extension block, hashed
     /// only when any is non-empty (see the module documentation).
     pub recording: [&'a str; 3],
+    /// The writing replica's instance id: the second extension block,
+    /// hashed only when non-empty.
+    pub instance: &'a str,
 }
 
 /// `HMAC-SHA-256(key, DOMAIN ‖ prev_hash ‖ u64be(sequence) ‖ field* [‖ extension])`,
@@ -75,6 +86,10 @@ pub(crate) fn event_hash(
         for field in input.recording {
             put_field(&mut mac, field.as_bytes());
         }
+    }
+    if !input.instance.is_empty() {
+        mac.update(INSTANCE_EXTENSION);
+        put_field(&mut mac, input.instance.as_bytes());
     }
     mac.finalize().into_bytes().into()
 }
@@ -208,6 +223,7 @@ mod tests {
             time_unix_nanos: 1_700_000_000_123_456_789,
             fields,
             recording: ["", "", ""],
+            instance: "",
         }
     }
 
@@ -311,6 +327,25 @@ mod tests {
                 "extension field {i} alone"
             );
         }
+    }
+
+    /// The instance block: absent when empty (v1 layout), bound when present,
+    /// and not confusable with the recording block.
+    #[test]
+    fn instance_extension_is_bound_and_optional() {
+        let plain = event_hash(&key(), &GENESIS_HASH, 1, &input(FIELDS));
+        let mut a = input(FIELDS);
+        a.instance = "vault-0";
+        let mut b = input(FIELDS);
+        b.instance = "vault-1";
+        let (ha, hb) = (
+            event_hash(&key(), &GENESIS_HASH, 1, &a),
+            event_hash(&key(), &GENESIS_HASH, 1, &b),
+        );
+        assert_ne!(plain, ha);
+        assert_ne!(ha, hb);
+        let as_job = with_recording(FIELDS, ["vault-0", "", ""]);
+        assert_ne!(ha, event_hash(&key(), &GENESIS_HASH, 1, &as_job));
     }
 
     /// Bytes moved from `detail` into the block, or between its fields, change the hash.

@@ -1,11 +1,10 @@
 //! What can go wrong in the audit log, and what the operator should do about it.
 
-use std::path::PathBuf;
-
 /// An audit log failure.
 ///
-/// Messages name paths, sequence numbers and SQLite's own error text, never
-/// record contents or key material. A service maps *any* error from
+/// Messages name files or databases (never a password), sequence numbers
+/// and the database's own error text, never record contents or key
+/// material. No backend type appears in it. A service maps *any* error from
 /// [`AuditLog::append`](super::AuditLog::append) to gRPC `UNAVAILABLE` and
 /// withholds the response: a service fails closed when it cannot audit.
 #[derive(Debug, thiserror::Error)]
@@ -20,23 +19,24 @@ pub enum AuditError {
         len: usize,
     },
 
-    /// The database file cannot be opened, created or initialised.
-    #[error("audit database {path} cannot be opened: {source}; check the path and permissions")]
+    /// The database cannot be opened, created or initialised.
+    #[error(
+        "audit database {location} cannot be opened: {reason}; check the path (or URL) and permissions"
+    )]
     Open {
-        /// The database file.
-        path: PathBuf,
-        /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
+        /// The database file, or the PostgreSQL host and database.
+        location: String,
+        /// The database's error.
+        reason: String,
     },
 
     /// The database was written by a newer schema than this build understands.
     #[error(
-        "audit database {path} has schema version {found}, this build knows {supported}; run a newer release of the service"
+        "audit database {location} has schema version {found}, this build knows {supported}; run a newer release of the service"
     )]
     Schema {
         /// The database file.
-        path: PathBuf,
+        location: String,
         /// `PRAGMA user_version` found in the file.
         found: i64,
         /// The newest version this build supports.
@@ -74,11 +74,10 @@ pub enum AuditError {
     },
 
     /// Reading the database failed.
-    #[error("audit database cannot be read: {source}; check the file and retry")]
+    #[error("audit database cannot be read: {reason}; check the database and retry")]
     Read {
-        /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
+        /// The database's error.
+        reason: String,
     },
 
     /// A stored row cannot be decoded into an event (edited outside the service).
@@ -97,16 +96,4 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl AuditError {
-    pub(crate) fn read(source: rusqlite::Error) -> Self {
-        Self::Read { source }
-    }
-
-    pub(crate) fn unavailable(source: &rusqlite::Error) -> Self {
-        Self::Unavailable {
-            reason: source.to_string(),
-        }
-    }
 }

@@ -1,10 +1,12 @@
 //! Query filters, translated to one parameterised SELECT, and the same test
 //! for events arriving live (TailEvents).
 
-use rusqlite::types::Value;
 use time::OffsetDateTime;
 
-use super::{AuditEvent, Outcome, store::COLUMNS};
+use super::{
+    AuditEvent, Outcome,
+    store::{COLUMNS, Param},
+};
 
 /// Which events a query or export returns: every set field must match exactly
 /// (AND). Times are `since <= time < until`. Results are in sequence order.
@@ -57,23 +59,24 @@ impl AuditFilter {
     }
 
     /// `SELECT` for events after `after_sequence` matching this filter, and its
-    /// parameters. Column names are constants; values are always bound.
-    pub(crate) fn to_sql(&self, after_sequence: u64, limit: Option<u32>) -> (String, Vec<Value>) {
+    /// parameters, with `?` placeholders (the PostgreSQL backend numbers
+    /// them). Column names are constants; values are always bound.
+    pub(crate) fn to_sql(&self, after_sequence: u64, limit: Option<u32>) -> (String, Vec<Param>) {
         let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE sequence > ?");
-        // Sequences live in SQLite's i64; anything larger matches nothing.
-        let mut params = vec![Value::Integer(
+        // Sequences are stored as i64; anything larger matches nothing.
+        let mut params = vec![Param::Int(
             i64::try_from(after_sequence).unwrap_or(i64::MAX),
         )];
-        let mut push = |clause: &str, value: Value| {
+        let mut push = |clause: &str, value: Param| {
             sql.push_str(" AND ");
             sql.push_str(clause);
             params.push(value);
         };
         if let Some(since) = self.since {
-            push("time_unix_nanos >= ?", Value::Integer(clamp_nanos(since)));
+            push("time_unix_nanos >= ?", Param::Int(clamp_nanos(since)));
         }
         if let Some(until) = self.until {
-            push("time_unix_nanos < ?", Value::Integer(clamp_nanos(until)));
+            push("time_unix_nanos < ?", Param::Int(clamp_nanos(until)));
         }
         let text_filters = [
             ("identity = ?", &self.identity),
@@ -88,16 +91,16 @@ impl AuditFilter {
         ];
         for (clause, value) in text_filters {
             if let Some(value) = value {
-                push(clause, Value::Text(value.clone()));
+                push(clause, Param::Text(value.clone()));
             }
         }
         if let Some(outcome) = self.outcome {
-            push("outcome = ?", Value::Text(outcome.as_str().to_owned()));
+            push("outcome = ?", Param::Text(outcome.as_str().to_owned()));
         }
         sql.push_str(" ORDER BY sequence");
         if let Some(limit) = limit {
             sql.push_str(" LIMIT ?");
-            params.push(Value::Integer(i64::from(limit)));
+            params.push(Param::Int(i64::from(limit)));
         }
         (sql, params)
     }

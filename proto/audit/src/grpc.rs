@@ -129,6 +129,7 @@ pub fn to_proto(event: AuditEvent) -> pb::AuditEvent {
         job_id: r.job_id,
         recording_id: r.recording_id,
         destination_id: r.destination_id,
+        instance_id: event.instance_id,
     }
 }
 
@@ -228,7 +229,7 @@ pub fn tail_events(log: Arc<AuditLog>, filter: AuditFilter, after_sequence: u64)
     // Subscribe before replaying so nothing committed in between is missed.
     let mut live = log.subscribe();
     let start = if after_sequence == 0 {
-        log.head().0
+        log.newest_sequence()
     } else {
         after_sequence
     };

@@ -22,13 +22,17 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{Arc, Mutex, PoisonError, atomic::Ordering, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
 
+pub use recvault_pg::PgTarget;
 use recvault_runtime::secret::SecretBytes;
-use rusqlite::Connection;
 use serde::{Serialize, Serializer};
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 use tokio::sync::{broadcast, oneshot};
@@ -38,8 +42,8 @@ pub use error::AuditError;
 pub use filter::AuditFilter;
 pub use keyfile::KeyFileError;
 
-use chain::{ChainVerifier, HashInput};
-use store::StoredRow;
+use chain::HashInput;
+use store::ReadBackend;
 use writer::{Pending, Shared, Writer};
 
 /// Longest string field stored, in bytes; longer ones are cut at a character
@@ -51,9 +55,6 @@ pub const MAX_QUERY_LIMIT: u32 = 10_000;
 
 /// Events buffered per [`AuditLog::subscribe`] receiver before it lags.
 const TAIL_CAPACITY: usize = 4096;
-
-/// Read-only connections kept for queries.
-const READ_POOL_SIZE: usize = 4;
 
 /// The 256-bit HMAC key of the chain: the vault derives it from its master
 /// key, the uploader reads it from its own key file ([`AuditKey::load_file`]).
@@ -205,6 +206,7 @@ impl AuditRecord {
                 &self.detail,
             ],
             recording: [&self.job_id, &self.recording_id, &self.destination_id],
+            instance: "",
         }
     }
 
@@ -254,6 +256,9 @@ pub struct AuditEvent {
     pub prev_hash: [u8; 32],
     /// This event's chain hash.
     pub hash: [u8; 32],
+    /// The replica that wrote it, on a log several replicas share (hashed);
+    /// empty on a log with one writer.
+    pub instance_id: String,
 }
 
 impl Serialize for AuditEvent {
@@ -278,6 +283,8 @@ impl Serialize for AuditEvent {
             job_id: &'a str,
             recording_id: &'a str,
             destination_id: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            instance_id: &'a str,
         }
         let r = &self.record;
         let time = r
@@ -303,6 +310,7 @@ impl Serialize for AuditEvent {
             job_id: &r.job_id,
             recording_id: &r.recording_id,
             destination_id: &r.destination_id,
+            instance_id: &self.instance_id,
         }
         .serialize(s)
     }
@@ -363,73 +371,135 @@ pub struct VerifyReport {
     pub reason: String,
 }
 
+/// Where a log is stored.
+#[derive(Debug)]
+pub enum AuditStorage {
+    /// A SQLite file (the embedded default), its anchor file beside it.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database several replicas share (tables `audit_events`
+    /// and `audit_anchor`).
+    Postgres(Box<PgTarget>),
+}
+
+impl AuditStorage {
+    /// The file or database, for messages (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Sqlite(path) => path.display().to_string(),
+            Self::Postgres(target) => format!("postgresql {}", target.display()),
+        }
+    }
+
+    fn reader(self) -> Arc<dyn ReadBackend> {
+        match self {
+            Self::Sqlite(path) => Arc::new(store::sqlite::SqliteReader::new(&path)),
+            Self::Postgres(target) => Arc::new(store::postgres::PostgresReader::new(*target)),
+        }
+    }
+}
+
 /// The audit log of one service. Share it as `Arc<AuditLog>`; dropping it
 /// finishes the queued appends and stops the writer thread.
 pub struct AuditLog {
-    path: PathBuf,
+    location: String,
     key: Arc<AuditKey>,
     shared: Arc<Shared>,
     queue: Option<mpsc::Sender<Pending>>,
     writer: Option<thread::JoinHandle<()>>,
     events_tx: broadcast::Sender<AuditEvent>,
-    readers: Arc<Mutex<Vec<Connection>>>,
+    reader: Arc<dyn ReadBackend>,
+    /// Several replicas append (PostgreSQL): verification also checks the
+    /// anchor, which moves with every replica's commits.
+    multi_writer: bool,
+    /// Stops the follower of a shared log.
+    follow_stop: Option<Arc<AtomicBool>>,
 }
 
 impl fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditLog")
-            .field("path", &self.path)
+            .field("location", &self.location)
             .field("head", &self.head().0)
             .finish_non_exhaustive()
     }
 }
 
 impl AuditLog {
-    /// Opens or creates the log at `path` and starts its writer thread.
+    /// Opens or creates the SQLite log at `path` and starts its writer thread.
     ///
     /// Refuses to start ([`AuditError::Tampered`]) when the last stored event
-    /// does not verify under `key`. Blocking: call it before serving, or from
+    /// does not verify under `key`, or the log no longer reaches the head
+    /// its anchor names. Blocking: call it before serving, or from
     /// `spawn_blocking`.
     pub fn open(
         path: &Path,
         key: AuditKey,
         options: GroupCommitOptions,
     ) -> Result<Self, AuditError> {
-        let conn = store::open_writer(path)?;
-        let head = store::load_head(&conn, &key)?;
-        check_anchor(path, &conn, &key, head)?;
-        // (Re)anchor at the verified head: this also covers a log that had no
-        // anchor yet (created by an older version, or the anchor was removed).
-        anchor::write(
-            path,
-            &key,
-            anchor::Anchor {
-                sequence: head.0,
-                hash: head.1,
-            },
-        )
-        .map_err(|e| AuditError::Unavailable {
-            reason: format!(
-                "cannot write the audit anchor {}: {e}",
-                anchor::path_for(path).display()
-            ),
-        })?;
+        Self::open_in(AuditStorage::Sqlite(path.to_owned()), "", key, options)
+    }
+
+    /// Opens or creates the log in `storage`. On PostgreSQL, `instance_id`
+    /// names this replica in every event it writes (hashed with it); a
+    /// SQLite log has one writer and ignores it. Blocking, as [`Self::open`].
+    pub fn open_in(
+        storage: AuditStorage,
+        instance_id: &str,
+        key: AuditKey,
+        options: GroupCommitOptions,
+    ) -> Result<Self, AuditError> {
+        let location = storage.describe();
+        let (backend, reader, head, follower): (
+            Box<dyn store::WriteBackend>,
+            Arc<dyn ReadBackend>,
+            _,
+            _,
+        ) = match storage {
+            AuditStorage::Sqlite(path) => {
+                let (writer, reader, head) = store::sqlite::open(&path, &key)?;
+                (Box::new(writer), Arc::new(reader), head, None)
+            }
+            AuditStorage::Postgres(target) => {
+                let (writer, reader, head) = store::postgres::open(*target, instance_id, &key)?;
+                let follower = Arc::clone(&reader);
+                (Box::new(writer), reader, head, Some(follower))
+            }
+        };
+        let multi_writer = follower.is_some();
         let key = Arc::new(key);
         let shared = Arc::new(Shared {
             head: Mutex::new(head),
+            newest: AtomicU64::new(head.0),
             ..Shared::default()
         });
         let (events_tx, _) = broadcast::channel(TAIL_CAPACITY);
+        let follow_stop = if let Some(follower) = follower {
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::clone(&shared);
+            store::postgres::follow(
+                follower,
+                head.0,
+                events_tx.clone(),
+                move |n| {
+                    seen.newest.fetch_max(n, Ordering::Relaxed);
+                },
+                Arc::clone(&stop),
+            )
+            .map_err(|e| AuditError::Unavailable {
+                reason: format!("cannot start the audit follower thread: {e}"),
+            })?;
+            Some(stop)
+        } else {
+            None
+        };
         let (queue, rx) = mpsc::channel();
         let writer = Writer {
-            conn,
+            backend,
             key: Arc::clone(&key),
             options,
             shared: Arc::clone(&shared),
             events_tx: events_tx.clone(),
             head: Some(head),
-            database: path.to_owned(),
-            anchored: (head.0, std::time::Instant::now()),
         };
         let writer = thread::Builder::new()
             .name("audit-writer".into())
@@ -438,13 +508,15 @@ impl AuditLog {
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok(Self {
-            path: path.to_owned(),
+            location,
             key,
             shared,
             queue: Some(queue),
             writer: Some(writer),
             events_tx,
-            readers: Arc::default(),
+            reader,
+            multi_writer,
+            follow_stop,
         })
     }
 
@@ -467,42 +539,48 @@ impl AuditLog {
 
     /// Events after `after_sequence` that match `filter`, in sequence order, at
     /// most `limit` (capped at [`MAX_QUERY_LIMIT`]; 0 returns none). Page by
-    /// passing the last returned sequence as the next `after_sequence`.
+    /// passing the last returned sequence as the next `after_sequence`. On a
+    /// shared log, the events of every replica.
     pub async fn query(
         &self,
         filter: &AuditFilter,
         after_sequence: u64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, AuditError> {
-        let (sql, params) = filter.to_sql(after_sequence, Some(limit.min(MAX_QUERY_LIMIT)));
-        self.with_reader(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql).map_err(AuditError::read)?;
-            let mut rows = stmt
-                .query(rusqlite::params_from_iter(params))
-                .map_err(AuditError::read)?;
+        let filter = filter.clone();
+        let limit = limit.min(MAX_QUERY_LIMIT);
+        self.with_reader(move |reader| {
             let mut events = Vec::new();
-            while let Some(row) = rows.next().map_err(AuditError::read)? {
-                events.push(
-                    StoredRow::from_row(row)
-                        .map_err(AuditError::read)?
-                        .into_event()?,
-                );
-            }
+            reader.query(&filter, after_sequence, Some(limit), &mut |event| {
+                events.push(event);
+                Ok(())
+            })?;
             Ok(events)
         })
         .await
     }
 
-    /// Committed events from now on, for tailing. Subscribe *before* querying
-    /// history and skip sequences already seen. A receiver that falls more than
-    /// 4096 events behind gets `Lagged` and should resume with [`Self::query`].
+    /// Committed events from now on, for tailing (on a shared log, those of
+    /// every replica, in sequence order). Subscribe *before* querying history
+    /// and skip sequences already seen. A receiver that falls more than 4096
+    /// events behind gets `Lagged` and should resume with [`Self::query`].
     pub fn subscribe(&self) -> broadcast::Receiver<AuditEvent> {
         self.events_tx.subscribe()
     }
 
-    /// Sequence and hash of the last committed event (`(0, GENESIS_HASH)` if none).
+    /// Sequence and hash of the last event this process committed
+    /// (`(0, GENESIS_HASH)` if none).
     pub fn head(&self) -> (u64, [u8; 32]) {
         self.shared.head()
+    }
+
+    /// The newest sequence known committed: [`Self::head`] on a log with one
+    /// writer; on a shared log, also the other replicas' commits seen so far.
+    pub fn newest_sequence(&self) -> u64 {
+        self.shared
+            .newest
+            .load(Ordering::Relaxed)
+            .max(self.shared.head().0)
     }
 
     /// Commit counters; `commits` much smaller than `events` shows group commit.
@@ -513,14 +591,40 @@ impl AuditLog {
         }
     }
 
-    /// Checks the whole chain, streaming, and also that the file still holds
+    /// Checks the whole chain, streaming, and also that the log still holds
     /// the head this process committed (catches truncation and rollback to an
-    /// older copy, which an offline check cannot).
+    /// older copy, which an offline check cannot). On a shared log the
+    /// anchor, which every replica's commits move, is checked too: the later
+    /// of the two heads must still be there.
     pub async fn verify(&self) -> VerifyReport {
         let key = Arc::clone(&self.key);
-        let head = self.head();
+        let own = self.head();
+        let multi_writer = self.multi_writer;
         let report = self
-            .with_reader(move |conn| verify_conn(conn, &key, Some(head)))
+            .with_reader(move |reader| {
+                let mut expected = own;
+                if multi_writer {
+                    match reader.anchor(&key) {
+                        Ok(Some(a)) if a.sequence > own.0 => expected = (a.sequence, a.hash),
+                        Ok(_) => {}
+                        Err(AuditError::Tampered { reason, .. }) => {
+                            let report = store::verify(reader, &key, Some(own))?;
+                            return Ok(if report.ok {
+                                VerifyReport {
+                                    ok: false,
+                                    first_broken_sequence: 0,
+                                    reason,
+                                    ..report
+                                }
+                            } else {
+                                report
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                store::verify(reader, &key, Some(expected))
+            })
             .await;
         report.unwrap_or_else(|err| VerifyReport {
             ok: false,
@@ -537,36 +641,26 @@ impl AuditLog {
         self.shared.fail_writes.store(on, Ordering::SeqCst);
     }
 
-    /// Runs `f` on a pooled read-only connection, off the async runtime.
+    /// Runs `f` on the backend's readers, off the async runtime.
     async fn with_reader<T, F>(&self, f: F) -> Result<T, AuditError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, AuditError> + Send + 'static,
+        F: FnOnce(&dyn ReadBackend) -> Result<T, AuditError> + Send + 'static,
     {
-        let path = self.path.clone();
-        let pool = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || {
-            let pooled = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
-            let conn = match pooled {
-                Some(conn) => conn,
-                None => store::open_reader(&path)?,
-            };
-            let result = f(&conn);
-            let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
-            if pool.len() < READ_POOL_SIZE {
-                pool.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|e| AuditError::Unavailable {
-            reason: format!("audit reader task failed: {e}"),
-        })?
+        let reader = Arc::clone(&self.reader);
+        tokio::task::spawn_blocking(move || f(&*reader))
+            .await
+            .map_err(|e| AuditError::Unavailable {
+                reason: format!("audit reader task failed: {e}"),
+            })?
     }
 }
 
 impl Drop for AuditLog {
     fn drop(&mut self) {
+        if let Some(stop) = self.follow_stop.take() {
+            stop.store(true, Ordering::Relaxed);
+        }
         // Closing the queue lets the writer commit what is queued, then exit.
         self.queue.take();
         if let Some(writer) = self.writer.take()
@@ -577,150 +671,45 @@ impl Drop for AuditLog {
     }
 }
 
-/// Verifies the log at `path` offline (read-only), e.g. from a CLI.
-///
-/// It cannot see events removed from the end of the log; the running service's
-/// [`AuditLog::verify`] can, against the head it committed.
+/// Verifies the SQLite log at `path` offline (read-only), e.g. from a CLI;
+/// see [`verify_storage`].
 pub fn verify_path(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditError> {
-    let conn = store::open_reader(path)?;
-    match anchor::read(path, key) {
-        Ok(anchored) => verify_conn(&conn, key, anchored.map(|a| (a.sequence, a.hash))),
-        Err(AuditError::Tampered { reason, .. }) => {
-            // A broken chain (say, the wrong key) is the better answer; an
-            // intact chain with a forged anchor is reported as such.
-            let report = verify_conn(&conn, key, None)?;
-            Ok(if report.ok {
-                VerifyReport {
-                    ok: false,
-                    first_broken_sequence: 0,
-                    reason,
-                    ..report
-                }
-            } else {
-                report
-            })
-        }
-        Err(e) => Err(e),
-    }
+    verify_storage(AuditStorage::Sqlite(path.to_owned()), key)
 }
 
-/// Whether `path` has an anchor file (see [`verify_path`]); without one, a
+/// Verifies a log offline (read-only), against its anchor.
+///
+/// It cannot see events removed from the end of the log past the anchor;
+/// the running service's [`AuditLog::verify`] can, against the head it
+/// committed.
+pub fn verify_storage(storage: AuditStorage, key: &AuditKey) -> Result<VerifyReport, AuditError> {
+    let reader = storage.reader();
+    store::verify_anchored(&*reader, key)
+}
+
+/// Whether the log has an anchor (see [`verify_storage`]); without one, a
 /// truncated tail cannot be told from a shorter log.
-pub fn has_anchor(path: &Path) -> bool {
-    anchor::path_for(path).exists()
-}
-
-/// At start-up: the log must still reach the head its anchor names, with the
-/// same hash there. A missing anchor is only a warning (logs from before
-/// anchors, or a removed file); the caller writes a fresh one.
-fn check_anchor(
-    path: &Path,
-    conn: &Connection,
-    key: &AuditKey,
-    head: (u64, [u8; 32]),
-) -> Result<(), AuditError> {
-    let Some(anchored) = anchor::read(path, key)? else {
-        if head.0 > 0 {
-            tracing::warn!(
-                anchor = %anchor::path_for(path).display(),
-                head = head.0,
-                "the audit log has no anchor file: a truncated tail cannot be ruled out for events before now"
-            );
-        }
-        return Ok(());
-    };
-    if anchored.sequence > head.0 {
-        return Err(AuditError::Tampered {
-            sequence: head.0 + 1,
-            reason: format!(
-                "events {}..={} were committed (the anchor names {}) but are missing: the log was truncated or restored from an older copy \
-                 (if you restored it from a backup on purpose, move {} aside; the service then warns and anchors the restored head)",
-                head.0 + 1,
-                anchored.sequence,
-                anchored.sequence,
-                anchor::path_for(path).display()
-            ),
-        });
-    }
-    if anchored.sequence > 0 {
-        let stored = store::stored_hash(conn, anchored.sequence)?;
-        if stored.as_deref() != Some(&anchored.hash[..]) {
-            return Err(AuditError::Tampered {
-                sequence: anchored.sequence,
-                reason:
-                    "the stored event differs from the one the anchor names (replaced or rewritten)"
-                        .into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn verify_conn(
-    conn: &Connection,
-    key: &AuditKey,
-    expected_head: Option<(u64, [u8; 32])>,
-) -> Result<VerifyReport, AuditError> {
-    let mut verifier = ChainVerifier::new(key, expected_head);
-    let sql = format!(
-        "SELECT {} FROM audit_events ORDER BY sequence",
-        store::COLUMNS
-    );
-    let mut stmt = conn.prepare(&sql).map_err(AuditError::read)?;
-    let mut rows = stmt.query([]).map_err(AuditError::read)?;
-    let mut result = Ok(());
-    while let Some(row) = rows.next().map_err(AuditError::read)? {
-        result = match StoredRow::from_row(row) {
-            Ok(stored) => verifier.check(&stored),
-            Err(e) => {
-                Err(verifier.undecodable(row.get(0).map_err(AuditError::read)?, &e.to_string()))
-            }
-        };
-        if result.is_err() {
-            break;
-        }
-    }
-    let result = result.and_then(|()| verifier.finish());
-    Ok(match result {
-        Ok(()) => VerifyReport {
-            ok: true,
-            events_checked: verifier.checked(),
-            first_broken_sequence: 0,
-            reason: String::new(),
-        },
-        Err(broken) => VerifyReport {
-            ok: false,
-            events_checked: verifier.checked(),
-            first_broken_sequence: broken.sequence,
-            reason: broken.reason,
-        },
-    })
+pub fn has_anchor(storage: AuditStorage) -> bool {
+    storage.reader().has_anchor()
 }
 
 /// Writes every event matching `filter` as one JSON object per line, streaming.
-/// Returns how many were written. Does not verify; run [`verify_path`] too.
+/// Returns how many were written. Does not verify; run [`verify_storage`] too.
 pub fn export_jsonl(
-    path: &Path,
+    storage: AuditStorage,
     filter: &AuditFilter,
     out: &mut impl std::io::Write,
 ) -> Result<u64, AuditError> {
-    let conn = store::open_reader(path)?;
-    let (sql, params) = filter.to_sql(0, None);
-    let mut stmt = conn.prepare(&sql).map_err(AuditError::read)?;
-    let mut rows = stmt
-        .query(rusqlite::params_from_iter(params))
-        .map_err(AuditError::read)?;
+    let reader = storage.reader();
     let mut written = 0;
-    while let Some(row) = rows.next().map_err(AuditError::read)? {
-        let event = StoredRow::from_row(row)
-            .map_err(AuditError::read)?
-            .into_event()?;
+    reader.query(filter, 0, None, &mut |event| {
         serde_json::to_writer(&mut *out, &event)
             .map_err(|e| AuditError::Export { source: e.into() })?;
         out.write_all(b"\n")
             .map_err(|source| AuditError::Export { source })?;
         written += 1;
-    }
+        Ok(())
+    })?;
     out.flush()
         .map_err(|source| AuditError::Export { source })?;
     Ok(written)

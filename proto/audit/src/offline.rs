@@ -3,9 +3,9 @@
 //! only finds its database and key; everything here opens the log read-only
 //! and never changes it.
 
-use std::{io::Write, path::Path, process::ExitCode};
+use std::{io::Write, process::ExitCode};
 
-use crate::{AuditError, AuditFilter, AuditKey, export_jsonl, has_anchor, verify_path};
+use crate::{AuditError, AuditFilter, AuditKey, AuditStorage, export_jsonl};
 
 /// Filters of `audit export`, as command-line flags (every set one must match).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -41,18 +41,20 @@ impl ExportArgs {
     }
 }
 
-/// `audit verify`: checks the chain of `database` (and its anchor) under
+/// `audit verify`: checks the chain in `storage` (and its anchor) under
 /// `key`, writes one line for the operator to `out`, and returns the exit
 /// status: success when intact, 1 when broken (the line names the first
 /// broken sequence, or the anchor). `service` names who writes a missing
 /// anchor on its next start.
 pub fn verify(
-    database: &Path,
+    storage: AuditStorage,
     key: &AuditKey,
     service: &str,
     out: &mut impl Write,
 ) -> Result<ExitCode, String> {
-    let report = verify_path(database, key).map_err(|e| e.to_string())?;
+    let reader = storage.reader();
+    let anchored = reader.has_anchor();
+    let report = crate::store::verify_anchored(&*reader, key).map_err(|e| e.to_string())?;
     let written = if report.ok {
         writeln!(
             out,
@@ -60,12 +62,12 @@ pub fn verify(
             report.events_checked
         )
         .and_then(|()| {
-            if has_anchor(database) {
+            if anchored {
                 Ok(())
             } else {
                 writeln!(
                     out,
-                    "note: no anchor file beside the log, so a cut-off tail cannot be ruled out; \
+                    "note: the log has no anchor, so a cut-off tail cannot be ruled out; \
                      the {service} writes one when it starts"
                 )
             }
@@ -93,9 +95,13 @@ pub fn verify(
     })
 }
 
-/// `audit export`: every event of `database` matching `args`, one JSON
+/// `audit export`: every event in `storage` matching `args`, one JSON
 /// object per line, to `out`. Returns how many were written. It does not
 /// verify: run [`verify`] as well.
-pub fn export(database: &Path, args: &ExportArgs, out: &mut impl Write) -> Result<u64, AuditError> {
-    export_jsonl(database, &args.filter(), out)
+pub fn export(
+    storage: AuditStorage,
+    args: &ExportArgs,
+    out: &mut impl Write,
+) -> Result<u64, AuditError> {
+    export_jsonl(storage, &args.filter(), out)
 }

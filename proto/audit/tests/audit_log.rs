@@ -5,8 +5,8 @@
 use std::{path::Path, sync::Arc};
 
 use recvault_audit::{
-    AuditEvent, AuditFilter, AuditKey, AuditLog, AuditRecord, GENESIS_HASH, GroupCommitOptions,
-    Outcome, VerifyReport, chain_hash, export_jsonl, verify_path,
+    AuditEvent, AuditFilter, AuditKey, AuditLog, AuditRecord, AuditStorage, GENESIS_HASH,
+    GroupCommitOptions, Outcome, VerifyReport, chain_hash, export_jsonl, verify_path,
 };
 use recvault_runtime::secret::SecretBytes;
 use rusqlite::Connection;
@@ -508,7 +508,10 @@ async fn export_jsonl_writes_proto_shaped_lines() {
         tenant_id: Some("t1".into()),
         ..AuditFilter::default()
     };
-    assert_eq!(export_jsonl(&db(&dir), &filter, &mut out).unwrap(), 2);
+    assert_eq!(
+        export_jsonl(AuditStorage::Sqlite(db(&dir)), &filter, &mut out).unwrap(),
+        2
+    );
     let lines: Vec<serde_json::Value> = String::from_utf8(out)
         .unwrap()
         .lines()

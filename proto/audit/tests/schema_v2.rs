@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use recvault_audit::{
-    AuditFilter, AuditKey, AuditLog, AuditRecord, GENESIS_HASH, GroupCommitOptions, Outcome,
-    chain_hash, export_jsonl, verify_path,
+    AuditFilter, AuditKey, AuditLog, AuditRecord, AuditStorage, GENESIS_HASH, GroupCommitOptions,
+    Outcome, chain_hash, export_jsonl, verify_path,
 };
 use recvault_runtime::secret::SecretBytes;
 use rusqlite::Connection;
@@ -136,7 +136,7 @@ async fn a_v1_log_migrates_in_place_and_its_chain_still_verifies() {
 
     let log = AuditLog::open(&path, key(), GroupCommitOptions::default()).unwrap();
     assert_eq!(log.head(), (12, head), "the v1 head verified at start");
-    assert_eq!(user_version(&path), 2);
+    assert_eq!(user_version(&path), 3);
     let report = log.verify().await;
     assert!(report.ok, "{report:?}");
     assert_eq!(report.events_checked, 12);
@@ -194,7 +194,10 @@ fn offline_tools_read_an_unmigrated_v1_log_without_changing_it() {
         tenant_id: Some("t1".into()),
         ..AuditFilter::default()
     };
-    assert_eq!(export_jsonl(&path, &filter, &mut out).unwrap(), 3);
+    assert_eq!(
+        export_jsonl(AuditStorage::Sqlite(path.clone()), &filter, &mut out).unwrap(),
+        3
+    );
     let first: serde_json::Value =
         serde_json::from_str(String::from_utf8(out).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(first["sequence"], 1);
@@ -204,7 +207,10 @@ fn offline_tools_read_an_unmigrated_v1_log_without_changing_it() {
         job_id: Some("job-1".into()),
         ..AuditFilter::default()
     };
-    assert_eq!(export_jsonl(&path, &by_job, &mut Vec::new()).unwrap(), 0);
+    assert_eq!(
+        export_jsonl(AuditStorage::Sqlite(path.clone()), &by_job, &mut Vec::new()).unwrap(),
+        0
+    );
 
     assert_eq!(user_version(&path), 1);
     assert_eq!(
@@ -221,16 +227,16 @@ async fn a_newer_schema_is_refused_by_name() {
     drop(AuditLog::open(&path, key(), GroupCommitOptions::default()).unwrap());
     Connection::open(&path)
         .unwrap()
-        .execute_batch("PRAGMA user_version = 3")
+        .execute_batch("PRAGMA user_version = 4")
         .unwrap();
     let err = AuditLog::open(&path, key(), GroupCommitOptions::default()).unwrap_err();
     let message = err.to_string();
     assert!(
-        message.contains("schema version 3") && message.contains("knows 2"),
+        message.contains("schema version 4") && message.contains("knows 3"),
         "{message}"
     );
     let err = verify_path(&path, &key()).unwrap_err();
-    assert!(err.to_string().contains("schema version 3"), "{err}");
+    assert!(err.to_string().contains("schema version 4"), "{err}");
 }
 
 #[tokio::test]
@@ -309,7 +315,7 @@ async fn new_fields_are_filtered_in_queries_exports_and_live() {
         assert_eq!(&live, want, "matches {filter:?}");
         let mut out = Vec::new();
         assert_eq!(
-            export_jsonl(&path, filter, &mut out).unwrap(),
+            export_jsonl(AuditStorage::Sqlite(path.clone()), filter, &mut out).unwrap(),
             want.len() as u64,
             "export {filter:?}"
         );
@@ -318,7 +324,7 @@ async fn new_fields_are_filtered_in_queries_exports_and_live() {
     let back = log.query(&AuditFilter::default(), 2, 1).await.unwrap();
     assert_eq!(back[0], events[2]);
     let mut out = Vec::new();
-    export_jsonl(&path, &cases[0].0, &mut out).unwrap();
+    export_jsonl(AuditStorage::Sqlite(path.clone()), &cases[0].0, &mut out).unwrap();
     let line: serde_json::Value =
         serde_json::from_str(String::from_utf8(out).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(line["job_id"], "job-1");

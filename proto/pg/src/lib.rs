@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use postgres::{Client, Error, Row, Transaction, types};
+pub use postgres::{
+    Client, Error, IsolationLevel, Row, RowIter, Transaction, fallible_iterator::FallibleIterator,
+    types,
+};
 use postgres::{NoTls, error::SqlState};
 
 /// What went wrong, in kinds a handler can act on; the text never holds the
