@@ -145,6 +145,7 @@ async fn durable_gapless_and_queryable(backend: &dyn Backend) {
     assert_eq!(sequences, (1..=30).collect::<Vec<_>>());
     for pair in all.windows(2) {
         assert_eq!(pair[1].prev_hash, pair[0].hash, "linked");
+        assert!(pair[0].record.time <= pair[1].record.time, "in time order");
     }
     // Filter and page as QueryEvents does.
     let tenant = AuditFilter {
@@ -267,6 +268,14 @@ async fn two_writers_share_one_chain(backend: &dyn Backend) {
         all.iter().map(|e| e.sequence).collect::<Vec<_>>(),
         (1..=400).collect::<Vec<_>>()
     );
+    for pair in all.windows(2) {
+        assert!(
+            pair[0].record.time <= pair[1].record.time,
+            "events {} and {} are out of time order",
+            pair[0].sequence,
+            pair[1].sequence
+        );
+    }
     let mut details: Vec<_> = all.iter().map(|e| e.record.detail.clone()).collect();
     details.sort();
     details.dedup();

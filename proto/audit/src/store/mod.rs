@@ -91,16 +91,31 @@ pub(crate) trait ReadBackend: Send + Sync + 'static {
 
 /// Chains `batch` after `head`: sequence numbers, links and hashes, in order.
 /// `instance` is the writing replica's id (empty for a single writer).
+///
+/// Times never go backwards along the chain: an event stamped before
+/// `floor` (the time of the event it follows) takes that time instead. Calls
+/// stamp their record before queueing, and replicas commit in turn, so
+/// without this a few events would sit a little out of time order; with it,
+/// sequence order is time order, and a time is moved only by the moment it
+/// waited for an earlier event's commit.
 pub(crate) fn chain_batch(
     key: &AuditKey,
     head: Head,
+    mut floor: i64,
     instance: &str,
     batch: Vec<(AuditRecord, i64)>,
 ) -> Vec<(AuditEvent, i64)> {
     let (mut sequence, mut prev_hash) = head;
     batch
         .into_iter()
-        .map(|(record, nanos)| {
+        .map(|(mut record, mut nanos)| {
+            if nanos < floor {
+                if let Ok(time) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(floor)) {
+                    record.time = time;
+                    nanos = floor;
+                }
+            }
+            floor = nanos;
             sequence += 1;
             let mut input = record.hash_input(nanos);
             input.instance = instance;

@@ -224,7 +224,19 @@ impl PostgresWriter {
                 ),
             });
         }
-        let events = chain_batch(key, head, &instance_id, batch);
+        // A statement of its own (not a join in the locking one), so it
+        // reads the head as committed by the replica that moved it last.
+        let floor: i64 = tx
+            .query_opt(
+                "SELECT time_unix_nanos FROM audit_events WHERE sequence = $1",
+                &[&i64::try_from(head.0).unwrap_or(i64::MAX)],
+            )
+            .map_err(unavailable)?
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(unavailable)?
+            .unwrap_or(0);
+        let events = chain_batch(key, head, floor, &instance_id, batch);
         let Some((last, _)) = events.last() else {
             return Ok(Vec::new());
         };

@@ -194,15 +194,18 @@ fn open_reader(path: &Path) -> Result<Connection, AuditError> {
     Ok(conn)
 }
 
-/// The last stored event's sequence and hash, after checking that hash.
-/// `(0, GENESIS_HASH)` for an empty log.
-fn load_head(conn: &Connection, key: &AuditKey) -> Result<Head, AuditError> {
+/// The last stored event's sequence and hash, after checking that hash,
+/// and its time. `(0, GENESIS_HASH)` and 0 for an empty log.
+fn load_head(conn: &Connection, key: &AuditKey) -> Result<(Head, i64), AuditError> {
     let sql = format!("SELECT {COLUMNS} FROM audit_events ORDER BY sequence DESC LIMIT 1");
     let mut stmt = conn.prepare(&sql).map_err(read_err)?;
     let mut rows = stmt.query([]).map_err(read_err)?;
     match rows.next().map_err(read_err)? {
-        None => Ok((0, GENESIS_HASH)),
-        Some(row) => verified_head(key, &from_row(row).map_err(read_err)?),
+        None => Ok(((0, GENESIS_HASH), 0)),
+        Some(row) => {
+            let row = from_row(row).map_err(read_err)?;
+            Ok((verified_head(key, &row)?, row.time_unix_nanos))
+        }
     }
 }
 
@@ -276,6 +279,8 @@ pub(crate) struct SqliteWriter {
     database: PathBuf,
     /// The sequence the anchor file names, and when it was written.
     anchored: (u64, Instant),
+    /// Time of the last committed event (the next one's floor).
+    last_nanos: i64,
 }
 
 /// Opens the log for writing: migrates, verifies the stored head against
@@ -285,7 +290,7 @@ pub(crate) fn open(
     key: &AuditKey,
 ) -> Result<(SqliteWriter, SqliteReader, Head), AuditError> {
     let conn = open_writer(path)?;
-    let head = load_head(&conn, key)?;
+    let (head, last_nanos) = load_head(&conn, key)?;
     let reader = SqliteReader::new(path);
     super::check_anchor(
         &reader,
@@ -313,6 +318,7 @@ pub(crate) fn open(
         conn,
         database: path.to_owned(),
         anchored: (head.0, Instant::now()),
+        last_nanos,
     };
     Ok((writer, reader, head))
 }
@@ -329,13 +335,17 @@ impl WriteBackend for SqliteWriter {
         // last, or (after a failure) onto what the file holds.
         let head = match cached {
             Some(head) => head,
-            None => load_head(&self.conn, key)?,
+            None => {
+                let (head, last_nanos) = load_head(&self.conn, key)?;
+                self.last_nanos = last_nanos;
+                head
+            }
         };
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| unavailable(&e))?;
-        let events = chain_batch(key, head, "", batch);
+        let events = chain_batch(key, head, self.last_nanos, "", batch);
         insert(&tx, &events).map_err(|e| unavailable(&e))?;
         if fail {
             // Dropping `tx` rolls back, exactly as after a failed COMMIT.
@@ -344,6 +354,9 @@ impl WriteBackend for SqliteWriter {
             });
         }
         tx.commit().map_err(|e| unavailable(&e))?;
+        if let Some((_, nanos)) = events.last() {
+            self.last_nanos = *nanos;
+        }
         Ok(events.into_iter().map(|(event, _)| event).collect())
     }
 
