@@ -1,15 +1,16 @@
 //! Two real `vaultd` replicas on one real PostgreSQL database behave as one
 //! vault: a lease from A is released on B, a credential re-put or deleted
-//! through A is leased (or refused) by B from then on, and a key rotated or
-//! retired and a tenant limit set on A apply on B.
+//! through A is leased (or refused) by B from then on, a key rotated or
+//! retired and a tenant limit set on A apply on B, and both append to one
+//! audit chain that `VerifyChain` checks whole on either.
 
 #![allow(clippy::unwrap_used)]
 
 use std::{path::Path, process::Command, time::Duration};
 
 use recvault_proto::vault::v1::{
-    self as va, credentials_client::CredentialsClient, keys_client::KeysClient,
-    leases_client::LeasesClient,
+    self as va, audit_client::AuditClient, credentials_client::CredentialsClient,
+    keys_client::KeysClient, leases_client::LeasesClient,
 };
 use recvault_runtime::{
     hpke::{self, OneCallKey},
@@ -24,7 +25,8 @@ use recvault_tests::{
 use tonic::Code;
 
 /// `vaultd init` into `root/vault`, then two configs on the database whose
-/// URL is in `root/database.url`: `a.toml` and `b.toml` (own audit logs).
+/// URL is in `root/database.url`: `a.toml` and `b.toml` (instances
+/// `vault-a` and `vault-b`; the audit log lives in the same database).
 fn init(root: &Path, url: &str) {
     use std::os::unix::fs::PermissionsExt as _;
     recvault_tests::vaultd_init(root, &[]);
@@ -40,11 +42,6 @@ fn init(root: &Path, url: &str) {
                     format!(
                         "database_url_file = \"{}\"\ninstance_id = \"vault-{replica}\"",
                         url_file.display()
-                    )
-                } else if line.starts_with("audit_database = ") {
-                    format!(
-                        "audit_database = \"{}\"",
-                        root.join(format!("vault/audit-{replica}.db")).display()
                     )
                 } else {
                     line.to_owned()
@@ -124,6 +121,47 @@ impl Replica {
     fn keys(&self) -> KeysClient<tonic::transport::Channel> {
         KeysClient::new(self.channel("admin"))
     }
+
+    fn audit(&self) -> AuditClient<tonic::transport::Channel> {
+        AuditClient::new(self.channel("auditor"))
+    }
+
+    async fn verify_chain(&self) -> va::VerifyChainResponse {
+        self.audit()
+            .verify_chain(va::VerifyChainRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Every stored event, through QueryEvents.
+    async fn events(&self) -> Vec<va::AuditEvent> {
+        let mut stream = self
+            .audit()
+            .query_events(va::QueryEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            events.push(event);
+        }
+        events
+    }
+}
+
+/// Both replicas on `root`'s database, serving.
+fn two_replicas(root: &Path) -> ((Daemon, Daemon), Replica, Replica) {
+    let (a_daemon, a_addr) = serve(root, "a");
+    let (b_daemon, b_addr) = serve(root, "b");
+    let replica = |addr: String| Replica {
+        ep: Endpoints {
+            vault: addr,
+            uploader: String::new(),
+            certs: root.join("certs"),
+        },
+    };
+    ((a_daemon, b_daemon), replica(a_addr), replica(b_addr))
 }
 
 fn secret(n: u32) -> String {
@@ -137,16 +175,7 @@ fn two_vaults_on_one_database_behave_as_one() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     init(root, &db.url());
-    let (_a_daemon, a_addr) = serve(root, "a");
-    let (_b_daemon, b_addr) = serve(root, "b");
-    let replica = |addr: String| Replica {
-        ep: Endpoints {
-            vault: addr,
-            uploader: String::new(),
-            certs: root.join("certs"),
-        },
-    };
-    let (a, b) = (replica(a_addr), replica(b_addr));
+    let (_daemons, a, b) = two_replicas(root);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -235,6 +264,95 @@ fn two_vaults_on_one_database_behave_as_one() {
     });
 }
 
+/// 1,000 audited calls spread over both replicas, many at once: one chain
+/// that VerifyChain checks whole on either replica, every call's event there
+/// exactly once, named by the replica that served it, in time order; an
+/// event edited in the database is named by VerifyChain on both.
+#[test]
+fn a_thousand_calls_over_two_replicas_form_one_verified_audit_chain() {
+    let Some(pg) = Postgres::shared() else { return };
+    let db = pg.database();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    init(root, &db.url());
+    let (_daemons, a, b) = two_replicas(root);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let id = a.put("archive", &secret(1)).await.unwrap();
+        let before = a.events().await.len();
+        let replicas = std::sync::Arc::new([a, b]);
+        // 500 leases, each acquired on one replica and released on the
+        // other: 1,000 audited calls, 32 in flight.
+        let mut calls = tokio::task::JoinSet::new();
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        for i in 0..500usize {
+            let (replicas, gate, id) = (replicas.clone(), gate.clone(), id.clone());
+            calls.spawn(async move {
+                let _permit = gate.acquire().await.unwrap();
+                let (lease, _) = replicas[i % 2].lease(&id).await.unwrap();
+                replicas[(i + 1) % 2].release(&lease).await.unwrap();
+                lease
+            });
+        }
+        let mut leases = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            leases.push(done.unwrap());
+        }
+        let [a, b] = &*replicas;
+
+        let events = b.events().await;
+        let total = events.len() as u64;
+        // The 1,000 calls, and this QueryEvents (audited before it answers).
+        assert_eq!(total as usize, before + 1000 + 1, "every call audited once");
+        for (i, event) in events.iter().enumerate() {
+            assert_eq!(event.sequence, i as u64 + 1, "gapless, in order");
+        }
+        let time = |e: &va::AuditEvent| {
+            let t = e.time.unwrap();
+            (t.seconds, t.nanos)
+        };
+        assert!(
+            events.windows(2).all(|w| time(&w[0]) <= time(&w[1])),
+            "time order"
+        );
+        for lease in &leases {
+            let about: Vec<_> = events.iter().filter(|e| &e.lease_id == lease).collect();
+            let ops: Vec<_> = about.iter().map(|e| e.operation.as_str()).collect();
+            assert_eq!(
+                ops,
+                [
+                    "recvault.vault.v1.Leases/AcquireLease",
+                    "recvault.vault.v1.Leases/ReleaseLease"
+                ],
+                "lease {lease}"
+            );
+            assert_ne!(about[0].instance_id, about[1].instance_id, "served by both");
+        }
+        for instance in ["vault-a", "vault-b"] {
+            let n = events.iter().filter(|e| e.instance_id == instance).count();
+            assert!(n >= 500, "{instance} wrote {n}");
+        }
+        for replica in [a, b] {
+            let report = replica.verify_chain().await;
+            assert!(report.ok, "{report:?}");
+            assert!(report.events_checked >= total, "{report:?}");
+        }
+
+        // Edit one event of the middle in the database: both name it.
+        let victim = events[events.len() / 2].sequence;
+        pg.psql(
+            &db,
+            &format!("UPDATE audit_events SET outcome = 'denied' WHERE sequence = {victim}"),
+        );
+        for replica in [a, b] {
+            let report = replica.verify_chain().await;
+            assert!(!report.ok, "{report:?}");
+            assert_eq!(report.first_broken_sequence, victim, "{report:?}");
+        }
+        println!("{total} events on one chain from two replicas; edited event {victim} named");
+    });
+}
+
 /// A database that goes away answers UNAVAILABLE with the reason, promptly
 /// (never a hang), and the vault recovers by itself when it returns.
 #[test]
@@ -257,6 +375,9 @@ fn a_database_outage_is_unavailable_then_heals_by_itself() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let id = a.put("archive", &secret(1)).await.unwrap();
+        let (lease, _) = a.lease(&id).await.unwrap();
+        a.release(&lease).await.unwrap();
+        let before = a.events().await;
         pg.stop();
 
         let started = std::time::Instant::now();
@@ -273,6 +394,15 @@ fn a_database_outage_is_unavailable_then_heals_by_itself() {
         let waited = started.elapsed();
         assert!(waited < Duration::from_secs(40), "took {waited:?}");
         println!("two calls refused in {waited:?} with the database down");
+        // Down for 10 s: every lease refused, no plaintext served.
+        let mut refused_leases = 0;
+        while started.elapsed() < Duration::from_secs(10) {
+            let status = a.lease(&id).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            refused_leases += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!("{refused_leases} more leases refused over 10 s");
 
         pg.start_again();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -288,6 +418,16 @@ fn a_database_outage_is_unavailable_then_heals_by_itself() {
         };
         assert_eq!(healed, id);
         assert_eq!(a.lease(&id).await.unwrap().1, secret(3).as_bytes());
+
+        // Nothing audited before the outage was lost, and the chain that
+        // went on after it verifies whole.
+        let after = a.events().await;
+        assert!(after.len() > before.len());
+        for (old, new) in before.iter().zip(&after) {
+            assert_eq!((old.sequence, &old.hash), (new.sequence, &new.hash));
+        }
+        let report = a.verify_chain().await;
+        assert!(report.ok, "{report:?}");
     });
     let output = daemon.output();
     assert!(!output.contains("replica-secret"), "a secret in the log");

@@ -235,10 +235,16 @@ impl From<postgres::Error> for PgError {
     }
 }
 
+/// An idle client older than this is checked before use.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
+/// How long that check may take.
+const IDLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A few connections, opened on demand, broken ones dropped.
 pub struct Pool {
     target: PgTarget,
-    idle: Mutex<(Vec<Client>, usize)>,
+    /// Idle clients with when they were returned, and how many are open.
+    idle: Mutex<(Vec<(Client, Instant)>, usize)>,
     freed: Condvar,
 }
 
@@ -269,7 +275,7 @@ impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         match self.client.take() {
-            Some(client) if !client.is_closed() => idle.0.push(client),
+            Some(client) if !client.is_closed() => idle.0.push((client, Instant::now())),
             _ => idle.1 -= 1,
         }
         self.pool.freed.notify_one();
@@ -329,8 +335,18 @@ impl Pool {
         let deadline = Instant::now() + POOL_WAIT;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(client) = idle.0.pop() {
-                if client.is_closed() {
+            if let Some((mut client, since)) = idle.0.pop() {
+                // A client idle for a while may have lost its server (a
+                // restart, a failover): check it before handing it out, so
+                // the first call after an outage does not fail on it.
+                if client.is_closed()
+                    || (since.elapsed() >= IDLE_CHECK_AFTER && {
+                        drop(idle);
+                        let dead = client.is_valid(IDLE_CHECK_TIMEOUT).is_err();
+                        idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        dead
+                    })
+                {
                     idle.1 -= 1;
                     continue;
                 }
