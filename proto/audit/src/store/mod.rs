@@ -109,11 +109,11 @@ pub(crate) fn chain_batch(
     batch
         .into_iter()
         .map(|(mut record, mut nanos)| {
-            if nanos < floor {
-                if let Ok(time) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(floor)) {
-                    record.time = time;
-                    nanos = floor;
-                }
+            if nanos < floor
+                && let Ok(time) = OffsetDateTime::from_unix_timestamp_nanos(i128::from(floor))
+            {
+                record.time = time;
+                nanos = floor;
             }
             floor = nanos;
             sequence += 1;
