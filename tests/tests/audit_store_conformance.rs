@@ -257,7 +257,11 @@ async fn two_writers_share_one_chain(backend: &dyn Backend) {
     let mut a_live = a.subscribe();
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..400u32 {
-        let log = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let log = if i.is_multiple_of(2) {
+            a.clone()
+        } else {
+            b.clone()
+        };
         calls.spawn(async move { log.append(record(i)).await.unwrap() });
     }
     while let Some(done) = calls.join_next().await {
@@ -282,7 +286,11 @@ async fn two_writers_share_one_chain(backend: &dyn Backend) {
     assert_eq!(details.len(), 400, "every event exactly once");
     for e in &all {
         let i: u32 = e.record.detail["call ".len()..].parse().unwrap();
-        let want = if i % 2 == 0 { "vault-a" } else { "vault-b" };
+        let want = if i.is_multiple_of(2) {
+            "vault-a"
+        } else {
+            "vault-b"
+        };
         assert_eq!(e.instance_id, want, "event {}", e.sequence);
     }
     for log in [&a, &b] {
