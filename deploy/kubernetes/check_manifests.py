@@ -384,10 +384,13 @@ def check_workload(doc, ctx, problems):
 
     # State on the persistent volume, writable.
     for field in ("database", "audit_database", "backup_dir"):
-        if field in config:
+        if field in config and not (component == "vault" and field == "audit_database" and "database_url_file" in config):
             sm = mount_for(c, config[field])
             problems.check(sm is not None and sm["name"] in claims and not sm.get("readOnly"), cw,
                            f"{field} = {config[field]} must be on a writable PersistentVolumeClaim mount")
+
+    if component == "vault":
+        check_vault_replicas(doc, ctx, config, pod, c, volumes, cw, problems)
 
     if component == "uploader":
         check_key_file(pod, c, volumes, config, cw, problems, "audit_key_file", "audit key", "audit-key", "uploaderd")
@@ -474,6 +477,34 @@ def check_key_file(pod, c, volumes, config, cw, problems, field, what, suffix, b
         problems.check("chmod 0400" in script or "chmod 400" in script or "install -m 0400" in script, cw,
                        "the init container must make the copy mode 0400")
         problems.check(key_file in script, cw, f"the init container must write {key_file}")
+
+
+def check_vault_replicas(doc, ctx, config, pod, c, volumes, cw, problems):
+    """The vault runs as several replicas on one PostgreSQL database: a
+    Deployment of at least 2, no SQLite file (two pods on one file, or each on
+    its own, would be two vaults), the database URL (it holds a password)
+    delivered like the master key, a PodDisruptionBudget that keeps one
+    serving, and the replicas spread over nodes."""
+    where = name_of(doc)
+    replicas = doc["spec"].get("replicas", 1)
+    problems.check(doc["kind"] == "Deployment", where, "the vault must be a Deployment (its state lives in PostgreSQL)")
+    problems.check(isinstance(replicas, int) and replicas >= 2, where, f"the vault needs at least 2 replicas, got {replicas}")
+    problems.check("database_url_file" in config and "database" not in config, cw,
+                   "several vault replicas need database_url_file (PostgreSQL), not database (a SQLite file)")
+    if "database_url_file" in config:
+        check_key_file(pod, c, volumes, config, cw, problems, "database_url_file", "database URL", "-database", "vaultd")
+    spread = [t for t in pod.get("topologySpreadConstraints") or [] if t.get("topologyKey") == "kubernetes.io/hostname"
+              and selector_matches((t.get("labelSelector") or {}).get("matchLabels"), ctx["workloads"]["vault"]["labels"])]
+    problems.check(spread, where, "the vault replicas must spread over nodes (topologySpreadConstraints on kubernetes.io/hostname)")
+    labels = ctx["workloads"]["vault"]["labels"]
+    pdbs = [d for d in ctx["pdbs"] if selector_matches((d["spec"].get("selector") or {}).get("matchLabels"), labels)
+            and (d["spec"].get("selector") or {}).get("matchLabels")]
+    if problems.check(len(pdbs) == 1, where, f"expected one PodDisruptionBudget selecting the vault, got {len(pdbs)}"):
+        spec = pdbs[0]["spec"]
+        keeps = (isinstance(spec.get("minAvailable"), int) and 1 <= spec["minAvailable"] < replicas) or \
+                (isinstance(spec.get("maxUnavailable"), int) and 1 <= spec["maxUnavailable"] < replicas)
+        problems.check(keeps, name_of(pdbs[0]),
+                       f"must keep at least one vault serving and let a drain proceed (minAvailable or maxUnavailable between 1 and {replicas - 1})")
 
 
 def check_certificates(ctx, problems):
@@ -591,8 +622,14 @@ def check_network_policies(ctx, problems):
     problems.check(uploader_allowed, where, "no rule lets the uploader reach the vault")
     egress_pols = policies_selecting(ctx, vault["labels"], "Egress", problems)
     problems.check(egress_pols, where, "vault egress is not restricted")
+    allowed = {("UDP", 53), ("TCP", 53), ("TCP", 5432)}
     for np in egress_pols:
-        problems.check(not np["spec"].get("egress"), name_of(np), "the vault makes no outbound connections: egress must be empty")
+        for rule in np["spec"].get("egress") or []:
+            ports = {(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports") or []}
+            ranged = any("endPort" in p for p in rule.get("ports") or [])
+            problems.check(ports and ports <= allowed and not ranged, name_of(np),
+                           "the vault may reach only DNS (53) and PostgreSQL (TCP 5432): "
+                           f"egress rule with ports {sorted(ports, key=str) or 'all'}")
     # The uploader must still be able to reach the vault.
     upw = "NetworkPolicy (uploader)"
     up_egress = policies_selecting(ctx, up["labels"], "Egress", problems)
@@ -633,13 +670,14 @@ def check_recvault(docs, problems):
         "configmaps": {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ConfigMap"},
         "services": [d for d in docs if d.get("kind") == "Service"],
         "netpols": [d for d in docs if d.get("kind") == "NetworkPolicy"],
+        "pdbs": [d for d in docs if d.get("kind") == "PodDisruptionBudget"],
         "certificates": [d for d in docs if d.get("kind") == "Certificate" and d.get("apiVersion", "").startswith("cert-manager.io/")],
         "issuers": [d for d in docs if d.get("kind") in ("Issuer", "ClusterIssuer")],
         "workloads": {},
     }
     for d in docs:
         if d.get("kind") == "Secret":
-            problems.add(name_of(d), "Secrets must not be in the manifests (the master key and the audit key are created by hand)")
+            problems.add(name_of(d), "Secrets must not be in the manifests (the master key, the audit key and the database URL are created by hand)")
         if ctx["namespace"] and d.get("kind") not in CLUSTER_SCOPED:
             problems.check(d.get("metadata", {}).get("namespace") == ctx["namespace"], name_of(d),
                            f"must be in namespace {ctx['namespace']}")

@@ -251,14 +251,15 @@ fn kubernetes_manifests_pass_kubernetes_validate_and_recvault_rules() {
 
 /// Python run against the rendered manifests before they are checked. Helpers:
 /// `find(kind, name)`, `cm(prefix)` (ConfigMaps carry a hash suffix),
-/// `pod(name)`, `container(name)` (the StatefulSet's main container).
+/// `pod(name)`, `container(name)` (the workload's main container).
 const MUTATE: &str = r#"
 import sys, yaml
 src, out = sys.argv[1], sys.argv[2]
 docs = [d for d in yaml.safe_load_all(open(src)) if d]
 def find(kind, name): return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 def cm(prefix): return next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(prefix))
-def pod(name): return find("StatefulSet", name)["spec"]["template"]["spec"]
+def workload(name): return next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name)
+def pod(name): return workload(name)["spec"]["template"]["spec"]
 def container(name): return pod(name)["containers"][0]
 def sc(name): return container(name)["securityContext"]
 exec(sys.stdin.read())
@@ -348,9 +349,14 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "is not loopback, so it must be a containerPort",
     ),
     (
-        "vault may dial out",
+        "vault may dial out anywhere",
         "find('NetworkPolicy', 'recvault-vault')['spec']['egress'] = [{}]",
-        "egress must be empty",
+        "the vault may reach only DNS (53) and PostgreSQL (TCP 5432)",
+    ),
+    (
+        "vault may dial out over HTTPS",
+        "find('NetworkPolicy', 'recvault-vault')['spec']['egress'].append({'ports': [{'protocol': 'TCP', 'port': 443}]})",
+        "the vault may reach only DNS (53) and PostgreSQL (TCP 5432)",
     ),
     (
         "wrong identity in the vault certificate",
@@ -369,8 +375,43 @@ const BROKEN: &[(&str, &str, &str)] = &[
     ),
     (
         "audit log on the ephemeral /tmp",
-        "c = cm('recvault-vault-config'); c['data']['vault.toml'] = c['data']['vault.toml'].replace('/var/lib/recvault/vault/audit.db', '/tmp/audit.db')",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('/var/lib/recvault/uploader/audit.db', '/tmp/audit.db')",
         "audit_database = /tmp/audit.db must be on a writable PersistentVolumeClaim mount",
+    ),
+    (
+        "one vault replica (no availability through a drain)",
+        "workload('recvault-vault')['spec']['replicas'] = 1",
+        "the vault needs at least 2 replicas, got 1",
+    ),
+    (
+        "no PodDisruptionBudget for the vault",
+        "docs[:] = [d for d in docs if d['kind'] != 'PodDisruptionBudget']",
+        "expected one PodDisruptionBudget selecting the vault, got 0",
+    ),
+    (
+        "a PodDisruptionBudget that blocks every drain",
+        "find('PodDisruptionBudget', 'recvault-vault')['spec']['minAvailable'] = 2",
+        "must keep at least one vault serving and let a drain proceed",
+    ),
+    (
+        "vault replicas on SQLite files",
+        "c = cm('recvault-vault-config'); c['data']['vault.toml'] = c['data']['vault.toml'].replace('database_url_file = \"/run/recvault/database/database.url\"', 'database = \"/tmp/vault.db\"')",
+        "several vault replicas need database_url_file (PostgreSQL), not database (a SQLite file)",
+    ),
+    (
+        "vaultd reads the database URL Secret volume itself",
+        "container('recvault-vault')['volumeMounts'].append({'name': 'database-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "vaultd must not mount the database URL Secret",
+    ),
+    (
+        "database URL on disk",
+        "next(v for v in pod('recvault-vault')['volumes'] if v['name'] == 'database')['emptyDir'] = {}",
+        "the database URL must be on a memory-backed emptyDir",
+    ),
+    (
+        "vault replicas on one node",
+        "del pod('recvault-vault')['topologySpreadConstraints']",
+        "the vault replicas must spread over nodes",
     ),
     (
         "invalid TOML in a ConfigMap",
@@ -923,6 +964,10 @@ fn assert_serving(pki: &DevPki, identity: &str, addr: &str) {
 
 #[test]
 fn shipped_configs_start_the_real_binaries() {
+    // The shipped vault config is for replicas on PostgreSQL.
+    let Some(pg) = recvault_tests::postgres::Postgres::shared() else {
+        return;
+    };
     let pki = dev_pki();
     let cert = |name: &str, ext: &str| fs::read(pki.certs.join(format!("{name}.{ext}"))).unwrap();
     let ca = fs::read(pki.certs.join("ca.crt")).unwrap();
@@ -945,7 +990,12 @@ fn shipped_configs_start_the_real_binaries() {
     vault_root.put("/etc/recvault/tls/tls.crt", &cert("vault", "crt"), 0o644);
     vault_root.put("/etc/recvault/tls/tls.key", &cert("vault", "key"), 0o600);
     vault_root.put("/etc/recvault/tls/ca.crt", &ca, 0o644);
-    vault_root.dir("/var/lib/recvault/vault");
+    // What the database-url init container leaves: the URL, owner-only.
+    vault_root.put(
+        "/run/recvault/database/database.url",
+        pg.database().url().as_bytes(),
+        0o400,
+    );
     let key = vault_root.put(
         "/run/recvault/master-key/master.key",
         &pki.master_key,

@@ -44,7 +44,10 @@ pub struct VaultConfig {
     /// the host name. Env: `RECVAULT_VAULT_INSTANCE_ID`.
     #[serde(default)]
     pub instance_id: Option<String>,
-    /// Audit log database (SQLite, hash-chained). Env: `RECVAULT_VAULT_AUDIT_DATABASE`.
+    /// Audit log database (SQLite, hash-chained), required with `database`.
+    /// With `database_url_file` the audit log lives in that PostgreSQL
+    /// database and this is not used. Env: `RECVAULT_VAULT_AUDIT_DATABASE`.
+    #[serde(default)]
     pub audit_database: PathBuf,
     /// Identity → role grants. Env: `RECVAULT_VAULT_POLICY_FILE`.
     pub policy_file: PathBuf,
@@ -246,7 +249,15 @@ impl VaultConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        self.store_backend()?;
+        if matches!(self.store_backend()?, StoreBackend::Sqlite(_))
+            && self.audit_database.as_os_str().is_empty()
+        {
+            return Err(
+                "set audit_database (the SQLite audit log) beside database; \
+                        with database_url_file the audit log lives in PostgreSQL"
+                    .into(),
+            );
+        }
         if let Some(id) = &self.instance_id
             && (id.is_empty()
                 || id.len() > 64
@@ -406,7 +417,20 @@ mod tests {
             Ok(StoreBackend::Postgres(_))
         ));
         config.validate().expect("the URL file alone");
+        // The audit log then lives in PostgreSQL: no audit_database needed,
+        // but SQLite needs one.
+        config.audit_database = PathBuf::new();
+        config
+            .validate()
+            .expect("PostgreSQL without audit_database");
+        config.database = Some("/d/vault.db".into());
         config.database_url_file = None;
+        let no_audit = config
+            .validate()
+            .expect_err("SQLite without audit_database");
+        assert!(no_audit.contains("set audit_database"), "{no_audit}");
+        config.audit_database = "/d/audit.db".into();
+        config.database = None;
         let neither = config.validate().expect_err("neither set");
         assert!(
             neither.contains("database") && neither.contains("database_url_file"),
