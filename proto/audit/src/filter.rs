@@ -61,8 +61,28 @@ impl AuditFilter {
     /// `SELECT` for events after `after_sequence` matching this filter, and its
     /// parameters, with `?` placeholders (the PostgreSQL backend numbers
     /// them). Column names are constants; values are always bound.
-    pub(crate) fn to_sql(&self, after_sequence: u64, limit: Option<u32>) -> (String, Vec<Param>) {
-        let mut sql = format!("SELECT {COLUMNS} FROM audit_events WHERE sequence > ?");
+    ///
+    /// `time_index` is what the backend puts after the inner `FROM
+    /// audit_events` when the filter has a time window: SQLite, without
+    /// statistics, would rather walk the primary key to the end of the table
+    /// (to avoid a sort) than read the window from the time index, so its
+    /// backend names the index (`INDEXED BY audit_events_time`).
+    pub(crate) fn to_sql(
+        &self,
+        after_sequence: u64,
+        limit: Option<u32>,
+        time_index: &str,
+    ) -> (String, Vec<Param>) {
+        // The matching sequences are chosen first (from an index alone where
+        // one covers the filter: a time window reads only the time index,
+        // which holds the sequence), and only the page's rows are read whole.
+        // Sorting whole rows of a busy hour for every page cost 10× more.
+        let hint = if self.since.is_some() || self.until.is_some() {
+            time_index
+        } else {
+            ""
+        };
+        let mut sql = format!("SELECT sequence FROM audit_events {hint} WHERE sequence > ?");
         // Sequences are stored as i64; anything larger matches nothing.
         let mut params = vec![Param::Int(
             i64::try_from(after_sequence).unwrap_or(i64::MAX),
@@ -102,6 +122,9 @@ impl AuditFilter {
             sql.push_str(" LIMIT ?");
             params.push(Param::Int(i64::from(limit)));
         }
+        let sql = format!(
+            "SELECT {COLUMNS} FROM audit_events WHERE sequence IN ({sql}) ORDER BY sequence"
+        );
         (sql, params)
     }
 }

@@ -432,7 +432,7 @@ impl ReadBackend for PostgresReader {
         limit: Option<u32>,
         each: &mut dyn FnMut(AuditEvent) -> Result<(), AuditError>,
     ) -> Result<(), AuditError> {
-        let (sql, params) = filter.to_sql(after, limit);
+        let (sql, params) = filter.to_sql(after, limit, "");
         let params = bound(&params);
         let mut conn = self.pool.get().map_err(read_err)?;
         let mut rows = conn

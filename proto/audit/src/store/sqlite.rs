@@ -429,7 +429,7 @@ impl ReadBackend for SqliteReader {
         limit: Option<u32>,
         each: &mut dyn FnMut(AuditEvent) -> Result<(), AuditError>,
     ) -> Result<(), AuditError> {
-        let (sql, params) = filter.to_sql(after, limit);
+        let (sql, params) = filter.to_sql(after, limit, "INDEXED BY audit_events_time");
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached(&sql).map_err(read_err)?;
             let mut rows = stmt
