@@ -18,7 +18,8 @@
 //! whose store (credentials, keys, leases) is a real PostgreSQL database
 //! (Debian's server, started by the test kit; skipped with the reason where
 //! it is not installed), on the same certificates and settings. Its audit
-//! log is the same embedded one. The summary prints both ratios.
+//! log lives in that database too, as on every replica. The summary prints
+//! both ratios.
 //!
 //! Run: `cargo bench -p recvault-vault --bench lease_throughput`
 //!
@@ -424,7 +425,6 @@ async fn run(settings: Settings) {
             let mut pg_config = config.clone();
             pg_config.database = None;
             pg_config.database_url_file = Some(url_file);
-            pg_config.audit_database = root.path().join("vault/audit-pg.db");
             Some(testing::TestVault::start_with(pg_config).await)
         }
         None => None,
