@@ -54,6 +54,17 @@ impl Database {
             self.port, self.name
         )
     }
+
+    /// Writes [`Self::url`] to `dir/database.url`, owner-only, as a
+    /// `database_url_file` must be, and returns its path.
+    pub fn url_file(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let file = dir.join("database.url");
+        std::fs::write(&file, self.url()).expect("write the database URL file");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            .expect("make the database URL file owner-only");
+        file
+    }
 }
 
 /// The newest installed `/usr/lib/postgresql/<version>/bin` with `postgres`.

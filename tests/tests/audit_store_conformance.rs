@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use recvault_audit::{
     AuditError, AuditFilter, AuditKey, AuditLog, AuditRecord, AuditStorage, GroupCommitOptions,
@@ -85,9 +85,7 @@ impl Backend for Postgres {
 fn postgres() -> Option<Postgres> {
     let db = recvault_tests::postgres::Postgres::shared()?.database();
     let dir = tempfile::tempdir().unwrap();
-    let url_file = dir.path().join("database.url");
-    std::fs::write(&url_file, db.url()).unwrap();
-    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url_file = db.url_file(dir.path());
     Some(Postgres {
         db,
         url_file,

@@ -70,12 +70,9 @@ impl Backend for Postgres {
 }
 
 fn postgres() -> Option<Postgres> {
-    use std::os::unix::fs::PermissionsExt as _;
     let db = recvault_tests::postgres::Postgres::shared()?.database();
     let dir = tempfile::tempdir().unwrap();
-    let url_file = dir.path().join("database.url");
-    std::fs::write(&url_file, db.url()).unwrap();
-    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let url_file = db.url_file(dir.path());
     Some(Postgres {
         url_file,
         _dir: dir,

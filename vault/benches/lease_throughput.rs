@@ -417,11 +417,7 @@ async fn run(settings: Settings) {
     config.secrets.allow_plaintext = true;
     let pg_vault = match recvault_tests::postgres::Postgres::shared() {
         Some(pg) => {
-            use std::os::unix::fs::PermissionsExt as _;
-            let url_file = root.path().join("database.url");
-            std::fs::write(&url_file, pg.database().url()).expect("url file");
-            std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600))
-                .expect("url file mode");
+            let url_file = pg.database().url_file(root.path());
             let mut pg_config = config.clone();
             pg_config.database = None;
             pg_config.database_url_file = Some(url_file);

@@ -408,9 +408,6 @@ pub struct AuditLog {
     writer: Option<thread::JoinHandle<()>>,
     events_tx: broadcast::Sender<AuditEvent>,
     reader: Arc<dyn ReadBackend>,
-    /// Several replicas append (PostgreSQL): verification also checks the
-    /// anchor, which moves with every replica's commits.
-    multi_writer: bool,
     /// Stops the follower of a shared log.
     follow_stop: Option<Arc<AtomicBool>>,
 }
@@ -465,7 +462,6 @@ impl AuditLog {
                 (Box::new(writer), reader, head, Some(follower))
             }
         };
-        let multi_writer = follower.is_some();
         let key = Arc::new(key);
         let shared = Arc::new(Shared {
             head: Mutex::new(head),
@@ -515,7 +511,6 @@ impl AuditLog {
             writer: Some(writer),
             events_tx,
             reader,
-            multi_writer,
             follow_stop,
         })
     }
@@ -593,38 +588,14 @@ impl AuditLog {
 
     /// Checks the whole chain, streaming, and also that the log still holds
     /// the head this process committed (catches truncation and rollback to an
-    /// older copy, which an offline check cannot). On a shared log the
-    /// anchor, which every replica's commits move, is checked too: the later
-    /// of the two heads must still be there.
+    /// older copy, which an offline check cannot) and the anchor (which, on a
+    /// shared log, every replica's commits move): the later of the two heads
+    /// must still be there.
     pub async fn verify(&self) -> VerifyReport {
         let key = Arc::clone(&self.key);
         let own = self.head();
-        let multi_writer = self.multi_writer;
         let report = self
-            .with_reader(move |reader| {
-                let mut expected = own;
-                if multi_writer {
-                    match reader.anchor(&key) {
-                        Ok(Some(a)) if a.sequence > own.0 => expected = (a.sequence, a.hash),
-                        Ok(_) => {}
-                        Err(AuditError::Tampered { reason, .. }) => {
-                            let report = store::verify(reader, &key, Some(own))?;
-                            return Ok(if report.ok {
-                                VerifyReport {
-                                    ok: false,
-                                    first_broken_sequence: 0,
-                                    reason,
-                                    ..report
-                                }
-                            } else {
-                                report
-                            });
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                store::verify(reader, &key, Some(expected))
-            })
+            .with_reader(move |reader| store::verify_anchored(reader, &key, Some(own)))
             .await;
         report.unwrap_or_else(|err| VerifyReport {
             ok: false,
@@ -684,7 +655,7 @@ pub fn verify_path(path: &Path, key: &AuditKey) -> Result<VerifyReport, AuditErr
 /// committed.
 pub fn verify_storage(storage: AuditStorage, key: &AuditKey) -> Result<VerifyReport, AuditError> {
     let reader = storage.reader();
-    store::verify_anchored(&*reader, key)
+    store::verify_anchored(&*reader, key, None)
 }
 
 /// Whether the log has an anchor (see [`verify_storage`]); without one, a

@@ -54,7 +54,7 @@ pub fn verify(
 ) -> Result<ExitCode, String> {
     let reader = storage.reader();
     let anchored = reader.has_anchor();
-    let report = crate::store::verify_anchored(&*reader, key).map_err(|e| e.to_string())?;
+    let report = crate::store::verify_anchored(&*reader, key, None).map_err(|e| e.to_string())?;
     let written = if report.ok {
         writeln!(
             out,

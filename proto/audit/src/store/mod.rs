@@ -245,17 +245,27 @@ pub(crate) fn verify(
     })
 }
 
-/// Verifies offline against the stored anchor: an intact chain whose
-/// anchor does not authenticate is reported as such (first broken 0), a
-/// broken chain (say, the wrong key) is the better answer otherwise.
+/// Verifies against the stored anchor and, for a running log, the head this
+/// process committed (`own`): the later of the two must still be there. An
+/// intact chain whose anchor does not authenticate is reported as such
+/// (first broken 0); a broken chain (say, the wrong key) is the better
+/// answer otherwise.
 pub(crate) fn verify_anchored(
     reader: &dyn ReadBackend,
     key: &AuditKey,
+    own: Option<Head>,
 ) -> Result<VerifyReport, AuditError> {
     match reader.anchor(key) {
-        Ok(anchored) => verify(reader, key, anchored.map(|a| (a.sequence, a.hash))),
+        Ok(anchored) => {
+            let anchored = anchored.map(|a| (a.sequence, a.hash));
+            let expected = match (anchored, own) {
+                (Some(a), Some(o)) => Some(if a.0 > o.0 { a } else { o }),
+                (a, o) => a.or(o),
+            };
+            verify(reader, key, expected)
+        }
         Err(AuditError::Tampered { reason, .. }) => {
-            let report = verify(reader, key, None)?;
+            let report = verify(reader, key, own)?;
             Ok(if report.ok {
                 VerifyReport {
                     ok: false,
