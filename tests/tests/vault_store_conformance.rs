@@ -11,7 +11,8 @@ use recvault_vault::{
     ids::LeaseId,
     ids::{CredentialId, TenantId},
     store::{
-        CredentialRow, LeaseProblem, LeaseStore, NewCredential, NewLease, StoreError, VaultStore,
+        CredentialRow, KeyringState, LeaseProblem, LeaseStore, NewCredential, NewLease, StoreError,
+        VaultStore,
     },
 };
 use std::time::Duration;
@@ -394,6 +395,35 @@ mod suite {
         assert!(versions.iter().all(|(_, _, at)| *at > 1_700_000_000));
     }
 
+    /// The one-read keyring check sees every change another replica makes
+    /// (a new key version, min_decrypt_version), so none is missed.
+    pub fn keyring_state_follows_keys_and_the_floor(b: &dyn Backend) {
+        let (a, other) = (b.open(), b.open());
+        let state = |s: &dyn VaultStore| s.keyring_state("min_decrypt_version").unwrap();
+        assert_eq!(
+            state(&*a),
+            KeyringState {
+                versions: 0,
+                newest: 0,
+                setting: None
+            }
+        );
+        other.insert_key_version(1, b"w1", &mut || Ok(())).unwrap();
+        other.insert_key_version(2, b"w2", &mut || Ok(())).unwrap();
+        assert_eq!((state(&*a).versions, state(&*a).newest), (2, 2));
+        other
+            .set_setting("min_decrypt_version", 2, &mut || Ok(()))
+            .unwrap();
+        assert_eq!(
+            state(&*a),
+            KeyringState {
+                versions: 2,
+                newest: 2,
+                setting: Some(2)
+            }
+        );
+    }
+
     fn new_lease(holder: &str) -> NewLease {
         NewLease {
             credential_id: CredentialId::generate(),
@@ -555,6 +585,7 @@ macro_rules! conformance_suite {
                 delete_shreds_and_keeps_a_tombstone,
                 rewrap_skips_rows_a_put_changed,
                 key_versions_are_unique_and_ordered,
+                keyring_state_follows_keys_and_the_floor,
                 settings_and_tenant_limits,
                 leases_grant_release_revoke_and_the_cap,
                 an_expired_lease_is_refused_once_then_forgotten,

@@ -244,20 +244,30 @@ impl VaultCore {
         if !self.store.shared() {
             return Ok(());
         }
-        let versions = self.store.key_versions()?;
-        let min = self
-            .store
-            .setting(MIN_DECRYPT_VERSION)?
+        // One read in the common case (nothing changed): the count and newest
+        // version of the keys, and min_decrypt_version.
+        let state = self.store.keyring_state(MIN_DECRYPT_VERSION)?;
+        let min = state
+            .setting
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(1);
+        {
+            let ring = self.keyring();
+            let known = ring.versions();
+            if known.len() == state.versions
+                && (state.newest == 0 || known.contains(&state.newest))
+                && ring.min_decrypt_version() == min
+            {
+                return Ok(());
+            }
+        }
         let known = self.keyring().versions();
-        let missing: Vec<_> = versions
+        let missing: Vec<_> = self
+            .store
+            .key_versions()?
             .into_iter()
             .filter(|(v, _, _)| !known.contains(v))
             .collect();
-        if missing.is_empty() && self.keyring().min_decrypt_version() == min {
-            return Ok(());
-        }
         let mut ring = self.keyring_mut();
         for (version, wrapped, _) in missing {
             let key = keyring::unwrap_version(&self.master, version, &wrapped).map_err(|_| {

@@ -158,6 +158,12 @@ pub trait KeyVersionStore: Send + Sync + fmt::Debug {
     /// (version, wrapped, created_at), ascending.
     fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError>;
 
+    /// What a keyring depends on, in one read: how many key versions there
+    /// are, the newest, and the integer setting `setting` (the vault's
+    /// `min_decrypt_version`). A replica compares it with what it holds and
+    /// reads the wrapped keys only when it changed.
+    fn keyring_state(&self, setting: &str) -> Result<KeyringState, StoreError>;
+
     /// Adds a wrapped key version; [`StoreError::Conflict`] if it exists.
     fn insert_key_version(
         &self,
@@ -165,6 +171,32 @@ pub trait KeyVersionStore: Send + Sync + fmt::Debug {
         wrapped: &[u8],
         gate: &mut Gate0<'_>,
     ) -> Result<(), StoreError>;
+}
+
+/// See [`KeyVersionStore::keyring_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyringState {
+    /// Number of key versions stored.
+    pub versions: usize,
+    /// The newest version (0 when there is none).
+    pub newest: u32,
+    /// The setting's value, if set.
+    pub setting: Option<i64>,
+}
+
+/// A [`KeyringState`] from the counts a backend read, checked.
+pub(crate) fn keyring_state(
+    versions: i64,
+    newest: i64,
+    setting: Option<i64>,
+) -> Result<KeyringState, StoreError> {
+    Ok(KeyringState {
+        versions: usize::try_from(versions)
+            .map_err(|_| StoreError::Corrupt(format!("{versions} key versions")))?,
+        newest: u32::try_from(newest)
+            .map_err(|_| StoreError::Corrupt(format!("key version {newest} is out of range")))?,
+        setting,
+    })
 }
 
 /// Integer settings and per-tenant limits.

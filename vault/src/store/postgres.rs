@@ -28,8 +28,9 @@ pub use recvault_pg::PgTarget;
 use recvault_pg::{PgError, Pool, Row, Transaction};
 
 use super::{
-    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, LeaseProblem, LeaseStore,
-    NewCredential, NewLease, PutGate, Seal, SettingsStore, StoreError, now,
+    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, KeyringState, LeaseProblem,
+    LeaseStore, NewCredential, NewLease, PutGate, Seal, SettingsStore, StoreError, keyring_state,
+    now,
 };
 use crate::ids::{CredentialId, LeaseId, TenantId};
 
@@ -298,6 +299,17 @@ impl CredentialStore for PostgresStore {
 impl KeyVersionStore for PostgresStore {
     fn shared(&self) -> bool {
         true
+    }
+
+    fn keyring_state(&self, setting: &str) -> Result<KeyringState, StoreError> {
+        let mut conn = self.pool.get()?;
+        let row = conn.query_one(
+            "SELECT (SELECT count(*) FROM key_versions), \
+                    (SELECT coalesce(max(version), 0) FROM key_versions), \
+                    (SELECT value FROM settings WHERE name = $1)",
+            &[&setting],
+        )?;
+        keyring_state(row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
     }
 
     fn key_versions(&self) -> Result<Vec<(u32, Vec<u8>, i64)>, StoreError> {

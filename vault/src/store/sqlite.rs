@@ -21,8 +21,8 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, NewCredential, PutGate, Seal,
-    SettingsStore, StoreError, now,
+    CredentialRow, CredentialStore, Gate, Gate0, KeyVersionStore, KeyringState, NewCredential,
+    PutGate, Seal, SettingsStore, StoreError, keyring_state, now,
 };
 use crate::ids::{CredentialId, TenantId};
 
@@ -333,6 +333,18 @@ impl KeyVersionStore for SqliteStore {
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn keyring_state(&self, setting: &str) -> Result<KeyringState, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT (SELECT count(*) FROM key_versions), \
+                    (SELECT coalesce(max(version), 0) FROM key_versions), \
+                    (SELECT value FROM settings WHERE name = ?1)",
+        )?;
+        let (versions, newest, setting): (i64, i64, Option<i64>) =
+            stmt.query_row([setting], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        keyring_state(versions, newest, setting)
     }
 
     /// Adds a wrapped key version; fails if the version exists. `gate` runs
