@@ -109,7 +109,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let key = AuditKey::load_file(&config.audit_key_file)
                 .map_err(|e| format!("audit_key_file: {e}"))?;
             offline::verify(
-                recvault_audit::AuditStorage::Sqlite(config.audit_database()),
+                crate::server::audit_storage(&config).map_err(|e| e.to_string())?,
                 &key,
                 "uploader",
                 &mut std::io::stdout().lock(),
@@ -122,7 +122,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             offline::export(
-                recvault_audit::AuditStorage::Sqlite(config.audit_database()),
+                crate::server::audit_storage(&config).map_err(|e| e.to_string())?,
                 &filter,
                 &mut out,
             )

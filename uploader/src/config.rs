@@ -34,11 +34,24 @@ pub struct UploaderConfig {
     pub health_listen: Option<SocketAddr>,
     /// Our server certificate/key and the CA that recorder and manager certificates chain to.
     pub tls: TlsFiles,
-    /// Job and destination database (SQLite). Env: `RECVAULT_UPLOADER_DATABASE`.
-    pub database: PathBuf,
-    /// The uploader's audit log (SQLite, HMAC-chained, with `<file>.anchor`
-    /// beside it); default `audit.db` beside `database`.
-    /// Env: `RECVAULT_UPLOADER_AUDIT_DATABASE`.
+    /// Job and destination database (SQLite), the embedded default: one
+    /// uploader on one host. Env: `RECVAULT_UPLOADER_DATABASE`. Exactly one
+    /// of this and `database_url_file`.
+    #[serde(default)]
+    pub database: Option<PathBuf>,
+    /// A file (owner-only) holding a `postgresql://` URL: the job and
+    /// destination database shared by several uploader replicas (the audit
+    /// log lives there too). The password is read from this file only.
+    /// Env: `RECVAULT_UPLOADER_DATABASE_URL_FILE`.
+    #[serde(default)]
+    pub database_url_file: Option<PathBuf>,
+    /// This replica's name in job claims, job history and the audit log.
+    /// Default: the host name. Env: `RECVAULT_UPLOADER_INSTANCE_ID`.
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// The uploader's audit log with `database` (SQLite, HMAC-chained, with
+    /// `<file>.anchor` beside it); default `audit.db` beside `database`. Not
+    /// used with `database_url_file`. Env: `RECVAULT_UPLOADER_AUDIT_DATABASE`.
     #[serde(default)]
     pub audit_database: Option<PathBuf>,
     /// The audit chain's key: a file of exactly 32 random bytes, mode 0600
@@ -154,6 +167,10 @@ pub struct DeliverySettings {
     pub part_concurrency: usize,
     /// S3 read-back verification: ranged GETs kept in flight.
     pub read_back_streams: usize,
+    /// How long a replica's claim on a running job holds unless renewed
+    /// (renewed every third of it while the attempt runs). After a replica
+    /// dies, another takes its jobs over once this passed.
+    pub claim_ttl_secs: u64,
 }
 
 impl Default for DeliverySettings {
@@ -170,6 +187,7 @@ impl Default for DeliverySettings {
             part_size_bytes: 8 * 1024 * 1024,
             part_concurrency: 4,
             read_back_streams: 16,
+            claim_ttl_secs: 30,
         }
     }
 }
@@ -273,19 +291,35 @@ impl UploaderConfig {
                 &mut config.vault.tls.cert,
                 &mut config.vault.tls.key,
                 &mut config.vault.tls.ca,
-                &mut config.database,
                 &mut config.backup_dir,
                 &mut config.policy_file,
                 &mut config.audit_key_file,
             ]
             .into_iter()
             .chain(config.destinations.fs_allowed_roots.iter_mut())
-            .chain(config.backup.wrapping_key_file.as_mut()),
+            .chain(config.backup.wrapping_key_file.as_mut())
+            .chain(config.database.as_mut())
+            .chain(config.database_url_file.as_mut()),
         );
         if let Some(audit) = config.audit_database.as_mut() {
             resolve_relative(path, [audit]);
         }
         config.apply_env(|n| std::env::var(n).ok())?;
+        let invalid = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        config.storage().map_err(invalid)?;
+        if let Some(id) = &config.instance_id {
+            recvault_runtime::config::check_instance_id(id).map_err(invalid)?;
+        }
+        if config.delivery.claim_ttl_secs < 3 {
+            return Err(invalid(format!(
+                "[delivery].claim_ttl_secs is {}: it must be at least 3 (a claim is renewed every \
+                 third of it); 30 suits most deployments",
+                config.delivery.claim_ttl_secs
+            )));
+        }
         if config.backup.wrapping_key_file.is_none() {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
@@ -318,9 +352,12 @@ impl UploaderConfig {
     /// would replace the policy) or overlap the backup directory. Paths are
     /// compared resolved (symlinks followed where they exist).
     fn fs_root_over_own_files(&self) -> Option<String> {
-        let audit = self.audit_database();
-        let files: [(&str, &Path); 10] = [
-            ("database", &self.database),
+        let audit = self.audit_database().unwrap_or_default();
+        let database = self.database.clone().unwrap_or_default();
+        let url_file = self.database_url_file.clone().unwrap_or_default();
+        let files: [(&str, &Path); 11] = [
+            ("database", &database),
+            ("database_url_file", &url_file),
             ("audit_database", &audit),
             ("policy_file", &self.policy_file),
             ("audit_key_file", &self.audit_key_file),
@@ -339,6 +376,7 @@ impl UploaderConfig {
                 .iter()
                 .copied()
                 .chain(wrapping.map(|w| ("backup.wrapping_key_file", w)))
+                .filter(|(_, file)| !file.as_os_str().is_empty())
                 .find(|(_, file)| resolved(file).starts_with(&root_resolved))
                 .map(|(name, file)| format!("{name} ({})", file.display()));
             let named = named.or_else(|| {
@@ -357,11 +395,45 @@ impl UploaderConfig {
         None
     }
 
-    /// The audit log's database: `audit_database`, or `audit.db` beside `database`.
-    pub fn audit_database(&self) -> PathBuf {
-        self.audit_database
-            .clone()
-            .unwrap_or_else(|| self.database.with_file_name("audit.db"))
+    /// The audit log's SQLite file with `database`: `audit_database`, or
+    /// `audit.db` beside `database`. `None` on PostgreSQL.
+    pub fn audit_database(&self) -> Option<PathBuf> {
+        let database = self.database.as_ref()?;
+        Some(
+            self.audit_database
+                .clone()
+                .unwrap_or_else(|| database.with_file_name("audit.db")),
+        )
+    }
+
+    /// Where jobs and destinations are kept: exactly one of `database` and
+    /// `database_url_file`, else why not.
+    pub fn storage(&self) -> Result<crate::store::Storage, String> {
+        use crate::store::Storage;
+        match (&self.database, &self.database_url_file) {
+            (Some(path), None) => Ok(Storage::Sqlite(path.clone())),
+            (None, Some(url_file)) => Ok(Storage::Postgres(url_file.clone())),
+            (Some(_), Some(_)) => Err("set one of database (SQLite file) and database_url_file \
+                                       (PostgreSQL URL file), not both"
+                .into()),
+            (None, None) => Err("set database (a SQLite file, for one uploader) or \
+                                 database_url_file (a file holding a postgresql:// URL, for \
+                                 several replicas)"
+                .into()),
+        }
+    }
+
+    /// This replica's name: `instance_id`, else the host name, else `uploader`.
+    pub fn instance(&self) -> String {
+        recvault_runtime::config::instance_name(self.instance_id.as_deref(), "uploader")
+    }
+
+    /// Who the job store acts as.
+    pub fn replica(&self) -> crate::jobs::Replica {
+        crate::jobs::Replica {
+            instance: self.instance(),
+            claim_ttl: Duration::from_secs(self.delivery.claim_ttl_secs.max(3)),
+        }
     }
 
     /// Applies `RECVAULT_UPLOADER_*` overrides.
@@ -382,7 +454,13 @@ impl UploaderConfig {
             self.vault.endpoint = v;
         }
         if let Some(v) = get("RECVAULT_UPLOADER_DATABASE") {
-            self.database = v.into();
+            (self.database, self.database_url_file) = (Some(PathBuf::from(v)), None);
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_DATABASE_URL_FILE") {
+            (self.database, self.database_url_file) = (None, Some(PathBuf::from(v)));
+        }
+        if let Some(v) = get("RECVAULT_UPLOADER_INSTANCE_ID") {
+            self.instance_id = Some(v);
         }
         if let Some(v) = get("RECVAULT_UPLOADER_BACKUP_DIR") {
             self.backup_dir = v.into();

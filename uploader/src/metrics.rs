@@ -20,6 +20,8 @@ pub struct UploaderMetrics {
     retries_doubtful: Arc<Counter>,
     pub retained: Arc<Counter>,
     pub verification_failures: Arc<Counter>,
+    /// Attempts this replica stopped because another replica took the job over.
+    pub claims_lost: Arc<Counter>,
     pub scrub_checked: Arc<Counter>,
     pub scrub_corrupt: Arc<Counter>,
     pub audit_failures: Arc<Counter>,
@@ -74,6 +76,10 @@ impl UploaderMetrics {
             verification_failures: c(
                 "recvault_uploader_verification_failures_total",
                 "Delivered objects whose size or checksum did not match.",
+            ),
+            claims_lost: c(
+                "recvault_uploader_claims_lost_total",
+                "Attempts stopped because this replica's claim on the job expired and another replica took it over.",
             ),
             scrub_checked: c(
                 "recvault_uploader_scrub_checked_total",

@@ -3,7 +3,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use recvault_audit::{AuditKey, AuditLog, GroupCommitOptions};
+use recvault_audit::{AuditKey, AuditLog, AuditStorage, GroupCommitOptions};
 use recvault_proto::uploader::v1::{
     audit_server::AuditServer, destinations_server::DestinationsServer, jobs_server::JobsServer,
     recordings_server::RecordingsServer,
@@ -45,7 +45,7 @@ pub enum StartError {
     Jobs(#[from] crate::jobs::JobStoreError),
     #[error("audit_key_file: {0}")]
     AuditKey(#[from] recvault_audit::KeyFileError),
-    #[error("audit log (audit_database {path}): {source}")]
+    #[error("audit log ({path}): {source}")]
     Audit {
         path: String,
         source: recvault_audit::AuditError,
@@ -54,11 +54,8 @@ pub enum StartError {
         "audit_database and database are both {0}; give the audit log a file of its own (or leave audit_database unset for audit.db beside database)"
     )]
     AuditDatabaseShared(String),
-    #[error("destination store {path}: {source}")]
-    Destinations {
-        path: String,
-        source: rusqlite::Error,
-    },
+    #[error("{0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}; is another process using the port?")]
     Bind {
         addr: SocketAddr,
@@ -84,39 +81,59 @@ pub struct Bound {
     pub config: UploaderConfig,
 }
 
+/// Where the audit log lives: in the shared PostgreSQL database with
+/// `database_url_file` (one chain for every replica), else its own SQLite
+/// file beside `database`.
+pub fn audit_storage(config: &UploaderConfig) -> Result<AuditStorage, StartError> {
+    match (config.audit_database(), &config.database_url_file) {
+        (Some(file), _) => {
+            if Some(&file) == config.database.as_ref() {
+                return Err(StartError::AuditDatabaseShared(file.display().to_string()));
+            }
+            if let Some(dir) = file.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            Ok(AuditStorage::Sqlite(file))
+        }
+        (None, Some(url_file)) => Ok(AuditStorage::Postgres(Box::new(
+            recvault_pg::PgTarget::from_url_file(url_file, "recvault-uploader")
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        ))),
+        (None, None) => Err(StartError::Config(
+            "set database or database_url_file".to_owned(),
+        )),
+    }
+}
+
 /// Opens the stores and binds the port.
 pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
     let tls = ReloadingServerTls::load(config.tls.clone())?;
-    if let Some(dir) = config.database.parent() {
+    let storage = config.storage().map_err(StartError::Config)?;
+    let instance = config.instance();
+    if let Some(dir) = config.database.as_deref().and_then(std::path::Path::parent) {
         let _ = std::fs::create_dir_all(dir);
     }
     // The audit key first: without it nothing may be served (every call is
     // audited), so a missing or loose key file stops the start here.
     let audit_key = AuditKey::load_file(&config.audit_key_file)?;
-    let audit_database = config.audit_database();
-    if audit_database == config.database {
-        return Err(StartError::AuditDatabaseShared(
-            audit_database.display().to_string(),
-        ));
-    }
-    if let Some(dir) = audit_database.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
+    let audit_storage = audit_storage(&config)?;
+    let audit_location = audit_storage.describe();
     let audit = Arc::new(
-        AuditLog::open(&audit_database, audit_key, GroupCommitOptions::default()).map_err(
-            |source| StartError::Audit {
-                path: audit_database.display().to_string(),
-                source,
-            },
-        )?,
-    );
-    let jobs = JobStore::open(&config.database)?;
-    let destinations = Arc::new(DestinationStore::open(&config.database).map_err(|source| {
-        StartError::Destinations {
-            path: config.database.display().to_string(),
+        AuditLog::open_in(
+            audit_storage,
+            &instance,
+            audit_key,
+            GroupCommitOptions::default(),
+        )
+        .map_err(|source| StartError::Audit {
+            path: audit_location,
             source,
-        }
-    })?);
+        })?,
+    );
+    let stores = crate::store::open(&storage, &instance)?;
+    let jobs = JobStore::new(stores.jobs, config.replica())?;
+    let destinations = Arc::new(DestinationStore::new(stores.destinations));
+    tracing::info!(store = %storage.display(), %instance, claim_ttl_secs = config.delivery.claim_ttl_secs, "job store open");
     let wrapping_key_file = config
         .backup
         .wrapping_key_file

@@ -195,7 +195,16 @@ impl Worker {
     /// One delivery attempt, with its outcome recorded in the job store.
     pub async fn attempt(&self, job: Job) {
         tracing::info!(job_id = %job.job_id, recording_id = %job.recording_id, attempt = job.attempts, "delivery attempt");
-        let result = self.deliver(&job).await;
+        let result = tokio::select! {
+            result = self.deliver(&job) => result,
+            lost = self.keep_claim(job.job_id) => {
+                // Another replica runs the job now (this one stalled past the
+                // claim's expiry); it resumes or aborts what was started here.
+                tracing::warn!(job_id = %job.job_id, error = %lost, "stopping the attempt: its claim was lost");
+                self.metrics.claims_lost.inc();
+                return;
+            }
+        };
         let recorded = match result {
             Ok((location, verified_by)) => {
                 let done = async {
@@ -257,8 +266,15 @@ impl Worker {
                 }
             }
         };
-        if let Err(error) = recorded {
-            tracing::error!(job_id = %job.job_id, %error, "recording the attempt's outcome failed");
+        match recorded {
+            Ok(()) => {}
+            Err(error @ JobStoreError::ClaimLost { .. }) => {
+                self.metrics.claims_lost.inc();
+                tracing::warn!(job_id = %job.job_id, %error, "the attempt's outcome was not recorded: another replica took the job over");
+            }
+            Err(error) => {
+                tracing::error!(job_id = %job.job_id, %error, "recording the attempt's outcome failed");
+            }
         }
     }
 
@@ -287,13 +303,17 @@ impl Worker {
             })?;
 
         // Never overwrite another recording: the key this attempt writes must
-        // be the job's registered key. It differs when the destination's
-        // prefix changed since ingest or the job predates keys; registering
-        // it is refused while another job holds it.
-        if let Ok(key) = destination::object_key(&record.config.prefix, job.file_name.as_str())
-            && job.object_key.as_deref() != Some(key.as_str())
+        // be the job's registered key at the destination's real location. It
+        // differs when the destination's prefix or bucket changed since
+        // ingest or the job predates keys; registering it is refused while
+        // another job holds it there.
+        let mut job = job.clone();
+        if let Some(key) = record.object_key(job.file_name.as_str())
+            && (job.object_key.as_deref() != Some(key.key.as_str())
+                || job.object_location.as_deref() != Some(key.location.as_str()))
         {
-            self.jobs
+            job = self
+                .jobs
                 .register_object_key(job.job_id, key)
                 .await
                 .map_err(|e| match e {
@@ -303,7 +323,7 @@ impl Worker {
                     e => Failure::transient(format!("registering the object key: {e}")),
                 })?;
         }
-
+        let job = &job;
         let request_id = job
             .request_id
             .clone()
@@ -372,18 +392,19 @@ impl Worker {
             &self.fs_roots,
         );
         let destination = built.map_err(|e| Failure::new(delivery_class(&e), e.to_string()))?;
+        let resume = self.stale_upload(job, &destination).await?;
 
         let progress_jobs = self.jobs.clone();
         let progress_job = job.clone();
         let progress = move |sent: u64| progress_jobs.publish_progress(&progress_job, sent);
-        let recorded: RecordedUpload = Arc::new(Mutex::new(job.multipart_upload_id.clone()));
+        let recorded: RecordedUpload = Arc::new(Mutex::new(resume.clone()));
         let on_started = record_upload_id(self.jobs.clone(), job.job_id, recorded.clone());
         let on_closed = forget_upload_id(self.jobs.clone(), job.job_id, recorded.clone());
         let hooks = DeliveryHooks {
             progress: &progress,
             on_multipart_started: &on_started,
             on_multipart_closed: &on_closed,
-            resume_upload_id: job.multipart_upload_id.as_deref(),
+            resume_upload_id: resume.as_deref(),
         };
         let object = ObjectInfo {
             name: job.file_name.as_str().to_owned(),
@@ -416,6 +437,76 @@ impl Worker {
             _ => VerifiedBy::ReadBack,
         };
         Ok((delivery.location, verified_by))
+    }
+}
+
+impl Worker {
+    /// The multipart upload this attempt may resume: the one the job
+    /// recorded, if it was started under the key and location the attempt
+    /// writes now. One started under another key (the destination's prefix
+    /// changed) cannot be resumed under this one, so it is aborted where it
+    /// was started (its key is stored beside its id), never orphaned; one at
+    /// another location (the destination now points at another bucket)
+    /// cannot be reached with this attempt's client and is given up with a
+    /// history line, for the bucket's AbortIncompleteMultipartUpload rule.
+    async fn stale_upload(
+        &self,
+        job: &Job,
+        destination: &Destination,
+    ) -> Result<Option<String>, Failure> {
+        let Some(upload_id) = job.multipart_upload_id.clone() else {
+            return Ok(None);
+        };
+        let Some(old_key) = job.multipart_upload_key.clone() else {
+            return Ok(Some(upload_id)); // recorded before keys were kept: resume as before
+        };
+        let same_location = job.multipart_upload_location == job.object_location;
+        if same_location && job.object_key.as_deref() == Some(old_key.as_str()) {
+            return Ok(Some(upload_id));
+        }
+        if same_location {
+            destination
+                .abort_multipart(&old_key, &upload_id)
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        delivery_class(&e),
+                        format!(
+                            "multipart upload {upload_id} was started under the earlier key \
+                             {old_key:?} and could not be aborted there: {e}"
+                        ),
+                    )
+                })?;
+            tracing::info!(job_id = %job.job_id, %upload_id, key = %old_key, "aborted a multipart upload started under the destination's earlier prefix");
+        } else {
+            tracing::warn!(job_id = %job.job_id, %upload_id, key = %old_key, location = job.multipart_upload_location.as_deref().unwrap_or(""), "the job's open multipart upload is at a location the destination no longer points at; it is given up (abort it there, or let an AbortIncompleteMultipartUpload rule remove it)");
+        }
+        self.jobs
+            .clear_multipart_upload_id(job.job_id, upload_id)
+            .await
+            .map_err(|e| Failure::transient(format!("forgetting the earlier upload: {e}")))?;
+        Ok(None)
+    }
+
+    /// Renews this replica's claim on the job every third of the claim's
+    /// lifetime while the attempt runs; returns only once the claim is lost
+    /// (another replica took the job over), so the attempt can be stopped.
+    /// A renewal that fails because the database is unreachable is retried:
+    /// the claim may still hold, and the next renewal tells.
+    async fn keep_claim(&self, job_id: JobId) -> JobStoreError {
+        let every = self.jobs.claim_ttl() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.jobs.renew_claim(job_id).await {
+                Ok(()) => {}
+                Err(e @ (JobStoreError::ClaimLost { .. } | JobStoreError::NotFound(_))) => {
+                    return e;
+                }
+                Err(error) => {
+                    tracing::warn!(%job_id, %error, "renewing the claim failed; retrying");
+                }
+            }
+        }
     }
 }
 

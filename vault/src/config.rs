@@ -258,16 +258,8 @@ impl VaultConfig {
                     .into(),
             );
         }
-        if let Some(id) = &self.instance_id
-            && (id.is_empty()
-                || id.len() > 64
-                || !id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
-        {
-            return Err(format!(
-                "instance_id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
-            ));
+        if let Some(id) = &self.instance_id {
+            recvault_runtime::config::check_instance_id(id)?;
         }
         let l = &self.leases;
         if l.max_ttl_secs == 0 || l.default_ttl_secs == 0 || l.default_ttl_secs > l.max_ttl_secs {
@@ -304,21 +296,7 @@ impl VaultConfig {
     /// pod's name on Kubernetes), cut to the `instance_id` rules, else
     /// `vault`. The audit log records it with every event on PostgreSQL.
     pub fn instance(&self) -> String {
-        if let Some(id) = &self.instance_id {
-            return id.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let host: String = host
-            .trim()
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-            .take(64)
-            .collect();
-        if host.is_empty() {
-            "vault".into()
-        } else {
-            host
-        }
+        recvault_runtime::config::instance_name(self.instance_id.as_deref(), "vault")
     }
 
     /// How often watched files are checked.

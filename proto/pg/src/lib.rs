@@ -387,6 +387,65 @@ impl Pool {
     }
 }
 
+/// Follows `channel` on a connection of its own, from a thread named `name`:
+/// `on_batch` gets the payloads of the notifications that arrived together
+/// (empty after `poll` passed without one, so the caller can also poll for
+/// what it may have missed). A broken connection is reopened (after `poll`);
+/// notifications sent while it was down are lost, which callers cover by
+/// re-reading on the empty batches. Stops within `poll` of `stop`.
+pub fn listen(
+    name: &str,
+    pool: std::sync::Arc<Pool>,
+    channel: &'static str,
+    poll: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut on_batch: impl FnMut(Vec<String>) + Send + 'static,
+) -> std::io::Result<()> {
+    use postgres::fallible_iterator::FallibleIterator as _;
+    use std::sync::atomic::Ordering;
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let mut listener: Option<Client> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(client) = listener.as_mut().filter(|c| !c.is_closed()) else {
+                    listener = pool.target().connect().ok().and_then(|mut c| {
+                        c.batch_execute(&format!("LISTEN {channel}"))
+                            .ok()
+                            .map(|()| c)
+                    });
+                    if listener.is_none() {
+                        std::thread::sleep(poll);
+                    }
+                    continue;
+                };
+                // Wait for one notification (or `poll`), then take whatever
+                // else is already pending.
+                let mut payloads = Vec::new();
+                let mut notes = client.notifications();
+                let first = notes.timeout_iter(poll).next();
+                let broken = match first {
+                    Ok(Some(n)) => {
+                        payloads.push(n.payload().to_owned());
+                        let mut pending = notes.iter();
+                        while let Ok(Some(n)) = pending.next() {
+                            payloads.push(n.payload().to_owned());
+                        }
+                        false
+                    }
+                    Ok(None) => false,
+                    Err(_) => true,
+                };
+                drop(notes);
+                if broken {
+                    listener = None;
+                }
+                on_batch(payloads);
+            }
+        })
+        .map(drop)
+}
+
 /// Applies the `migrations` (version, SQL) that `table` does not list yet, in
 /// one transaction under an advisory lock, so replicas starting at once
 /// never both apply one. Each component keeps its own table (the vault's

@@ -89,3 +89,41 @@ mod tests {
         assert_eq!(b, PathBuf::from("/abs/y.db"));
     }
 }
+
+/// A replica's name: `configured` when set, else the host name (a pod's
+/// name on Kubernetes) cut to the [`check_instance_id`] rules, else
+/// `fallback`. Replicas sharing one database are told apart by it (audit
+/// chains, leases, job claims and history).
+pub fn instance_name(configured: Option<&str>, fallback: &str) -> String {
+    if let Some(id) = configured {
+        return id.to_owned();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(64)
+        .collect();
+    if host.is_empty() {
+        fallback.to_owned()
+    } else {
+        host
+    }
+}
+
+/// `instance_id` is 1 to 64 letters, digits, `-`, `_` or `.`.
+pub fn check_instance_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "instance_id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}

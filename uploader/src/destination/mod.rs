@@ -83,6 +83,57 @@ pub struct DestinationConfig {
     pub path_style: bool,
 }
 
+impl DestinationConfig {
+    /// The place objects are really written, normalized, so that two
+    /// destinations pointing at the same bucket (or one deleted and created
+    /// again) share one namespace of object keys: the provider, the endpoint
+    /// (scheme and host lowercased, default port and trailing `/` dropped;
+    /// AWS when empty, with its region) and the bucket. Path-style or
+    /// virtual-host addressing reach the same bucket, so it is left out.
+    /// For `fs`, the directory.
+    pub fn real_location(&self) -> String {
+        match self.provider {
+            Provider::Fs => format!("fs:{}", self.bucket.trim_end_matches('/')),
+            Provider::S3 => {
+                let endpoint = normalize_endpoint(&self.endpoint);
+                let endpoint = if endpoint.is_empty() {
+                    let region = if self.region.is_empty() { "us-east-1" } else { &self.region };
+                    format!("aws:{region}")
+                } else {
+                    endpoint
+                };
+                format!("s3:{endpoint}/{}", self.bucket)
+            }
+        }
+    }
+}
+
+/// `HTTPS://Host:443/` → `https://host`: scheme and host lowercased, the
+/// scheme's default port and trailing slashes dropped.
+fn normalize_endpoint(endpoint: &str) -> String {
+    let endpoint = endpoint.trim().trim_end_matches('/');
+    let (scheme, rest) = endpoint.split_once("://").unwrap_or(("https", endpoint));
+    let scheme = scheme.to_ascii_lowercase();
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let mut authority = authority.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => "",
+    };
+    if !default_port.is_empty() && authority.ends_with(default_port) {
+        authority.truncate(authority.len() - default_port.len());
+    }
+    if authority.is_empty() {
+        return String::new();
+    }
+    if path.is_empty() {
+        format!("{scheme}://{authority}")
+    } else {
+        format!("{scheme}://{authority}/{path}")
+    }
+}
+
 /// What is being delivered. The caller computed the checksums at intake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {

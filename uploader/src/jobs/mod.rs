@@ -3,6 +3,7 @@
 //! guards state; it never touches backups or destinations itself.
 
 mod ids;
+mod model;
 mod retry;
 mod state;
 mod store;
@@ -13,7 +14,8 @@ pub use ids::{
 };
 pub use retry::{FailureClass, GiveUp, RetryPolicy, RetryState};
 pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
-pub use store::{
-    Clash, Job, JobEvent, JobFilter, JobStore, JobStoreError, KeyConflict, NewJob, ReleasedUpload,
+pub use model::{
+    Clash, Job, JobEvent, JobFilter, JobStoreError, KeyConflict, NewJob, ObjectKey, ReleasedUpload,
     Resend, rfc3339,
 };
+pub use store::{JobStore, Replica};

@@ -63,15 +63,35 @@ impl JobsService {
             return Ok(None);
         }
         let old = job.destination_id.as_str();
+        // Parked first, in its own transaction: a RETRYING job is no longer
+        // due, so no replica's retry claims it and resumes the upload while
+        // it is aborted here. It stays RETAINED if the abort fails.
+        let job = &self
+            .shared
+            .jobs
+            .park_for_resend(
+                job.job_id,
+                format!(
+                    "its multipart upload {upload_id} at destination {old} is aborted before it \
+                     is resent elsewhere"
+                ),
+            )
+            .await?;
+        if job.multipart_upload_id.as_deref() != Some(upload_id.as_str()) {
+            return Ok(None);
+        }
         let record = self
             .shared
             .destinations
             .get_async(old)
             .await
             .map_err(|e| Status::unavailable(format!("destination store: {e}")))?;
+        // The key the upload was started under is stored beside its id: a
+        // prefix changed since then does not change where the upload is.
         let key = |prefix: &str| {
-            job.object_key
+            job.multipart_upload_key
                 .clone()
+                .or_else(|| job.object_key.clone())
                 .or_else(|| object_key(prefix, job.file_name.as_str()).ok())
                 .unwrap_or_else(|| job.file_name.to_string())
         };
@@ -326,7 +346,7 @@ impl JobsService {
                 // The key there, checked against the other recordings there in
                 // the transaction that moves the job (FAILED_PRECONDITION if
                 // taken). An unusable prefix is left to the attempt to report.
-                let key = object_key(&record.config.prefix, job.file_name.as_str()).ok();
+                let key = record.object_key(job.file_name.as_str());
                 let released_upload = if destination == job.destination_id {
                     None
                 } else {
@@ -346,6 +366,18 @@ impl JobsService {
                 }
             }
         };
+        if !job.backup_deleted && !job.backup_corrupt {
+            let present = tokio::fs::metadata(&job.backup_path)
+                .await
+                .is_ok_and(|m| m.is_file());
+            if !present {
+                return Err(Status::failed_precondition(format!(
+                    "job {id}: its backup {} is missing from the backup store; nothing can be \
+                     resent",
+                    job.backup_path.display()
+                )));
+            }
+        }
         let job = self.shared.jobs.resend_to(id, resend).await?;
         self.shared.wake.notify_one();
         Ok(Response::new(job.to_proto()))
@@ -371,6 +403,7 @@ impl JobsService {
                     }),
                     state: e.state.to_proto().into(),
                     message: e.message,
+                    replica: e.replica,
                 })
                 .collect(),
         }))

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use recvault_runtime::policy::Role;
 
 use super::{Call, Shared, Subject};
-use crate::destination::object_key;
+use crate::jobs::ObjectKey;
 use crate::destination_store::DestinationRecord;
 use crate::ingest;
 use crate::jobs::{DestinationId, FileName, RecordingId, TenantId};
@@ -35,7 +35,7 @@ impl RecordingsService {
         &self,
         header: &UploadHeader,
         destination: &DestinationRecord,
-    ) -> Result<Option<String>, Status> {
+    ) -> Result<Option<ObjectKey>, Status> {
         let parsed = (
             TenantId::parse(header.tenant_id.clone()),
             RecordingId::parse(header.recording_id.clone()),
@@ -45,7 +45,7 @@ impl RecordingsService {
         let (Ok(tenant_id), Ok(recording_id), Ok(file_name), Ok(destination_id)) = parsed else {
             return Ok(None);
         };
-        let Ok(key) = object_key(&destination.config.prefix, file_name.as_str()) else {
+        let Some(key) = destination.object_key(file_name.as_str()) else {
             return Ok(None);
         };
         self.shared

@@ -20,11 +20,7 @@
 
 use std::{
     ops::ControlFlow,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -133,7 +129,7 @@ pub(crate) fn open(
 ) -> Result<(PostgresWriter, Arc<PostgresReader>, Head), AuditError> {
     let display = target.display().to_owned();
     let reader = Arc::new(PostgresReader {
-        pool: Pool::new(target),
+        pool: Arc::new(Pool::new(target)),
     });
     recvault_pg::migrate(&reader.pool, "audit_schema_migrations", MIGRATIONS).map_err(|e| {
         AuditError::Open {
@@ -376,14 +372,14 @@ impl WriteBackend for PostgresWriter {
 /// Pooled connections for queries, verification and the follower.
 #[derive(Debug)]
 pub(crate) struct PostgresReader {
-    pool: Pool,
+    pool: Arc<Pool>,
 }
 
 impl PostgresReader {
     /// Readers of an existing log (offline verify and export): no migration.
     pub(crate) fn new(target: PgTarget) -> Self {
         Self {
-            pool: Pool::new(target),
+            pool: Arc::new(Pool::new(target)),
         }
     }
 
@@ -553,79 +549,36 @@ pub(crate) fn follow(
     on_seen: impl Fn(u64) + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
-    use recvault_pg::FallibleIterator as _;
-    thread::Builder::new()
-        .name("audit-follow".into())
-        .spawn(move || {
-            let mut seen = start;
-            let mut listener: Option<Client> = None;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(client) = listener.as_mut().filter(|c| !c.is_closed()) else {
-                    listener = reader.pool.target().connect().ok().and_then(|mut c| {
-                        c.batch_execute(&format!("LISTEN {CHANNEL}"))
-                            .ok()
-                            .map(|()| c)
-                    });
-                    if listener.is_none() {
-                        thread::sleep(FOLLOW_POLL);
-                    }
-                    continue;
-                };
-                // Wait for one notification (or the poll interval), then
-                // take whatever else is already pending.
-                let mut newest: Option<u64> = None;
-                let mut note = |payload: &str| {
-                    if let Ok(n) = payload.parse::<u64>() {
-                        newest = Some(newest.map_or(n, |m| m.max(n)));
-                    }
-                };
-                let mut notes = client.notifications();
-                let first = notes.timeout_iter(FOLLOW_POLL).next();
-                let broken = match first {
-                    Ok(Some(n)) => {
-                        note(n.payload());
-                        let mut pending = notes.iter();
-                        while let Ok(Some(n)) = pending.next() {
-                            note(n.payload());
-                        }
-                        false
-                    }
-                    Ok(None) => false,
-                    Err(_) => true,
-                };
-                drop(notes);
-                if broken {
-                    listener = None;
-                    continue;
-                }
-                if events_tx.receiver_count() == 0 {
-                    // Nobody tails: only keep the newest sequence current.
-                    if let Some(n) = newest.filter(|n| *n > seen) {
-                        seen = n;
-                        on_seen(n);
-                    }
-                    continue;
-                }
-                if newest.is_some_and(|n| n <= seen) {
-                    continue;
-                }
-                // Read what was committed after `seen` (on a timeout too: a
-                // notification can be lost while reconnecting).
-                while let Ok(page) = reader.events_between(seen, u64::MAX) {
-                    let Some(last) = page.last() else {
-                        break;
-                    };
-                    let full = page.len() >= 4096;
-                    seen = last.sequence;
-                    on_seen(seen);
-                    for event in page {
-                        let _ = events_tx.send(event);
-                    }
-                    if !full {
-                        break;
-                    }
-                }
+    let mut seen = start;
+    let pool = Arc::clone(&reader.pool);
+    recvault_pg::listen("audit-follow", pool, CHANNEL, FOLLOW_POLL, stop, move |payloads| {
+        let newest = payloads.iter().filter_map(|p| p.parse::<u64>().ok()).max();
+        if events_tx.receiver_count() == 0 {
+            // Nobody tails: only keep the newest sequence current.
+            if let Some(n) = newest.filter(|n| *n > seen) {
+                seen = n;
+                on_seen(n);
             }
-        })
-        .map(drop)
+            return;
+        }
+        if newest.is_some_and(|n| n <= seen) {
+            return;
+        }
+        // Read what was committed after `seen` (on a timeout too: a
+        // notification can be lost while reconnecting).
+        while let Ok(page) = reader.events_between(seen, u64::MAX) {
+            let Some(last) = page.last() else {
+                break;
+            };
+            let full = page.len() >= 4096;
+            seen = last.sequence;
+            on_seen(seen);
+            for event in page {
+                let _ = events_tx.send(event);
+            }
+            if !full {
+                break;
+            }
+        }
+    })
 }
