@@ -664,7 +664,7 @@ mod tests {
         std::fs::write(&path, minimal("audit_key_file = \"keys/audit.key\"\n")).expect("write");
         let config = UploaderConfig::load(&path).expect("parses");
         assert_eq!(config.audit_key_file, dir.path().join("keys/audit.key"));
-        assert_eq!(config.audit_database(), dir.path().join("data/audit.db"));
+        assert_eq!(config.audit_database(), Some(dir.path().join("data/audit.db")));
 
         std::fs::write(
             &path,
@@ -672,7 +672,7 @@ mod tests {
         )
         .expect("write");
         let mut config = UploaderConfig::load(&path).expect("parses");
-        assert_eq!(config.audit_database(), dir.path().join("logs/a.db"));
+        assert_eq!(config.audit_database(), Some(dir.path().join("logs/a.db")));
         config
             .apply_env(|n| match n {
                 "RECVAULT_UPLOADER_AUDIT_KEY_FILE" => Some("/run/credentials/audit.key".into()),
@@ -684,7 +684,7 @@ mod tests {
             config.audit_key_file,
             Path::new("/run/credentials/audit.key")
         );
-        assert_eq!(config.audit_database(), Path::new("/var/audit.db"));
+        assert_eq!(config.audit_database().as_deref(), Some(Path::new("/var/audit.db")));
     }
 
     #[test]

@@ -118,19 +118,32 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
     let audit_key = AuditKey::load_file(&config.audit_key_file)?;
     let audit_storage = audit_storage(&config)?;
     let audit_location = audit_storage.describe();
-    let audit = Arc::new(
-        AuditLog::open_in(
-            audit_storage,
-            &instance,
-            audit_key,
-            GroupCommitOptions::default(),
-        )
+    // Blocking opens (a SQLite migration, PostgreSQL connections whose
+    // client runs a runtime of its own) run off the async workers.
+    let audit = {
+        let instance = instance.clone();
+        tokio::task::spawn_blocking(move || {
+            AuditLog::open_in(
+                audit_storage,
+                &instance,
+                audit_key,
+                GroupCommitOptions::default(),
+            )
+        })
+        .await
+        .map_err(|e| StartError::Config(format!("opening the audit log failed: {e}")))?
+        .map(Arc::new)
         .map_err(|source| StartError::Audit {
             path: audit_location,
             source,
-        })?,
-    );
-    let stores = crate::store::open(&storage, &instance)?;
+        })?
+    };
+    let stores = {
+        let (storage, instance) = (storage.clone(), instance.clone());
+        tokio::task::spawn_blocking(move || crate::store::open(&storage, &instance))
+            .await
+            .map_err(|e| StartError::Config(format!("opening the job store failed: {e}")))??
+    };
     let jobs = JobStore::new(stores.jobs, config.replica())?;
     let destinations = Arc::new(DestinationStore::new(stores.destinations));
     tracing::info!(store = %storage.display(), %instance, claim_ttl_secs = config.delivery.claim_ttl_secs, "job store open");

@@ -460,7 +460,7 @@ fn assert_names(status: &Status, parts: &[&str]) {
 
 /// A recording whose file name another recording (here already DELIVERED,
 /// its backup deleted) uses at the destination is refused right after its
-/// header: ALREADY_EXISTS naming the file name, the other recording and its
+/// header: FAILED_PRECONDITION (never ALREADY_EXISTS, which reads as stored) naming the file name, the other recording and its
 /// job, and what to do. The stream is still open when the answer comes, so
 /// no byte was taken; no job, no backup or staging file is left, and the
 /// delivered recording is untouched.
@@ -491,7 +491,7 @@ async fn another_recording_with_the_same_file_name_is_refused_before_any_byte() 
         .await
         .expect("refused without waiting for the stream")
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_names(
         &status,
         &[
@@ -511,7 +511,7 @@ async fn another_recording_with_the_same_file_name_is_refused_before_any_byte() 
         .upload(&destination, "rec-2", "call.mp4", &bytes(200_000, 2))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
     assert_eq!(rig.job_count().await, 1);
     assert_eq!(files_under(&rig.backup_dir()), backups_before);
@@ -580,7 +580,7 @@ async fn names_are_compared_as_object_keys() {
         .upload(&destination, "rec-2", "x.mp4", &bytes(1000, 2))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_names(&status, &["\"rec/x.mp4\"", "rec-1", &first.job_id]);
 
     rig.put_fs_destination("local", &target, "other").await;
@@ -596,7 +596,7 @@ async fn names_are_compared_as_object_keys() {
         .upload(&destination, "rec-5", "a.mp4.sha256", &bytes(1000, 5))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_names(&status, &["sidecar", "rec-4"]);
     rig.upload(&destination, "rec-6", "b.mp4.sha256", &bytes(1000, 6))
         .await
@@ -605,7 +605,7 @@ async fn names_are_compared_as_object_keys() {
         .upload(&destination, "rec-7", "b.mp4", &bytes(1000, 7))
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_names(&status, &["sidecar", "rec-6"]);
     assert_eq!(rig.job_count().await, 4);
 }
@@ -668,7 +668,7 @@ async fn resend_to_a_destination_where_the_name_is_taken_is_refused() {
 /// Two uploads with the same name race: both send their header and a chunk
 /// (so both passed the check at the header, and both are writing a staging
 /// file) before either sends its trailer. Exactly one gets a job; the other
-/// gets ALREADY_EXISTS from the check in the transaction that inserts, and
+/// gets FAILED_PRECONDITION from the check in the transaction that inserts, and
 /// its bytes are removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_with_the_same_name_do_not_both_pass() {
@@ -717,7 +717,7 @@ async fn concurrent_uploads_with_the_same_name_do_not_both_pass() {
     assert_eq!(ok.len(), 1, "exactly one upload passes: {ok:?} {refused:?}");
     let winner = ok.into_iter().next().unwrap().unwrap().into_inner();
     let status = refused.into_iter().next().unwrap().unwrap_err();
-    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_names(&status, &["\"same.mp4\"", &winner.job_id]);
     assert_eq!(rig.job_count().await, 1);
     assert_eq!(rig.shared.metrics.ingest_rejected.get(), 1);

@@ -28,7 +28,7 @@ impl RecordingsService {
     }
 
     /// The key `destination` would write this recording under, once checked
-    /// that no other recording holds it there (ALREADY_EXISTS otherwise).
+    /// that no other recording holds it there (FAILED_PRECONDITION otherwise).
     /// `None` when a header field is invalid or the key cannot be formed:
     /// `ingest::receive` refuses the former, the first attempt the latter.
     async fn check_name(
