@@ -326,7 +326,7 @@ const BROKEN: &[(&str, &str, &str)] = &[
     (
         "audit key copied without chmod 0400",
         "pod('recvault-uploader')['initContainers'][0]['command'][2] = pod('recvault-uploader')['initContainers'][0]['command'][2].replace('chmod 0400', 'chmod 0440')",
-        "the init container must make the copy mode 0400",
+        "the init container must make the audit key copy mode 0400",
     ),
     (
         "vault reachable from every pod in the namespace",
@@ -374,9 +374,11 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "is not a dnsName of the vault's Certificate",
     ),
     (
-        "audit log on the ephemeral /tmp",
-        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('/var/lib/recvault/uploader/audit.db', '/tmp/audit.db')",
-        "audit_database = /tmp/audit.db must be on a writable PersistentVolumeClaim mount",
+        // The uploader's audit log lives in PostgreSQL now: a local file (here
+        // on the ephemeral /tmp) would be lost with its pod.
+        "uploader audit log in a local file on the ephemeral /tmp",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('audit_key_file = ', 'audit_database = \"/tmp/audit.db\"\\naudit_key_file = ', 1)",
+        "audit_database = /tmp/audit.db: the uploader replicas' audit log lives in PostgreSQL",
     ),
     (
         "one vault replica (no availability through a drain)",
@@ -412,6 +414,161 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "vault replicas on one node",
         "del pod('recvault-vault')['topologySpreadConstraints']",
         "the vault replicas must spread over nodes",
+    ),
+    (
+        "a rollout that takes a vault down before its replacement is ready",
+        "workload('recvault-vault')['spec']['strategy']['rollingUpdate']['maxUnavailable'] = 1",
+        "a rollout must start a new vault pod before it stops an old one",
+    ),
+    (
+        "one uploader replica",
+        "workload('recvault-uploader')['spec']['replicas'] = 1",
+        "the uploader needs at least 2 replicas, got 1",
+    ),
+    (
+        "uploader back on a StatefulSet",
+        "w = workload('recvault-uploader'); w['kind'] = 'StatefulSet'; w['spec']['serviceName'] = 'recvault-uploader'; del w['spec']['strategy']",
+        "StatefulSet/recvault-uploader: the uploader must be a Deployment",
+    ),
+    (
+        "uploader state on a volume claim template (the old StatefulSet)",
+        "w = workload('recvault-uploader'); w['kind'] = 'StatefulSet'; w['spec']['serviceName'] = 'recvault-uploader'; del w['spec']['strategy']; w['spec']['volumeClaimTemplates'] = [{'metadata': {'name': 'data'}, 'spec': {'accessModes': ['ReadWriteOnce'], 'resources': {'requests': {'storage': '100Gi'}}}}]; container('recvault-uploader')['volumeMounts'].append({'name': 'data', 'mountPath': '/var/lib/recvault/uploader'})",
+        "the uploader must keep no state in its pods (it lives in PostgreSQL and the backup bucket): no PersistentVolumeClaim (volumeClaimTemplates or persistentVolumeClaim volumes), got ['data']",
+    ),
+    (
+        "uploader state on a PersistentVolumeClaim",
+        "pod('recvault-uploader')['volumes'].append({'name': 'data', 'persistentVolumeClaim': {'claimName': 'recvault-uploader-data'}}); container('recvault-uploader')['volumeMounts'].append({'name': 'data', 'mountPath': '/var/lib/recvault/uploader'})",
+        "Deployment/recvault-uploader: the uploader must keep no state in its pods",
+    ),
+    (
+        "a rollout that stops every uploader first",
+        "workload('recvault-uploader')['spec']['strategy'] = {'type': 'Recreate'}",
+        "a rollout must start a new uploader pod before it stops an old one",
+    ),
+    (
+        "uploader replicas on one node",
+        "del pod('recvault-uploader')['topologySpreadConstraints']",
+        "the uploader replicas must spread over nodes",
+    ),
+    (
+        "no PodDisruptionBudget for the uploader",
+        "docs[:] = [d for d in docs if not (d['kind'] == 'PodDisruptionBudget' and d['metadata']['name'] == 'recvault-uploader')]",
+        "expected one PodDisruptionBudget selecting the uploader, got 0",
+    ),
+    (
+        "an uploader PodDisruptionBudget that blocks every drain",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['minAvailable'] = 2",
+        "must keep at least one uploader serving and let a drain proceed",
+    ),
+    (
+        "an uploader PodDisruptionBudget that keeps none serving",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['minAvailable'] = 0",
+        "must keep at least one uploader serving and let a drain proceed",
+    ),
+    (
+        "one PodDisruptionBudget over every recvault pod",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['selector'] = {'matchLabels': {'app.kubernetes.io/part-of': 'recvault'}}",
+        "PodDisruptionBudget/recvault-uploader: must select exactly the uploader pods, it also selects the vault pods",
+    ),
+    (
+        "uploader replicas on SQLite files",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('database_url_file = \"/run/recvault/database/database.url\"', 'database = \"/tmp/uploader.db\"')",
+        "several uploader replicas need database_url_file (PostgreSQL), not database (a SQLite file)",
+    ),
+    (
+        "uploaderd reads the database URL Secret volume itself",
+        "container('recvault-uploader')['volumeMounts'].append({'name': 'database-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "uploaderd must not mount the database URL Secret",
+    ),
+    (
+        "uploader database URL on disk",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'database')['emptyDir'] = {}",
+        "Deployment/recvault-uploader container uploaderd: the database URL must be on a memory-backed emptyDir",
+    ),
+    (
+        "uploader database URL mounted writable",
+        "next(m for m in container('recvault-uploader')['volumeMounts'] if m['name'] == 'database')['readOnly'] = False",
+        "Deployment/recvault-uploader container uploaderd: the database URL mount must be readOnly",
+    ),
+    (
+        "uploader database URL copied without chmod 0400",
+        "i = next(i for i in pod('recvault-uploader')['initContainers'] if i['name'] == 'database-url'); i['command'][2] = i['command'][2].replace('chmod 0400', 'chmod 0644')",
+        "the init container must make the database URL copy mode 0400",
+    ),
+    (
+        "the uploader on the vault's database",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'database-secret')['secret']['secretName'] = 'recvault-vault-database'",
+        "Secret recvault-vault-database: is mounted by both the vault and the uploader",
+    ),
+    (
+        "backup bucket credentials Secret group-readable",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'backup-store-secret')['secret']['defaultMode'] = 0o440",
+        "backup store credentials Secret defaultMode must be 0400",
+    ),
+    (
+        "uploaderd reads the backup bucket credentials Secret volume itself",
+        "container('recvault-uploader')['volumeMounts'].append({'name': 'backup-store-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "uploaderd must not mount the backup store credentials Secret",
+    ),
+    (
+        "backup bucket credentials on disk",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'backup-store')['emptyDir'] = {}",
+        "the backup store credentials must be on a memory-backed emptyDir",
+    ),
+    (
+        "backup bucket credentials mounted writable",
+        "next(m for m in container('recvault-uploader')['volumeMounts'] if m['name'] == 'backup-store')['readOnly'] = False",
+        "the backup store credentials mount must be readOnly",
+    ),
+    (
+        "no init container copies the backup bucket credentials",
+        "pod('recvault-uploader')['initContainers'] = [i for i in pod('recvault-uploader')['initContainers'] if i['name'] != 'backup-store-credentials']",
+        "an initContainer must copy the backup store credentials from the Secret into the emptyDir",
+    ),
+    (
+        "backups in a local directory again",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('policy_file = ', 'backup_dir = \"/tmp/backups\"\\npolicy_file = ', 1)",
+        "backup_dir = /tmp/backups: the replicas keep their backups in the [backup_store] bucket",
+    ),
+    (
+        "no backup bucket",
+        "c = cm('recvault-uploader-config'); t = c['data']['uploader.toml']; i = t.index('[backup_store]'); j = t.index('\\n[', i); c['data']['uploader.toml'] = t[:i] + t[j + 1:]",
+        "config has no [backup_store] table",
+    ),
+    (
+        "backup bucket without its credentials",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = ''.join(l for l in c['data']['uploader.toml'].splitlines(True) if not l.startswith('credentials_file'))",
+        "[backup_store] credentials_file must be set",
+    ),
+    (
+        "backup bucket over plain HTTP",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('endpoint = \"https://s3.', 'endpoint = \"http://s3.')",
+        "[backup_store] endpoint 'http://s3.eu-central-1.amazonaws.com' must be https://",
+    ),
+    (
+        "uploader may dial out anywhere",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({})",
+        "the uploader may reach only DNS (53), the vault (TCP 7443), PostgreSQL (TCP 5432) and HTTPS (TCP 443): egress rule with ports all",
+    ),
+    (
+        "uploader may dial out over SSH",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({'ports': [{'protocol': 'TCP', 'port': 22}]})",
+        "egress rule with ports [('TCP', 22)]",
+    ),
+    (
+        "uploader may reach port 7443 anywhere",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({'ports': [{'protocol': 'TCP', 'port': 7443}]})",
+        "uploader egress to port 7443 must go to the vault pods only",
+    ),
+    (
+        "uploader cannot reach its PostgreSQL",
+        "e = find('NetworkPolicy', 'recvault-uploader')['spec']['egress']; e[:] = [r for r in e if all(p.get('port') != 5432 for p in r.get('ports') or [])]",
+        "uploader egress must allow its PostgreSQL database (TCP 5432)",
+    ),
+    (
+        "uploader egress unrestricted",
+        "n = find('NetworkPolicy', 'recvault-uploader')['spec']; n['policyTypes'] = ['Ingress']; del n['egress']; find('NetworkPolicy', 'recvault-default-deny')['spec']['policyTypes'] = ['Ingress']",
+        "uploader egress is not restricted",
     ),
     (
         "invalid TOML in a ConfigMap",
@@ -547,14 +704,31 @@ fn kubernetes_validation_rejects_broken_manifests() {
     )
     .unwrap();
     fs::remove_file(copy.join("base/networkpolicy.yaml")).unwrap();
+    // An overlay still patching the uploader as a StatefulSet: kustomize skips
+    // a patch whose target matches nothing, so IPC_LOCK would silently vanish.
+    let overlay = copy.join("overlays/ipc-lock/kustomization.yaml");
+    let patched = fs::read_to_string(&overlay).unwrap();
+    let stale = patched.replace(
+        "kind: Deployment\n      name: recvault-uploader",
+        "kind: StatefulSet\n      name: recvault-uploader",
+    );
+    assert_ne!(
+        stale, patched,
+        "the ipc-lock overlay no longer patches the uploader Deployment"
+    );
+    fs::write(&overlay, stale).unwrap();
     let (ok, out) = checker(&[Path::new("tree"), &copy]);
     assert!(
         !ok,
-        "the tree check accepted an unlisted and a missing file:\n{out}"
+        "the tree check accepted an unlisted and a missing file and a stale patch target:\n{out}"
     );
     assert!(out.contains("base/forgotten.yaml: is not listed"), "{out}");
     assert!(
         out.contains("resource networkpolicy.yaml does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("patch target StatefulSet/recvault-uploader matches no resource"),
         "{out}"
     );
 }
