@@ -1136,9 +1136,66 @@ fn assert_serving(pki: &DevPki, identity: &str, addr: &str) {
     );
 }
 
+/// The vault's wrapping public key for `config`, as deploy/README.md makes it
+/// (`vaultd wrapping-key`; the uploader's ConfigMap recvault-uploader-wrapping-key).
+fn wrapping_key(config: &Path, env: &[(&str, String)]) -> Vec<u8> {
+    let out = run(
+        Command::new(binary("vaultd"))
+            .args(["wrapping-key", "--config"])
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+        "vaultd wrapping-key",
+    );
+    assert!(out.status.success(), "vaultd wrapping-key:\n{}", text(&out));
+    out.stdout
+}
+
+/// The line `key = VALUE` of table `[table]` in a TOML text: its index and
+/// VALUE as written (a string keeps its quotes; a trailing comment is dropped).
+fn toml_line(text: &str, table: &str, key: &str) -> (usize, String) {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.split(']').next().unwrap().trim().to_owned();
+        } else if let Some((k, v)) = line.split_once('=')
+            && current == table
+            && k.trim() == key
+        {
+            let v = v.split(" #").next().unwrap().trim();
+            return (i, v.to_owned());
+        }
+    }
+    panic!("no {key} in [{table}]:\n{text}")
+}
+
+/// The string `key` of `[table]` in a TOML text.
+fn toml_string(text: &str, table: &str, key: &str) -> String {
+    let (_, raw) = toml_line(text, table, key);
+    raw.strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("[{table}] {key} = {raw} is not a basic string"))
+        .to_owned()
+}
+
+/// `text` with `key` of `[table]` set to `raw` (TOML as written).
+fn toml_set(text: &str, table: &str, key: &str, raw: &str) -> String {
+    let (at, _) = toml_line(text, table, key);
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i == at {
+                format!("{key} = {raw}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect()
+}
+
 #[test]
-fn shipped_configs_start_the_real_binaries() {
-    // The shipped vault config is for replicas on PostgreSQL.
+fn shipped_kubernetes_configs_start_the_real_binaries() {
+    // The shipped configs are for replicas on PostgreSQL.
     let Some(pg) = recvault_tests::postgres::Postgres::shared() else {
         return;
     };
@@ -1190,14 +1247,7 @@ fn shipped_configs_start_the_real_binaries() {
     );
     fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
     // The uploader's wrapping key ConfigMap, as deploy/README.md makes it.
-    let out = run(
-        Command::new(binary("vaultd"))
-            .args(["wrapping-key", "--config"])
-            .arg(&config),
-        "vaultd wrapping-key",
-    );
-    assert!(out.status.success(), "vaultd wrapping-key:\n{}", text(&out));
-    let wrapping_key = out.stdout;
+    let wrapping_key = wrapping_key(&config, &[]);
     // Every port on loopback, picked by the OS (the config's health_listen is
     // 0.0.0.0:7453), so parallel tests never collide.
     let listen = [
@@ -1210,12 +1260,41 @@ fn shipped_configs_start_the_real_binaries() {
     // What the pod's readiness and liveness probes ask.
     assert_probe_serving(&mut vault, &vault_addr, "recvault.vault.v1.Leases");
 
+    // The uploader replicas share one PostgreSQL database (jobs, destinations,
+    // claims, the audit log) and one S3 bucket (the backups). Here: a database
+    // of its own on the test server, and s3s-fs in this process as the bucket,
+    // on loopback and path-style where the shipped config names AWS.
+    let shipped = fs::read_to_string(k8s.join("uploader.toml")).unwrap();
+    let bucket = toml_string(&shipped, "backup_store", "bucket");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s3_dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(s3_dir.path().join(&bucket)).unwrap();
+    let access_key = "AKIARECVAULTBACKUPS1";
+    let secret_key = format!("backup-store-secret-{}", std::process::id());
+    let s3 = runtime
+        .block_on(recvault_tests::s3::serve(
+            s3_dir.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            access_key,
+            &secret_key,
+            None::<recvault_tests::s3::AuthenticatedOnly>,
+        ))
+        .unwrap();
+    let local = toml_set(
+        &toml_set(
+            &shipped,
+            "backup_store",
+            "endpoint",
+            &format!("\"{}\"", s3.endpoint),
+        ),
+        "backup_store",
+        "path_style",
+        "true",
+    );
     let up_root = Root::new();
     let config = up_root.put(
         "/etc/recvault/config/uploader.toml",
-        up_root
-            .rebase(&fs::read_to_string(k8s.join("uploader.toml")).unwrap())
-            .as_bytes(),
+        up_root.rebase(&local).as_bytes(),
         0o644,
     );
     up_root.put(
@@ -1231,7 +1310,25 @@ fn shipped_configs_start_the_real_binaries() {
         &wrapping_key,
         0o444,
     );
-    up_root.dir("/var/lib/recvault/uploader");
+    // What the database-url and backup-store-credentials init containers
+    // leave: the URL and the bucket's key pair, owner-only.
+    let up_db = pg.database();
+    let url_file = up_db.url_file(
+        up_root
+            .file("/run/recvault/database/database.url")
+            .parent()
+            .unwrap(),
+    );
+    assert_eq!(
+        url_file,
+        up_root.file(&toml_string(&shipped, "", "database_url_file"))
+    );
+    let credentials = serde_json::json!({
+        "access_key_id": access_key,
+        "secret_access_key": secret_key,
+    });
+    let credentials_file = toml_string(&shipped, "backup_store", "credentials_file");
+    up_root.put(&credentials_file, credentials.to_string().as_bytes(), 0o600);
     let env = [
         ("RECVAULT_UPLOADER_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
@@ -1257,8 +1354,29 @@ fn shipped_configs_start_the_real_binaries() {
     let (mut uploader, up_addr) = serve("uploaderd", &config, &env, "uploader serving");
     assert_serving(&pki, "recorder", &up_addr);
     assert_probe_serving(&mut uploader, &up_addr, "recvault.uploader.v1.Recordings");
+    // Its state went to PostgreSQL, none to the pod (which has no volume for it).
+    let tables = pg.psql(
+        &up_db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+    );
+    assert_ne!(
+        tables, "0",
+        "uploaderd created no table in its PostgreSQL database"
+    );
+    assert!(
+        !up_root.path.join("var").exists(),
+        "uploaderd wrote under /var, which the pod does not have"
+    );
     uploader.stop();
     vault.stop();
+    drop(s3);
+}
+
+#[test]
+fn shipped_example_configs_start_the_real_binaries() {
+    let pki = dev_pki();
+    let cert = |name: &str, ext: &str| fs::read(pki.certs.join(format!("{name}.{ext}"))).unwrap();
+    let ca = fs::read(pki.certs.join("ca.crt")).unwrap();
 
     // systemd: the example configs the units point at, the key from LoadCredential
     // (a 0400 file in $CREDENTIALS_DIRECTORY, named by the unit's Environment=).
@@ -1297,11 +1415,6 @@ fn shipped_configs_start_the_real_binaries() {
     root.put("/etc/recvault/tls/ca.crt", &ca, 0o644);
     root.dir("/var/lib/recvault/vault");
     root.dir("/var/lib/recvault/uploader");
-    root.put(
-        "/etc/recvault/uploader/backup-wrap.pub",
-        &wrapping_key,
-        0o644,
-    );
     let credential = root.put(
         "/run/credentials/recvault-vault.service/master.key",
         &pki.master_key,
@@ -1315,6 +1428,11 @@ fn shipped_configs_start_the_real_binaries() {
             credential.display().to_string(),
         ),
     ];
+    root.put(
+        "/etc/recvault/uploader/backup-wrap.pub",
+        &wrapping_key(&config, &env),
+        0o644,
+    );
     let (mut vault, vault_addr) = serve("vaultd", &config, &env, "vault serving");
     assert_serving(&pki, "uploader", &vault_addr);
     let config = root.put(
