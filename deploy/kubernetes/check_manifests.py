@@ -6,11 +6,15 @@
       PyPI package kubernetes-validate (strict: unknown fields are errors);
       cert-manager resources against a structural schema of cert-manager.io/v1
       (kubernetes-validate has no CRD schemas); then recvault's own rules
-      (security context, master-key and audit-key file modes, identities, config paths,
-      kubelet gRPC probes on the plaintext health port, network policy). Exit status 1 and one line per problem if anything fails.
+      (security context, the owner-only files copied from Secrets by init
+      containers, both workloads as replicated Deployments on PostgreSQL with a
+      PodDisruptionBudget, the uploader's backups in an S3 bucket, identities,
+      config paths, kubelet gRPC probes on the plaintext health port, network
+      policy). Exit status 1 and one line per problem if anything fails.
   check_manifests.py tree DIR
       Every kustomization.yaml under DIR lists every manifest next to it, every
-      file it names exists, and every config file is used by a generator.
+      file it names exists, every config file is used by a generator, and every
+      patch target names a resource (kustomize skips a patch that matches nothing).
   check_manifests.py render DIR
       Prints DIR's kustomization rendered without kustomize (resources,
       namespace, configMapGenerator, images only), for machines with no
@@ -382,15 +386,22 @@ def check_workload(doc, ctx, problems):
     problems.check(len(tls_secrets) == 1, cw, f"all TLS files must come from one Secret, got {sorted(tls_secrets)}")
     info["tls_secret"] = next(iter(tls_secrets), None)
 
-    # State on the persistent volume, writable.
+    # State on the persistent volume, writable. With database_url_file the audit
+    # log lives in PostgreSQL (the uploader's rules below forbid the local
+    # files a replica would lose with its pod).
+    replicated = "database_url_file" in config
     for field in ("database", "audit_database", "backup_dir"):
-        if field in config and not (component == "vault" and field == "audit_database" and "database_url_file" in config):
+        if field in config and not (replicated and field in ("audit_database", "backup_dir")):
             sm = mount_for(c, config[field])
             problems.check(sm is not None and sm["name"] in claims and not sm.get("readOnly"), cw,
                            f"{field} = {config[field]} must be on a writable PersistentVolumeClaim mount")
 
+    info["secrets"] = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
+    check_replicated(doc, component, pod, claims, labels, info, problems)
     if component == "vault":
-        check_vault_replicas(doc, ctx, config, pod, c, volumes, cw, problems)
+        check_vault_replicas(config, pod, c, volumes, cw, problems)
+    if component == "uploader":
+        check_uploader_replicas(config, pod, c, volumes, cw, problems)
 
     if component == "uploader":
         check_key_file(pod, c, volumes, config, cw, problems, "audit_key_file", "audit key", "audit-key", "uploaderd")
@@ -445,13 +456,16 @@ def check_probe(p, probe, api_port, health_port, services, cw, problems):
                    "an unknown one answers NOT_FOUND and the probe never passes")
 
 
-def check_key_file(pod, c, volumes, config, cw, problems, field, what, suffix, binary):
-    """A key file (the vault's master key, the uploader's audit key): from a
-    Secret (mode 0400) via an init container into a memory-backed emptyDir as an
-    owner-only file, mounted read-only into the service. Both binaries refuse
-    group/world-readable keys, and the kubelet makes Secret files 0440 whenever
-    fsGroup is set, so the service must not read the Secret volume itself."""
-    path = config.get(field, "")
+def check_key_file(pod, c, volumes, config, cw, problems, field, what, suffix, binary, path=None):
+    """A secret file (the vault's master key, the uploader's audit key, a
+    database URL, the backup bucket's credentials): from a Secret (mode 0400)
+    via an init container into a memory-backed emptyDir as an owner-only file,
+    mounted read-only into the service. Both binaries refuse group/world-readable
+    secret files, and the kubelet makes Secret files 0440 whenever fsGroup is
+    set, so the service must not read the Secret volume itself. `path` is the
+    file when it is not `config[field]` (a field of a table)."""
+    if path is None:
+        path = config.get(field, "")
     km = mount_for(c, path)
     if not problems.check(km is not None, cw, f"{field} {path} is not on any mount"):
         return
@@ -475,36 +489,116 @@ def check_key_file(pod, c, volumes, config, cw, problems, field, what, suffix, b
         script = " ".join((copiers[0].get("command") or []) + (copiers[0].get("args") or []))
         key_file = posixpath.basename(path)
         problems.check("chmod 0400" in script or "chmod 400" in script or "install -m 0400" in script, cw,
-                       "the init container must make the copy mode 0400")
+                       f"the init container must make the {what} copy mode 0400")
         problems.check(key_file in script, cw, f"the init container must write {key_file}")
 
 
-def check_vault_replicas(doc, ctx, config, pod, c, volumes, cw, problems):
-    """The vault runs as several replicas on one PostgreSQL database: a
-    Deployment of at least 2, no SQLite file (two pods on one file, or each on
-    its own, would be two vaults), the database URL (it holds a password)
-    delivered like the master key, a PodDisruptionBudget that keeps one
-    serving, and the replicas spread over nodes."""
+# Where each replicated workload keeps its state (for the messages).
+STATE = {"vault": "PostgreSQL", "uploader": "PostgreSQL and the backup bucket"}
+
+
+def check_replicated(doc, component, pod, claims, labels, info, problems):
+    """Both workloads run as several replicas that keep their state outside the
+    pod: a Deployment of at least 2 with no PersistentVolumeClaim, a rollout
+    that starts a new pod before it stops an old one, the replicas spread over
+    nodes. (The PodDisruptionBudget: check_disruption_budgets.)"""
     where = name_of(doc)
     replicas = doc["spec"].get("replicas", 1)
-    problems.check(doc["kind"] == "Deployment", where, "the vault must be a Deployment (its state lives in PostgreSQL)")
-    problems.check(isinstance(replicas, int) and replicas >= 2, where, f"the vault needs at least 2 replicas, got {replicas}")
+    info["replicas"] = replicas
+    problems.check(doc["kind"] == "Deployment", where, f"the {component} must be a Deployment (its state lives in {STATE[component]})")
+    problems.check(isinstance(replicas, int) and replicas >= 2, where, f"the {component} needs at least 2 replicas, got {replicas}")
+    claims = claims | {c["metadata"]["name"] for c in doc["spec"].get("volumeClaimTemplates") or []}
+    problems.check(not claims, where,
+                   f"the {component} must keep no state in its pods (it lives in {STATE[component]}): "
+                   f"no PersistentVolumeClaim (volumeClaimTemplates or persistentVolumeClaim volumes), got {sorted(claims)}")
+    if doc["kind"] == "Deployment":
+        strategy = doc["spec"].get("strategy") or {}
+        unavailable = (strategy.get("rollingUpdate") or {}).get("maxUnavailable")
+        problems.check(strategy.get("type", "RollingUpdate") == "RollingUpdate" and unavailable in (0, "0%"), where,
+                       f"a rollout must start a new {component} pod before it stops an old one "
+                       f"(strategy RollingUpdate with maxUnavailable: 0), got {strategy or 'the default'}")
+    spread = [t for t in pod.get("topologySpreadConstraints") or [] if t.get("topologyKey") == "kubernetes.io/hostname"
+              and (t.get("labelSelector") or {}).get("matchLabels")
+              and selector_matches((t.get("labelSelector") or {}).get("matchLabels"), labels)]
+    problems.check(spread, where, f"the {component} replicas must spread over nodes (topologySpreadConstraints on kubernetes.io/hostname)")
+
+
+def check_vault_replicas(config, pod, c, volumes, cw, problems):
+    """The vault's replicas on one PostgreSQL database: no SQLite file (two pods
+    on one file, or each on its own, would be two vaults), the database URL (it
+    holds a password) delivered like the master key."""
     problems.check("database_url_file" in config and "database" not in config, cw,
                    "several vault replicas need database_url_file (PostgreSQL), not database (a SQLite file)")
     if "database_url_file" in config:
         check_key_file(pod, c, volumes, config, cw, problems, "database_url_file", "database URL", "-database", "vaultd")
-    spread = [t for t in pod.get("topologySpreadConstraints") or [] if t.get("topologyKey") == "kubernetes.io/hostname"
-              and selector_matches((t.get("labelSelector") or {}).get("matchLabels"), ctx["workloads"]["vault"]["labels"])]
-    problems.check(spread, where, "the vault replicas must spread over nodes (topologySpreadConstraints on kubernetes.io/hostname)")
-    labels = ctx["workloads"]["vault"]["labels"]
-    pdbs = [d for d in ctx["pdbs"] if selector_matches((d["spec"].get("selector") or {}).get("matchLabels"), labels)
-            and (d["spec"].get("selector") or {}).get("matchLabels")]
-    if problems.check(len(pdbs) == 1, where, f"expected one PodDisruptionBudget selecting the vault, got {len(pdbs)}"):
-        spec = pdbs[0]["spec"]
+
+
+BACKUP_STORE_KEYS = ("endpoint", "region", "bucket", "prefix", "credentials_file")
+
+
+def check_uploader_replicas(config, pod, c, volumes, cw, problems):
+    """The uploader's replicas share everything through PostgreSQL (jobs,
+    destinations, claims, the audit log) and an S3 bucket (the backups): no
+    SQLite file, no local audit log, no local backup directory (a replica's
+    files would be lost with its pod and unseen by the others). The database
+    URL and the bucket's credentials are delivered like the audit key."""
+    problems.check("database_url_file" in config and "database" not in config, cw,
+                   "several uploader replicas need database_url_file (PostgreSQL), not database (a SQLite file)")
+    if "database_url_file" in config:
+        check_key_file(pod, c, volumes, config, cw, problems, "database_url_file", "database URL", "-database", "uploaderd")
+    problems.check("audit_database" not in config, cw,
+                   f"audit_database = {config.get('audit_database')}: the uploader replicas' audit log lives in "
+                   "PostgreSQL (database_url_file: one chain for every replica); a local file would be lost with its pod")
+    problems.check("backup_dir" not in config, cw,
+                   f"backup_dir = {config.get('backup_dir')}: the replicas keep their backups in the [backup_store] "
+                   "bucket; a local directory would be lost with its pod and unseen by the other replicas")
+    store = config.get("backup_store")
+    if not problems.check(isinstance(store, dict), cw, "config has no [backup_store] table: the replicas' backups must go to an S3 bucket"):
+        return
+    for key in BACKUP_STORE_KEYS:
+        problems.check(isinstance(store.get(key), str) and store[key], cw, f"[backup_store] {key} must be set")
+    problems.check(isinstance(store.get("path_style", False), bool), cw, "[backup_store] path_style must be true or false")
+    endpoint = str(store.get("endpoint", ""))
+    problems.check(endpoint.startswith("https://"), cw,
+                   f"[backup_store] endpoint {endpoint!r} must be https:// (the bucket's credentials and the backups cross the network)")
+    if isinstance(store.get("credentials_file"), str):
+        check_key_file(pod, c, volumes, config, cw, problems, "credentials_file", "backup store credentials", "-backup-store",
+                       "uploaderd", path=store["credentials_file"])
+
+
+def check_disruption_budgets(ctx, problems):
+    """One PodDisruptionBudget per workload, selecting exactly its pods, that
+    keeps one serving and still lets a drain proceed."""
+    for component, info in ctx["workloads"].items():
+        where = name_of(info["doc"])
+        replicas = info.get("replicas", 1)
+        selecting = []
+        for d in ctx["pdbs"]:
+            sel = pod_selector_labels((d.get("spec") or {}).get("selector"), name_of(d), problems)
+            if sel and selector_matches(sel, info["labels"]):
+                selecting.append((d, sel))
+        if not problems.check(len(selecting) == 1, where, f"expected one PodDisruptionBudget selecting the {component}, got {len(selecting)}"):
+            continue
+        pdb, sel = selecting[0]
+        others = sorted(o for o, oi in ctx["workloads"].items() if o != component and selector_matches(sel, oi["labels"]))
+        problems.check(not others, name_of(pdb), f"must select exactly the {component} pods, it also selects the {', '.join(others)} pods")
+        spec = pdb["spec"]
+        if not isinstance(replicas, int):
+            continue
         keeps = (isinstance(spec.get("minAvailable"), int) and 1 <= spec["minAvailable"] < replicas) or \
                 (isinstance(spec.get("maxUnavailable"), int) and 1 <= spec["maxUnavailable"] < replicas)
-        problems.check(keeps, name_of(pdbs[0]),
-                       f"must keep at least one vault serving and let a drain proceed (minAvailable or maxUnavailable between 1 and {replicas - 1})")
+        problems.check(keeps, name_of(pdb),
+                       f"must keep at least one {component} serving and let a drain proceed (minAvailable or maxUnavailable between 1 and {replicas - 1})")
+
+
+def check_separate_secrets(ctx, problems):
+    """The vault and the uploader share no Secret: each has its own
+    certificate, database and keys (the uploader must never hold the master key
+    or the vault's database password)."""
+    vault, up = ctx["workloads"].get("vault"), ctx["workloads"].get("uploader")
+    if vault and up:
+        for name in sorted(vault.get("secrets", set()) & up.get("secrets", set())):
+            problems.add(f"Secret {name}", "is mounted by both the vault and the uploader: each needs credentials of its own")
 
 
 def check_certificates(ctx, problems):
@@ -630,9 +724,31 @@ def check_network_policies(ctx, problems):
             problems.check(ports and ports <= allowed and not ranged, name_of(np),
                            "the vault may reach only DNS (53) and PostgreSQL (TCP 5432): "
                            f"egress rule with ports {sorted(ports, key=str) or 'all'}")
-    # The uploader must still be able to reach the vault.
+    # The uploader: DNS, the vault, PostgreSQL, HTTPS (the backup bucket and
+    # destinations), nothing else; the vault's port only to the vault pods.
     upw = "NetworkPolicy (uploader)"
     up_egress = policies_selecting(ctx, up["labels"], "Egress", problems)
+    problems.check(up_egress, upw, "uploader egress is not restricted")
+    up_allowed = {("UDP", 53), ("TCP", 53), ("TCP", vault["port"]), ("TCP", 5432), ("TCP", 443)}
+    opened = set()
+    for np in up_egress:
+        for rule in np["spec"].get("egress") or []:
+            ports = {(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports") or []}
+            ranged = any("endPort" in p for p in rule.get("ports") or [])
+            problems.check(ports and ports <= up_allowed and not ranged, name_of(np),
+                           f"the uploader may reach only DNS (53), the vault (TCP {vault['port']}), PostgreSQL (TCP 5432) "
+                           f"and HTTPS (TCP 443): egress rule with ports {sorted(ports, key=str) or 'all'}")
+            opened |= ports
+            if ("TCP", vault["port"]) in ports:
+                peers = rule.get("to") or []
+                only_vault = peers and all(
+                    set(peer) == {"podSelector"} and pod_selector_labels(peer["podSelector"], name_of(np), problems)
+                    and selector_matches(peer["podSelector"].get("matchLabels"), vault["labels"]) for peer in peers)
+                problems.check(only_vault, name_of(np),
+                               f"uploader egress to port {vault['port']} must go to the vault pods only (a podSelector in this namespace)")
+    for need, what in ((("TCP", 5432), "its PostgreSQL database (TCP 5432)"),
+                       (("TCP", 443), "the backup bucket and the destinations (TCP 443)")):
+        problems.check(not up_egress or need in opened, upw, f"uploader egress must allow {what}")
     if up_egress:
         reach = any(
             any("podSelector" in peer and selector_matches(peer["podSelector"].get("matchLabels"), vault["labels"])
@@ -677,7 +793,8 @@ def check_recvault(docs, problems):
     }
     for d in docs:
         if d.get("kind") == "Secret":
-            problems.add(name_of(d), "Secrets must not be in the manifests (the master key, the audit key and the database URL are created by hand)")
+            problems.add(name_of(d), "Secrets must not be in the manifests (the master key, the audit key, the database URLs "
+                                     "and the backup bucket's credentials are created by hand)")
         if ctx["namespace"] and d.get("kind") not in CLUSTER_SCOPED:
             problems.check(d.get("metadata", {}).get("namespace") == ctx["namespace"], name_of(d),
                            f"must be in namespace {ctx['namespace']}")
@@ -686,6 +803,8 @@ def check_recvault(docs, problems):
             check_workload(d, ctx, problems)
     for component in WORKLOADS:
         problems.check(component in ctx["workloads"], "manifests", f"no {component} workload")
+    check_disruption_budgets(ctx, problems)
+    check_separate_secrets(ctx, problems)
     check_certificates(ctx, problems)
     check_uploader_to_vault(ctx, problems)
     check_network_policies(ctx, problems)
@@ -724,6 +843,14 @@ def check_tree(root, problems):
                 p = os.path.normpath(os.path.join(d, f))
                 if problems.check(os.path.isfile(p), where, f"configMapGenerator {g.get('name')}: {f} does not exist"):
                     referenced.add(p)
+        if k.get("patches"):
+            docs = resource_docs(d)
+            for patch in k["patches"]:
+                target = patch.get("target") or {}
+                hit = [doc for doc in docs if all((doc.get("kind"), (doc.get("metadata") or {}).get("name"))[i] == target[f]
+                                                  for i, f in enumerate(("kind", "name")) if f in target)]
+                problems.check(hit, where, f"patch target {target.get('kind')}/{target.get('name')} matches no resource "
+                                           "(kustomize skips such a patch silently)")
     for dirpath, _, files in os.walk(root):
         for f in files:
             p = os.path.normpath(os.path.join(dirpath, f))
@@ -731,6 +858,20 @@ def check_tree(root, problems):
                 continue
             problems.check(p in referenced, os.path.relpath(p, root),
                            "is not listed in any kustomization.yaml (resources or configMapGenerator)")
+
+
+def resource_docs(directory):
+    """The resources a kustomization includes (recursively), as written: only
+    to find patch targets by kind and name."""
+    k = load_docs(os.path.join(directory, "kustomization.yaml"))[0]
+    docs = []
+    for r in k.get("resources") or []:
+        p = os.path.normpath(os.path.join(directory, r))
+        if os.path.isdir(p) and os.path.exists(os.path.join(p, "kustomization.yaml")):
+            docs += resource_docs(p)
+        elif os.path.isfile(p):
+            docs += load_docs(p)
+    return docs
 
 
 def render(directory):

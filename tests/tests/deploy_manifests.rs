@@ -326,7 +326,7 @@ const BROKEN: &[(&str, &str, &str)] = &[
     (
         "audit key copied without chmod 0400",
         "pod('recvault-uploader')['initContainers'][0]['command'][2] = pod('recvault-uploader')['initContainers'][0]['command'][2].replace('chmod 0400', 'chmod 0440')",
-        "the init container must make the copy mode 0400",
+        "the init container must make the audit key copy mode 0400",
     ),
     (
         "vault reachable from every pod in the namespace",
@@ -374,9 +374,11 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "is not a dnsName of the vault's Certificate",
     ),
     (
-        "audit log on the ephemeral /tmp",
-        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('/var/lib/recvault/uploader/audit.db', '/tmp/audit.db')",
-        "audit_database = /tmp/audit.db must be on a writable PersistentVolumeClaim mount",
+        // The uploader's audit log lives in PostgreSQL now: a local file (here
+        // on the ephemeral /tmp) would be lost with its pod.
+        "uploader audit log in a local file on the ephemeral /tmp",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('audit_key_file = ', 'audit_database = \"/tmp/audit.db\"\\naudit_key_file = ', 1)",
+        "audit_database = /tmp/audit.db: the uploader replicas' audit log lives in PostgreSQL",
     ),
     (
         "one vault replica (no availability through a drain)",
@@ -412,6 +414,161 @@ const BROKEN: &[(&str, &str, &str)] = &[
         "vault replicas on one node",
         "del pod('recvault-vault')['topologySpreadConstraints']",
         "the vault replicas must spread over nodes",
+    ),
+    (
+        "a rollout that takes a vault down before its replacement is ready",
+        "workload('recvault-vault')['spec']['strategy']['rollingUpdate']['maxUnavailable'] = 1",
+        "a rollout must start a new vault pod before it stops an old one",
+    ),
+    (
+        "one uploader replica",
+        "workload('recvault-uploader')['spec']['replicas'] = 1",
+        "the uploader needs at least 2 replicas, got 1",
+    ),
+    (
+        "uploader back on a StatefulSet",
+        "w = workload('recvault-uploader'); w['kind'] = 'StatefulSet'; w['spec']['serviceName'] = 'recvault-uploader'; del w['spec']['strategy']",
+        "StatefulSet/recvault-uploader: the uploader must be a Deployment",
+    ),
+    (
+        "uploader state on a volume claim template (the old StatefulSet)",
+        "w = workload('recvault-uploader'); w['kind'] = 'StatefulSet'; w['spec']['serviceName'] = 'recvault-uploader'; del w['spec']['strategy']; w['spec']['volumeClaimTemplates'] = [{'metadata': {'name': 'data'}, 'spec': {'accessModes': ['ReadWriteOnce'], 'resources': {'requests': {'storage': '100Gi'}}}}]; container('recvault-uploader')['volumeMounts'].append({'name': 'data', 'mountPath': '/var/lib/recvault/uploader'})",
+        "the uploader must keep no state in its pods (it lives in PostgreSQL and the backup bucket): no PersistentVolumeClaim (volumeClaimTemplates or persistentVolumeClaim volumes), got ['data']",
+    ),
+    (
+        "uploader state on a PersistentVolumeClaim",
+        "pod('recvault-uploader')['volumes'].append({'name': 'data', 'persistentVolumeClaim': {'claimName': 'recvault-uploader-data'}}); container('recvault-uploader')['volumeMounts'].append({'name': 'data', 'mountPath': '/var/lib/recvault/uploader'})",
+        "Deployment/recvault-uploader: the uploader must keep no state in its pods",
+    ),
+    (
+        "a rollout that stops every uploader first",
+        "workload('recvault-uploader')['spec']['strategy'] = {'type': 'Recreate'}",
+        "a rollout must start a new uploader pod before it stops an old one",
+    ),
+    (
+        "uploader replicas on one node",
+        "del pod('recvault-uploader')['topologySpreadConstraints']",
+        "the uploader replicas must spread over nodes",
+    ),
+    (
+        "no PodDisruptionBudget for the uploader",
+        "docs[:] = [d for d in docs if not (d['kind'] == 'PodDisruptionBudget' and d['metadata']['name'] == 'recvault-uploader')]",
+        "expected one PodDisruptionBudget selecting the uploader, got 0",
+    ),
+    (
+        "an uploader PodDisruptionBudget that blocks every drain",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['minAvailable'] = 2",
+        "must keep at least one uploader serving and let a drain proceed",
+    ),
+    (
+        "an uploader PodDisruptionBudget that keeps none serving",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['minAvailable'] = 0",
+        "must keep at least one uploader serving and let a drain proceed",
+    ),
+    (
+        "one PodDisruptionBudget over every recvault pod",
+        "find('PodDisruptionBudget', 'recvault-uploader')['spec']['selector'] = {'matchLabels': {'app.kubernetes.io/part-of': 'recvault'}}",
+        "PodDisruptionBudget/recvault-uploader: must select exactly the uploader pods, it also selects the vault pods",
+    ),
+    (
+        "uploader replicas on SQLite files",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('database_url_file = \"/run/recvault/database/database.url\"', 'database = \"/tmp/uploader.db\"')",
+        "several uploader replicas need database_url_file (PostgreSQL), not database (a SQLite file)",
+    ),
+    (
+        "uploaderd reads the database URL Secret volume itself",
+        "container('recvault-uploader')['volumeMounts'].append({'name': 'database-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "uploaderd must not mount the database URL Secret",
+    ),
+    (
+        "uploader database URL on disk",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'database')['emptyDir'] = {}",
+        "Deployment/recvault-uploader container uploaderd: the database URL must be on a memory-backed emptyDir",
+    ),
+    (
+        "uploader database URL mounted writable",
+        "next(m for m in container('recvault-uploader')['volumeMounts'] if m['name'] == 'database')['readOnly'] = False",
+        "Deployment/recvault-uploader container uploaderd: the database URL mount must be readOnly",
+    ),
+    (
+        "uploader database URL copied without chmod 0400",
+        "i = next(i for i in pod('recvault-uploader')['initContainers'] if i['name'] == 'database-url'); i['command'][2] = i['command'][2].replace('chmod 0400', 'chmod 0644')",
+        "the init container must make the database URL copy mode 0400",
+    ),
+    (
+        "the uploader on the vault's database",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'database-secret')['secret']['secretName'] = 'recvault-vault-database'",
+        "Secret recvault-vault-database: is mounted by both the vault and the uploader",
+    ),
+    (
+        "backup bucket credentials Secret group-readable",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'backup-store-secret')['secret']['defaultMode'] = 0o440",
+        "backup store credentials Secret defaultMode must be 0400",
+    ),
+    (
+        "uploaderd reads the backup bucket credentials Secret volume itself",
+        "container('recvault-uploader')['volumeMounts'].append({'name': 'backup-store-secret', 'mountPath': '/secret', 'readOnly': True})",
+        "uploaderd must not mount the backup store credentials Secret",
+    ),
+    (
+        "backup bucket credentials on disk",
+        "next(v for v in pod('recvault-uploader')['volumes'] if v['name'] == 'backup-store')['emptyDir'] = {}",
+        "the backup store credentials must be on a memory-backed emptyDir",
+    ),
+    (
+        "backup bucket credentials mounted writable",
+        "next(m for m in container('recvault-uploader')['volumeMounts'] if m['name'] == 'backup-store')['readOnly'] = False",
+        "the backup store credentials mount must be readOnly",
+    ),
+    (
+        "no init container copies the backup bucket credentials",
+        "pod('recvault-uploader')['initContainers'] = [i for i in pod('recvault-uploader')['initContainers'] if i['name'] != 'backup-store-credentials']",
+        "an initContainer must copy the backup store credentials from the Secret into the emptyDir",
+    ),
+    (
+        "backups in a local directory again",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('policy_file = ', 'backup_dir = \"/tmp/backups\"\\npolicy_file = ', 1)",
+        "backup_dir = /tmp/backups: the replicas keep their backups in the [backup_store] bucket",
+    ),
+    (
+        "no backup bucket",
+        "c = cm('recvault-uploader-config'); t = c['data']['uploader.toml']; i = t.index('[backup_store]'); j = t.index('\\n[', i); c['data']['uploader.toml'] = t[:i] + t[j + 1:]",
+        "config has no [backup_store] table",
+    ),
+    (
+        "backup bucket without its credentials",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = ''.join(l for l in c['data']['uploader.toml'].splitlines(True) if not l.startswith('credentials_file'))",
+        "[backup_store] credentials_file must be set",
+    ),
+    (
+        "backup bucket over plain HTTP",
+        "c = cm('recvault-uploader-config'); c['data']['uploader.toml'] = c['data']['uploader.toml'].replace('endpoint = \"https://s3.', 'endpoint = \"http://s3.')",
+        "[backup_store] endpoint 'http://s3.eu-central-1.amazonaws.com' must be https://",
+    ),
+    (
+        "uploader may dial out anywhere",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({})",
+        "the uploader may reach only DNS (53), the vault (TCP 7443), PostgreSQL (TCP 5432) and HTTPS (TCP 443): egress rule with ports all",
+    ),
+    (
+        "uploader may dial out over SSH",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({'ports': [{'protocol': 'TCP', 'port': 22}]})",
+        "egress rule with ports [('TCP', 22)]",
+    ),
+    (
+        "uploader may reach port 7443 anywhere",
+        "find('NetworkPolicy', 'recvault-uploader')['spec']['egress'].append({'ports': [{'protocol': 'TCP', 'port': 7443}]})",
+        "uploader egress to port 7443 must go to the vault pods only",
+    ),
+    (
+        "uploader cannot reach its PostgreSQL",
+        "e = find('NetworkPolicy', 'recvault-uploader')['spec']['egress']; e[:] = [r for r in e if all(p.get('port') != 5432 for p in r.get('ports') or [])]",
+        "uploader egress must allow its PostgreSQL database (TCP 5432)",
+    ),
+    (
+        "uploader egress unrestricted",
+        "n = find('NetworkPolicy', 'recvault-uploader')['spec']; n['policyTypes'] = ['Ingress']; del n['egress']; find('NetworkPolicy', 'recvault-default-deny')['spec']['policyTypes'] = ['Ingress']",
+        "uploader egress is not restricted",
     ),
     (
         "invalid TOML in a ConfigMap",
@@ -547,14 +704,31 @@ fn kubernetes_validation_rejects_broken_manifests() {
     )
     .unwrap();
     fs::remove_file(copy.join("base/networkpolicy.yaml")).unwrap();
+    // An overlay still patching the uploader as a StatefulSet: kustomize skips
+    // a patch whose target matches nothing, so IPC_LOCK would silently vanish.
+    let overlay = copy.join("overlays/ipc-lock/kustomization.yaml");
+    let patched = fs::read_to_string(&overlay).unwrap();
+    let stale = patched.replace(
+        "kind: Deployment\n      name: recvault-uploader",
+        "kind: StatefulSet\n      name: recvault-uploader",
+    );
+    assert_ne!(
+        stale, patched,
+        "the ipc-lock overlay no longer patches the uploader Deployment"
+    );
+    fs::write(&overlay, stale).unwrap();
     let (ok, out) = checker(&[Path::new("tree"), &copy]);
     assert!(
         !ok,
-        "the tree check accepted an unlisted and a missing file:\n{out}"
+        "the tree check accepted an unlisted and a missing file and a stale patch target:\n{out}"
     );
     assert!(out.contains("base/forgotten.yaml: is not listed"), "{out}");
     assert!(
         out.contains("resource networkpolicy.yaml does not exist"),
+        "{out}"
+    );
+    assert!(
+        out.contains("patch target StatefulSet/recvault-uploader matches no resource"),
         "{out}"
     );
 }
@@ -962,9 +1136,66 @@ fn assert_serving(pki: &DevPki, identity: &str, addr: &str) {
     );
 }
 
+/// The vault's wrapping public key for `config`, as deploy/README.md makes it
+/// (`vaultd wrapping-key`; the uploader's ConfigMap recvault-uploader-wrapping-key).
+fn wrapping_key(config: &Path, env: &[(&str, String)]) -> Vec<u8> {
+    let out = run(
+        Command::new(binary("vaultd"))
+            .args(["wrapping-key", "--config"])
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str()))),
+        "vaultd wrapping-key",
+    );
+    assert!(out.status.success(), "vaultd wrapping-key:\n{}", text(&out));
+    out.stdout
+}
+
+/// The line `key = VALUE` of table `[table]` in a TOML text: its index and
+/// VALUE as written (a string keeps its quotes; a trailing comment is dropped).
+fn toml_line(text: &str, table: &str, key: &str) -> (usize, String) {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.split(']').next().unwrap().trim().to_owned();
+        } else if let Some((k, v)) = line.split_once('=')
+            && current == table
+            && k.trim() == key
+        {
+            let v = v.split(" #").next().unwrap().trim();
+            return (i, v.to_owned());
+        }
+    }
+    panic!("no {key} in [{table}]:\n{text}")
+}
+
+/// The string `key` of `[table]` in a TOML text.
+fn toml_string(text: &str, table: &str, key: &str) -> String {
+    let (_, raw) = toml_line(text, table, key);
+    raw.strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("[{table}] {key} = {raw} is not a basic string"))
+        .to_owned()
+}
+
+/// `text` with `key` of `[table]` set to `raw` (TOML as written).
+fn toml_set(text: &str, table: &str, key: &str, raw: &str) -> String {
+    let (at, _) = toml_line(text, table, key);
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            if i == at {
+                format!("{key} = {raw}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect()
+}
+
 #[test]
-fn shipped_configs_start_the_real_binaries() {
-    // The shipped vault config is for replicas on PostgreSQL.
+fn shipped_kubernetes_configs_start_the_real_binaries() {
+    // The shipped configs are for replicas on PostgreSQL.
     let Some(pg) = recvault_tests::postgres::Postgres::shared() else {
         return;
     };
@@ -1016,14 +1247,7 @@ fn shipped_configs_start_the_real_binaries() {
     );
     fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).unwrap();
     // The uploader's wrapping key ConfigMap, as deploy/README.md makes it.
-    let out = run(
-        Command::new(binary("vaultd"))
-            .args(["wrapping-key", "--config"])
-            .arg(&config),
-        "vaultd wrapping-key",
-    );
-    assert!(out.status.success(), "vaultd wrapping-key:\n{}", text(&out));
-    let wrapping_key = out.stdout;
+    let wrapping_key = wrapping_key(&config, &[]);
     // Every port on loopback, picked by the OS (the config's health_listen is
     // 0.0.0.0:7453), so parallel tests never collide.
     let listen = [
@@ -1036,12 +1260,41 @@ fn shipped_configs_start_the_real_binaries() {
     // What the pod's readiness and liveness probes ask.
     assert_probe_serving(&mut vault, &vault_addr, "recvault.vault.v1.Leases");
 
+    // The uploader replicas share one PostgreSQL database (jobs, destinations,
+    // claims, the audit log) and one S3 bucket (the backups). Here: a database
+    // of its own on the test server, and s3s-fs in this process as the bucket,
+    // on loopback and path-style where the shipped config names AWS.
+    let shipped = fs::read_to_string(k8s.join("uploader.toml")).unwrap();
+    let bucket = toml_string(&shipped, "backup_store", "bucket");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s3_dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(s3_dir.path().join(&bucket)).unwrap();
+    let access_key = "AKIARECVAULTBACKUPS1";
+    let secret_key = format!("backup-store-secret-{}", std::process::id());
+    let s3 = runtime
+        .block_on(recvault_tests::s3::serve(
+            s3_dir.path(),
+            "127.0.0.1:0".parse().unwrap(),
+            access_key,
+            &secret_key,
+            None::<recvault_tests::s3::AuthenticatedOnly>,
+        ))
+        .unwrap();
+    let local = toml_set(
+        &toml_set(
+            &shipped,
+            "backup_store",
+            "endpoint",
+            &format!("\"{}\"", s3.endpoint),
+        ),
+        "backup_store",
+        "path_style",
+        "true",
+    );
     let up_root = Root::new();
     let config = up_root.put(
         "/etc/recvault/config/uploader.toml",
-        up_root
-            .rebase(&fs::read_to_string(k8s.join("uploader.toml")).unwrap())
-            .as_bytes(),
+        up_root.rebase(&local).as_bytes(),
         0o644,
     );
     up_root.put(
@@ -1057,7 +1310,25 @@ fn shipped_configs_start_the_real_binaries() {
         &wrapping_key,
         0o444,
     );
-    up_root.dir("/var/lib/recvault/uploader");
+    // What the database-url and backup-store-credentials init containers
+    // leave: the URL and the bucket's key pair, owner-only.
+    let up_db = pg.database();
+    let url_file = up_db.url_file(
+        up_root
+            .file("/run/recvault/database/database.url")
+            .parent()
+            .unwrap(),
+    );
+    assert_eq!(
+        url_file,
+        up_root.file(&toml_string(&shipped, "", "database_url_file"))
+    );
+    let credentials = serde_json::json!({
+        "access_key_id": access_key,
+        "secret_access_key": secret_key,
+    });
+    let credentials_file = toml_string(&shipped, "backup_store", "credentials_file");
+    up_root.put(&credentials_file, credentials.to_string().as_bytes(), 0o600);
     let env = [
         ("RECVAULT_UPLOADER_LISTEN", "127.0.0.1:0".to_owned()),
         ("RECVAULT_UPLOADER_METRICS_LISTEN", "127.0.0.1:0".to_owned()),
@@ -1083,8 +1354,29 @@ fn shipped_configs_start_the_real_binaries() {
     let (mut uploader, up_addr) = serve("uploaderd", &config, &env, "uploader serving");
     assert_serving(&pki, "recorder", &up_addr);
     assert_probe_serving(&mut uploader, &up_addr, "recvault.uploader.v1.Recordings");
+    // Its state went to PostgreSQL, none to the pod (which has no volume for it).
+    let tables = pg.psql(
+        &up_db,
+        "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+    );
+    assert_ne!(
+        tables, "0",
+        "uploaderd created no table in its PostgreSQL database"
+    );
+    assert!(
+        !up_root.path.join("var").exists(),
+        "uploaderd wrote under /var, which the pod does not have"
+    );
     uploader.stop();
     vault.stop();
+    drop(s3);
+}
+
+#[test]
+fn shipped_example_configs_start_the_real_binaries() {
+    let pki = dev_pki();
+    let cert = |name: &str, ext: &str| fs::read(pki.certs.join(format!("{name}.{ext}"))).unwrap();
+    let ca = fs::read(pki.certs.join("ca.crt")).unwrap();
 
     // systemd: the example configs the units point at, the key from LoadCredential
     // (a 0400 file in $CREDENTIALS_DIRECTORY, named by the unit's Environment=).
@@ -1123,11 +1415,6 @@ fn shipped_configs_start_the_real_binaries() {
     root.put("/etc/recvault/tls/ca.crt", &ca, 0o644);
     root.dir("/var/lib/recvault/vault");
     root.dir("/var/lib/recvault/uploader");
-    root.put(
-        "/etc/recvault/uploader/backup-wrap.pub",
-        &wrapping_key,
-        0o644,
-    );
     let credential = root.put(
         "/run/credentials/recvault-vault.service/master.key",
         &pki.master_key,
@@ -1141,6 +1428,11 @@ fn shipped_configs_start_the_real_binaries() {
             credential.display().to_string(),
         ),
     ];
+    root.put(
+        "/etc/recvault/uploader/backup-wrap.pub",
+        &wrapping_key(&config, &env),
+        0o644,
+    );
     let (mut vault, vault_addr) = serve("vaultd", &config, &env, "vault serving");
     assert_serving(&pki, "uploader", &vault_addr);
     let config = root.put(
