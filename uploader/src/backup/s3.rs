@@ -57,7 +57,6 @@ use crate::jobs::{JobId, TenantId};
 
 /// Transfer sizes of the object-store backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct S3Tuning {
     /// Bytes per part of a multipart upload; a recording whose stored bytes
     /// fit in one part is a single PutObject. At least 5 MiB. Default 8 MiB.
