@@ -750,6 +750,102 @@ mod tests {
         assert_eq!(config.audit_database(), Path::new("/var/audit.db"));
     }
 
+    fn store_table(credentials: &str) -> String {
+        format!(
+            "[backup_store]\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"b\"\n\
+             prefix = \"team/\"\npath_style = true\ncredentials_file = \"{credentials}\"\n"
+        )
+    }
+
+    #[test]
+    fn exactly_one_of_backup_dir_and_backup_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uploader.toml");
+        let both = minimal("audit_key_file = \"k\"\n") + &store_table("creds.json");
+        std::fs::write(&path, both).unwrap();
+        let err = UploaderConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("backup_dir and [backup_store] are both set")
+                && err.contains("remove one"),
+            "{err}"
+        );
+        let neither =
+            minimal("audit_key_file = \"k\"\n").replace("backup_dir = \"data/backups\"\n", "");
+        std::fs::write(&path, &neither).unwrap();
+        let err = UploaderConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("neither backup_dir nor [backup_store] is set"),
+            "{err}"
+        );
+        // The store alone: relative credentials_file resolved, defaults kept.
+        std::fs::write(&path, neither.clone() + &store_table("creds.json")).unwrap();
+        let config = UploaderConfig::load(&path).unwrap();
+        let store = config.backup_store.as_ref().unwrap();
+        assert_eq!(store.credentials_file, dir.path().join("creds.json"));
+        assert_eq!(store.stale_upload_secs, 86400);
+        assert!(config.backup_dir.is_none());
+        // Fields are checked by name.
+        for (bad, field) in [
+            (
+                "endpoint = \"http://127.0.0.1:9000\"",
+                "endpoint = \"127.0.0.1:9000\"",
+            ),
+            ("bucket = \"b\"", "bucket = \"\""),
+            ("prefix = \"team/\"", "prefix = \"../x\""),
+            (
+                "path_style = true",
+                "path_style = true\nstale_upload_secs = 60",
+            ),
+            ("path_style = true", "path_style = true\nbuckett = \"x\""),
+        ] {
+            let text = neither.clone() + &store_table("creds.json").replace(bad, field);
+            std::fs::write(&path, text).unwrap();
+            let err = UploaderConfig::load(&path).unwrap_err().to_string();
+            let name = field.lines().last().unwrap().split(' ').next().unwrap();
+            assert!(err.contains(name), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_backup_store_credentials_file_must_be_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds.json");
+        let secret = "very-secret-backup-store-key";
+        std::fs::write(
+            &file,
+            format!("{{\"access_key_id\": \"AKIAOURS\", \"secret_access_key\": \"{secret}\"}}"),
+        )
+        .unwrap();
+        let settings = BackupStoreSettings {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: String::new(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            path_style: true,
+            credentials_file: file.clone(),
+            stale_upload_secs: 86400,
+        };
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = settings.read_credential().unwrap_err().to_string();
+        assert!(
+            err.contains("[backup_store].credentials_file")
+                && err.contains("mode 644")
+                && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let credential = settings.read_credential().unwrap();
+        assert_eq!(credential.expose_secret_access_key(), secret);
+        assert!(!format!("{credential:?} {settings:?}").contains(secret));
+        std::fs::write(&file, format!("{{\"secret_access_key\": \"{secret}\"}}")).unwrap();
+        let err = settings.read_credential().unwrap_err().to_string();
+        assert!(
+            err.contains("access_key_id") && !err.contains(secret),
+            "{err}"
+        );
+    }
+
     #[test]
     fn audit_key_file_is_required_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
