@@ -854,6 +854,9 @@ impl StoredObject for S3Object {
     }
 }
 
+/// One ranged GET, running on the runtime.
+type RangeTask = JoinHandle<Result<Bytes, ObjectStoreError>>;
+
 /// Stored bytes `next .. end` in ranged GETs, `read_ahead` requested ahead of
 /// the one being read; holds at most `read_ahead + 1` ranges.
 struct RangeReader {
@@ -862,7 +865,8 @@ struct RangeReader {
     /// Start of the next range to request.
     next: u64,
     end: u64,
-    pending: VecDeque<(u64, u64, JoinHandle<Result<Bytes, ObjectStoreError>>)>,
+    /// Ranges requested: start, length, and the GET.
+    pending: VecDeque<(u64, u64, RangeTask)>,
     buf: Bytes,
     buf_start: u64,
 }
