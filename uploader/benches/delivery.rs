@@ -5,7 +5,10 @@
 //! run, alternating; the peak RSS of each client process alone; the same for a
 //! larger file (peak RSS must not grow with the file); and the intake hash
 //! (`digest::hash_file`, SHA-256 + CRC-32 in one pass) against
-//! `openssl dgst -sha256` on the same file.
+//! `openssl dgst -sha256` on the same file. Then the same delivery reading
+//! the recording from its encrypted backup, in a local directory and in the
+//! object store (`[backup_store]`, another s3s-fs process), alternating:
+//! throughput and peak RSS of each, for both file sizes.
 //!
 //! ```text
 //! cargo bench -p recvault-uploader --bench delivery
@@ -36,10 +39,18 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use recvault_runtime::secret::SecretBytes;
+use recvault_uploader::backup::wrapping::{WrappingKey, suite};
+use recvault_uploader::backup::{BackupStore, EncryptedSource, S3Tuning};
+use recvault_uploader::config::BackupStoreSettings;
+use recvault_uploader::credential::S3Credential;
 use recvault_uploader::destination::{
     DeliveryHooks, Destination, DestinationConfig, FileSource, ObjectInfo, Provider, S3Options,
     Source,
 };
+use recvault_uploader::digest::Sha256Digest;
+use recvault_uploader::jobs::{RecordingId, TenantId};
+use rustls::crypto::hpke::{EncapsulatedSecret, HpkePrivateKey};
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -146,8 +157,16 @@ fn serve(args: &[String]) -> Res<()> {
 /// `__client ENDPOINT FILE NAME SHA256HEX CRC32 SIZE`: one delivery, as the
 /// worker makes it (uploaderd's default transfer settings unless overridden).
 fn client(args: &[String]) -> Res<()> {
+    let (args, backup) = match args {
+        [head @ .., kind, location, store, key_file] if args.len() == 10 => {
+            (head, Some((kind, location, store, key_file)))
+        }
+        _ => (args, None),
+    };
     let [endpoint, file, name, sha_hex, crc, size] = args else {
-        return Err("__client ENDPOINT FILE NAME SHA256HEX CRC32 SIZE".into());
+        return Err("__client ENDPOINT FILE NAME SHA256HEX CRC32 SIZE \
+                    [local|s3 LOCATION BACKUP_DIR|BACKUP_ENDPOINT WRAP_KEY_FILE]"
+            .into());
     };
     let mut sha256 = [0u8; 32];
     hex::decode_to_slice(sha_hex, &mut sha256)?;
@@ -176,11 +195,7 @@ fn client(args: &[String]) -> Res<()> {
         ))?,
         ..defaults
     };
-    let secret = serde_json::json!({
-        "access_key_id": ACCESS_KEY,
-        "secret_access_key": SECRET_KEY,
-    })
-    .to_string();
+    let secret = bench_credential();
 
     let runtime = tokio::runtime::Runtime::new()?;
     // An S3 destination: no local directory is allowed.
@@ -191,9 +206,16 @@ fn client(args: &[String]) -> Res<()> {
         &Default::default(),
     )?;
     let start_ns = now_ns();
-    // The recording is read through a `Source`, as the worker reads a backup.
+    // The recording is read through a `Source`, as the worker reads a backup:
+    // the plaintext file, or the encrypted backup in a local directory or in
+    // the object store (opened here, its data key unwrapped as the vault does).
     let delivery = runtime.block_on(async {
-        let source: Arc<dyn Source> = Arc::new(FileSource::open(file).await?);
+        let source: Arc<dyn Source> = match backup {
+            None => Arc::new(FileSource::open(file).await?),
+            Some((kind, location, store, key_file)) => {
+                Arc::new(open_backup(kind, Path::new(location), store, Path::new(key_file)).await?)
+            }
+        };
         Res::Ok(
             destination
                 .deliver(source, &object, &DeliveryHooks::default())
@@ -219,6 +241,73 @@ fn client(args: &[String]) -> Res<()> {
         })
     );
     Ok(())
+}
+
+/// The backup store a client reads from: `local` (a directory) or `s3`
+/// (the object store at `store`, bucket [`BUCKET`], prefix `backups`).
+async fn backup_store(kind: &str, store: &str, wrapping: WrappingKey) -> Res<BackupStore> {
+    Ok(match kind {
+        "local" => BackupStore::open(store, wrapping)?,
+        "s3" => {
+            let credential = S3Credential::from_json(bench_credential().as_bytes())?;
+            BackupStore::open_s3_with(
+                &backup_settings(store),
+                &credential,
+                wrapping,
+                S3Tuning::default(),
+            )
+            .await?
+        }
+        other => return Err(format!("unknown backup store kind {other}").into()),
+    })
+}
+
+fn backup_settings(endpoint: &str) -> BackupStoreSettings {
+    BackupStoreSettings {
+        endpoint: endpoint.to_owned(),
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        prefix: "backups".into(),
+        path_style: true,
+        credentials_file: PathBuf::new(),
+        stale_upload_secs: 24 * 3600,
+    }
+}
+
+fn bench_credential() -> String {
+    serde_json::json!({
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET_KEY,
+    })
+    .to_string()
+}
+
+/// Opens the encrypted backup at `location`, unwrapping its data key with
+/// the private key in `key_file` as the vault would.
+async fn open_backup(
+    kind: &str,
+    location: &Path,
+    store: &str,
+    key_file: &Path,
+) -> Res<EncryptedSource> {
+    let private = HpkePrivateKey::from(std::fs::read(key_file)?);
+    let (public, _) = suite().generate_key_pair()?;
+    let placeholder = WrappingKey::new(1, public.0.as_slice().try_into()?);
+    let store = backup_store(kind, store, placeholder).await?;
+    let header = store
+        .read_header(location)
+        .await?
+        .ok_or("the backup has no RVBK header")?;
+    let key = suite().open(
+        &EncapsulatedSecret(header.enc.to_vec()),
+        recvault_runtime::datakey::WRAP_INFO,
+        &header.binding(),
+        &header.wrapped_key,
+        &private,
+    )?;
+    Ok(store
+        .open_encrypted(location, header, SecretBytes::new(key))
+        .await?)
 }
 
 // ---------------------------------------------------------- orchestrator role
@@ -393,6 +482,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn run_ours(dir: &Path, file: &FileInfo, tag: &str) -> Res<Run> {
+    run_ours_from(dir, file, tag, &[])
+}
+
+/// [`run_ours`] reading the recording from `source` (none: the plaintext
+/// file; else the client's backup arguments).
+fn run_ours_from(dir: &Path, file: &FileInfo, tag: &str, source: &[String]) -> Res<Run> {
     let server = Server::start(dir.join(format!("s3-{tag}")))?;
     let key = format!("ours-{tag}.bin");
     let mut command = Command::new(std::env::current_exe()?);
@@ -405,7 +500,8 @@ fn run_ours(dir: &Path, file: &FileInfo, tag: &str) -> Res<Run> {
             &hex::encode(file.sha256),
             &file.crc32.to_string(),
             &file.size.to_string(),
-        ]);
+        ])
+        .args(source);
     let m = run_measured(command)?;
     if !m.status.success() {
         return Err(format!("our client failed ({}): {}", m.status, m.stderr.trim()).into());
@@ -535,6 +631,119 @@ fn describe_run(who: &str, size: u64, r: &Run) {
     println!("{line}");
 }
 
+/// One file's encrypted backups: in a local directory, and in the object
+/// store (an s3s-fs process of its own, bucket [`BUCKET`], prefix `backups`).
+struct Backups {
+    local_dir: PathBuf,
+    local: PathBuf,
+    /// Kept running while the clients read from it.
+    s3_server: Server,
+    s3: PathBuf,
+    key_file: PathBuf,
+}
+
+/// Ingests `file` into both backup stores (as `ingest` does: 4 MiB chunks
+/// through `BackupWriter`), printing the intake rate of each.
+fn make_backups(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    file: &FileInfo,
+    tag: &str,
+) -> Res<Backups> {
+    let (public, private) = suite().generate_key_pair()?;
+    let wrapping = WrappingKey::new(1, public.0.as_slice().try_into()?);
+    let key_file = dir.join(format!("wrap-{tag}.key"));
+    std::fs::write(&key_file, private.secret_bytes())?;
+    let s3_server = Server::start(dir.join(format!("s3-backups-{tag}")))?;
+    let local_dir = dir.join(format!("backups-{tag}"));
+    let mut locations = Vec::new();
+    for (kind, at) in [
+        ("local", local_dir.to_string_lossy().into_owned()),
+        ("s3", s3_server.endpoint.clone()),
+    ] {
+        let store = runtime.block_on(backup_store(kind, &at, wrapping.clone()))?;
+        let start = Instant::now();
+        let mut writer = store.begin(&TenantId::parse("bench")?, &RecordingId::parse(tag)?)?;
+        let mut input = std::fs::File::open(&file.path)?;
+        let mut chunk = vec![0u8; 4 * MIB as usize];
+        loop {
+            let n = input.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            writer.write_chunk(&chunk[..n])?;
+        }
+        let sha = Sha256Digest::from_slice(&file.sha256).ok_or("sha256")?;
+        let stored = writer.finish(sha)?;
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "  ingest into the {kind:<5} backup: {secs:6.2} s  {:7.1} MiB/s",
+            mib_s(file.size, secs)
+        );
+        locations.push(stored.path);
+    }
+    let s3 = locations.pop().ok_or("no s3 backup")?;
+    let local = locations.pop().ok_or("no local backup")?;
+    Ok(Backups {
+        local_dir,
+        local,
+        s3_server,
+        s3,
+        key_file,
+    })
+}
+
+/// Delivers `file` from its encrypted backups, local directory and object
+/// store alternating, `runs` times each; prints each run and the medians.
+fn deliver_from_backups(
+    dir: &Path,
+    runtime: &tokio::runtime::Runtime,
+    file: &FileInfo,
+    runs: u64,
+    tag: &str,
+) -> Res<(f64, f64)> {
+    println!(
+        "\nDelivery of {} MiB from the encrypted backup (decrypting; the object store read by ranged GETs), alternating:",
+        file.size / MIB
+    );
+    let backups = make_backups(dir, runtime, file, tag)?;
+    let text = |p: &Path| p.to_string_lossy().into_owned();
+    let (mut local, mut s3) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let args = [
+            "local".to_owned(),
+            text(&backups.local),
+            text(&backups.local_dir),
+            text(&backups.key_file),
+        ];
+        let r = run_ours_from(dir, file, &format!("{tag}-dir{i}"), &args)?;
+        describe_run("dir-bk", file.size, &r);
+        local.push(r);
+        let args = [
+            "s3".to_owned(),
+            text(&backups.s3),
+            backups.s3_server.endpoint.clone(),
+            text(&backups.key_file),
+        ];
+        let r = run_ours_from(dir, file, &format!("{tag}-s3{i}"), &args)?;
+        describe_run("s3-bk", file.size, &r);
+        s3.push(r);
+    }
+    let med = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
+    println!("| backup store | wall s | MiB/s | peak RSS MiB | CPU s |");
+    println!("|---|---|---|---|---|");
+    for (name, v) in [("local directory", &local), ("object store (s3s-fs)", &s3)] {
+        let wall = med(v, |r| r.wall);
+        println!(
+            "| {name} | {wall:.2} | {:.1} | {:.1} | {:.2} |",
+            mib_s(file.size, wall),
+            med(v, |r| r.rss_mib),
+            med(v, |r| r.cpu)
+        );
+    }
+    Ok((med(&local, |r| r.rss_mib), med(&s3, |r| r.rss_mib)))
+}
+
 fn orchestrate() -> Res<()> {
     let size = env_u64("BENCH_SIZE_MIB", 1024) * MIB;
     let runs = env_u64("BENCH_RUNS", 3);
@@ -640,6 +849,11 @@ fn orchestrate() -> Res<()> {
         rc_wall / ours_up,
         rc_wall / ours_wall
     );
+    let backup_rss = deliver_from_backups(&dir, &runtime, &file, runs, "main")?;
+    println!(
+        "peak RSS delivering from the backup: local directory {:.1} MiB, object store {:.1} MiB (target < 64)",
+        backup_rss.0, backup_rss.1
+    );
     let _ = std::fs::remove_file(&path);
 
     if big > 0 {
@@ -671,6 +885,14 @@ fn orchestrate() -> Res<()> {
             big / MIB,
             size / MIB,
             big_rss / ours_rss
+        );
+        let big_backup_rss = deliver_from_backups(&dir, &runtime, &big_file, big_runs, "big")?;
+        println!(
+            "peak RSS from the backup {} MiB / {} MiB: local directory {:.2}, object store {:.2} (target within 0.90..1.10)",
+            big / MIB,
+            size / MIB,
+            big_backup_rss.0 / backup_rss.0,
+            big_backup_rss.1 / backup_rss.1
         );
         let _ = std::fs::remove_file(&big_path);
     }

@@ -12,6 +12,7 @@ use recvault_runtime::config::{env_addr, read_toml, resolve_relative};
 use recvault_runtime::{logging::LogFormat, tls::TlsFiles};
 use serde::Deserialize;
 
+use crate::credential::S3Credential;
 use crate::destination::FsAllowedRoots;
 use crate::ingest::IngestLimits;
 use crate::jobs::RetryPolicy;
@@ -58,9 +59,15 @@ pub struct UploaderConfig {
     /// (create it with `uploaderd init-audit-key --file PATH`). Required; the
     /// uploader refuses to start without it. Env: `RECVAULT_UPLOADER_AUDIT_KEY_FILE`.
     pub audit_key_file: PathBuf,
-    /// Backup store directory: recordings stay here until delivery is verified.
-    /// Env: `RECVAULT_UPLOADER_BACKUP_DIR`.
-    pub backup_dir: PathBuf,
+    /// Backup store directory: recordings stay here until delivery is verified
+    /// (the embedded default). Exactly one of `backup_dir` and
+    /// `[backup_store]` is set. Env: `RECVAULT_UPLOADER_BACKUP_DIR`.
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
+    /// The backup store in our own S3-compatible bucket instead of a local
+    /// directory, so any replica can deliver, fetch and scrub any backup.
+    #[serde(default)]
+    pub backup_store: Option<BackupStoreSettings>,
     /// Encryption of the backup store (required).
     #[serde(default)]
     pub backup: BackupSettings,
@@ -103,6 +110,94 @@ pub struct BackupSettings {
     /// uploader ingests while the vault is down. Required; a relative path is
     /// taken against the config file's directory.
     pub wrapping_key_file: Option<PathBuf>,
+}
+
+/// `[backup_store]`: backups in our own S3-compatible bucket (objects
+/// `<prefix>/objects/<tenant_id>/<job_id>`, in the same encrypted format as
+/// the directory store). Our infrastructure, not a customer's destination:
+/// the credential comes from a file, never from the vault.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupStoreSettings {
+    /// `http://host:port` or `https://host`, e.g. `https://s3.eu-west-1.amazonaws.com`.
+    pub endpoint: String,
+    /// SigV4 signing region; empty means `us-east-1`.
+    #[serde(default)]
+    pub region: String,
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// Key prefix under which `objects/` lives; may be empty.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style requests (`endpoint/bucket/key`), as most S3-compatible
+    /// servers want; false for virtual-hosted style (AWS).
+    #[serde(default)]
+    pub path_style: bool,
+    /// JSON `{"access_key_id": "…", "secret_access_key": "…",
+    /// "session_token": "…"}` (`session_token` optional), mode 0600. A
+    /// relative path is taken against the config file's directory.
+    pub credentials_file: PathBuf,
+    /// Multipart uploads under `<prefix>/objects/` initiated longer ago than
+    /// this are aborted at start-up and by the scrub (an ingest cut off by a
+    /// crash). Other replicas' live ingests are younger, so keep it well above
+    /// the longest ingest. Seconds, at least 3600; default 86400 (24 h).
+    #[serde(default = "default_stale_upload_secs")]
+    pub stale_upload_secs: u64,
+}
+
+/// What [`BackupStoreSettings::read_credential`] reads at most.
+const CREDENTIALS_FILE_MAX: usize = 16 * 1024;
+
+impl BackupStoreSettings {
+    /// Checks the fields; the message names the first wrong one and what to set.
+    pub fn validate(&self) -> Result<(), String> {
+        let field = |name: &str, problem: &str| format!("[backup_store].{name} {problem}");
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            return Err(field(
+                "endpoint",
+                "must be a URL starting with http:// or https://, e.g. \"https://s3.eu-west-1.amazonaws.com\"",
+            ));
+        }
+        if self.bucket.is_empty()
+            || self.bucket.contains('/')
+            || self.bucket.contains(char::is_control)
+        {
+            return Err(field(
+                "bucket",
+                "must name an existing bucket (not empty, no '/'), e.g. \"recvault-backups\"",
+            ));
+        }
+        crate::destination::check_prefix(self.prefix.trim_end_matches('/'))
+            .map_err(|e| field("prefix", &format!("is not usable: {e}")))?;
+        Ok(())
+    }
+
+    /// Reads `credentials_file`: owner-only (mode 0600 or stricter), one JSON
+    /// credential. Errors name the file and what to do, never a value.
+    pub fn read_credential(&self) -> Result<S3Credential, crate::backup::BackupError> {
+        use recvault_runtime::secret::{PrivateFileError, read_private_file};
+        let file = &self.credentials_file;
+        let refuse = |message: String| {
+            crate::backup::BackupError::Config(format!(
+                "[backup_store].credentials_file {}: {message}",
+                file.display()
+            ))
+        };
+        let (secret, len) = read_private_file(file, CREDENTIALS_FILE_MAX).map_err(|e| match e {
+            PrivateFileError::Io(e) => refuse(format!("cannot be read ({e})")),
+            PrivateFileError::NotAFile => refuse("is not a regular file".into()),
+            PrivateFileError::Permissions(mode) => refuse(format!(
+                "has mode {mode:o}: it holds the backup store's secret access key, so only its \
+                 owner may read it (chmod 600)"
+            )),
+        })?;
+        if len > CREDENTIALS_FILE_MAX {
+            return Err(refuse(format!(
+                "is longer than {CREDENTIALS_FILE_MAX} bytes"
+            )));
+        }
+        S3Credential::from_json(&secret.expose_secret()[..len]).map_err(|e| refuse(e.to_string()))
+    }
 }
 
 /// How the uploader reaches the vault (mTLS with the `uploader` identity).
@@ -246,6 +341,9 @@ fn default_max_recording() -> u64 {
 fn default_ingest_idle_timeout() -> u64 {
     60
 }
+fn default_stale_upload_secs() -> u64 {
+    24 * 3600
+}
 
 pub use recvault_runtime::config::ConfigError;
 
@@ -291,7 +389,6 @@ impl UploaderConfig {
                 &mut config.vault.tls.cert,
                 &mut config.vault.tls.key,
                 &mut config.vault.tls.ca,
-                &mut config.backup_dir,
                 &mut config.policy_file,
                 &mut config.audit_key_file,
             ]
@@ -299,7 +396,14 @@ impl UploaderConfig {
             .chain(config.destinations.fs_allowed_roots.iter_mut())
             .chain(config.backup.wrapping_key_file.as_mut())
             .chain(config.database.as_mut())
-            .chain(config.database_url_file.as_mut()),
+            .chain(config.database_url_file.as_mut())
+            .chain(config.backup_dir.as_mut())
+            .chain(
+                config
+                    .backup_store
+                    .as_mut()
+                    .map(|s| &mut s.credentials_file),
+            ),
         );
         if let Some(audit) = config.audit_database.as_mut() {
             resolve_relative(path, [audit]);
@@ -319,6 +423,9 @@ impl UploaderConfig {
                  third of it); 30 suits most deployments",
                 config.delivery.claim_ttl_secs
             )));
+        }
+        if let Some(message) = config.backup_store_choice() {
+            return Err(invalid(message));
         }
         if config.backup.wrapping_key_file.is_none() {
             return Err(ConfigError::Parse {
@@ -346,6 +453,36 @@ impl UploaderConfig {
         Ok(config)
     }
 
+    /// Exactly one backup store: `backup_dir` or `[backup_store]`, whose
+    /// fields must be usable. The problem, if any.
+    fn backup_store_choice(&self) -> Option<String> {
+        match (&self.backup_dir, &self.backup_store) {
+            (Some(_), Some(_)) => Some(
+                "backup_dir and [backup_store] are both set; keep backups either in a local \
+                 directory (backup_dir) or in an S3-compatible bucket ([backup_store]): remove one"
+                    .into(),
+            ),
+            (None, None) => Some(
+                "neither backup_dir nor [backup_store] is set; set backup_dir (a local \
+                 directory, e.g. \"/var/lib/recvault/backups\") or a [backup_store] table (an \
+                 S3-compatible bucket: endpoint, region, bucket, prefix, path_style, \
+                 credentials_file)"
+                    .into(),
+            ),
+            (None, Some(store)) => store.validate().err().or_else(|| {
+                (store.stale_upload_secs < 3600).then(|| {
+                    format!(
+                        "[backup_store].stale_upload_secs is {}; it must be at least 3600 (1 h), \
+                         or the multipart upload of another replica's ingest in progress could be \
+                         aborted",
+                        store.stale_upload_secs
+                    )
+                })
+            }),
+            (Some(_), None) => None,
+        }
+    }
+
     /// An `fs` destination writes files named by recorders. So no allowed
     /// root may hold a file of the uploader's own (its job store, audit log,
     /// policy, keys, certificates: a recording named `uploader-policy.toml`
@@ -369,7 +506,7 @@ impl UploaderConfig {
             ("vault.tls.ca", &self.vault.tls.ca),
         ];
         let wrapping = self.backup.wrapping_key_file.as_deref();
-        let backups = resolved(&self.backup_dir);
+        let backups = self.backup_dir.as_deref().map(|dir| (dir, resolved(dir)));
         for root in &self.destinations.fs_allowed_roots {
             let root_resolved = resolved(root);
             let named = files
@@ -380,8 +517,9 @@ impl UploaderConfig {
                 .find(|(_, file)| resolved(file).starts_with(&root_resolved))
                 .map(|(name, file)| format!("{name} ({})", file.display()));
             let named = named.or_else(|| {
-                (backups.starts_with(&root_resolved) || root_resolved.starts_with(&backups))
-                    .then(|| format!("backup_dir ({})", self.backup_dir.display()))
+                let (dir, backups) = backups.as_ref()?;
+                (backups.starts_with(&root_resolved) || root_resolved.starts_with(backups))
+                    .then(|| format!("backup_dir ({})", dir.display()))
             });
             if let Some(what) = named {
                 return Some(format!(
@@ -463,7 +601,7 @@ impl UploaderConfig {
             self.instance_id = Some(v);
         }
         if let Some(v) = get("RECVAULT_UPLOADER_BACKUP_DIR") {
-            self.backup_dir = v.into();
+            self.backup_dir = Some(v.into());
         }
         if let Some(v) = get("RECVAULT_UPLOADER_POLICY_FILE") {
             self.policy_file = v.into();
@@ -685,6 +823,102 @@ mod tests {
             Path::new("/run/credentials/audit.key")
         );
         assert_eq!(config.audit_database().as_deref(), Some(Path::new("/var/audit.db")));
+    }
+
+    fn store_table(credentials: &str) -> String {
+        format!(
+            "[backup_store]\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"b\"\n\
+             prefix = \"team/\"\npath_style = true\ncredentials_file = \"{credentials}\"\n"
+        )
+    }
+
+    #[test]
+    fn exactly_one_of_backup_dir_and_backup_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uploader.toml");
+        let both = minimal("audit_key_file = \"k\"\n") + &store_table("creds.json");
+        std::fs::write(&path, both).unwrap();
+        let err = UploaderConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("backup_dir and [backup_store] are both set")
+                && err.contains("remove one"),
+            "{err}"
+        );
+        let neither =
+            minimal("audit_key_file = \"k\"\n").replace("backup_dir = \"data/backups\"\n", "");
+        std::fs::write(&path, &neither).unwrap();
+        let err = UploaderConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("neither backup_dir nor [backup_store] is set"),
+            "{err}"
+        );
+        // The store alone: relative credentials_file resolved, defaults kept.
+        std::fs::write(&path, neither.clone() + &store_table("creds.json")).unwrap();
+        let config = UploaderConfig::load(&path).unwrap();
+        let store = config.backup_store.as_ref().unwrap();
+        assert_eq!(store.credentials_file, dir.path().join("creds.json"));
+        assert_eq!(store.stale_upload_secs, 86400);
+        assert!(config.backup_dir.is_none());
+        // Fields are checked by name.
+        for (bad, field) in [
+            (
+                "endpoint = \"http://127.0.0.1:9000\"",
+                "endpoint = \"127.0.0.1:9000\"",
+            ),
+            ("bucket = \"b\"", "bucket = \"\""),
+            ("prefix = \"team/\"", "prefix = \"../x\""),
+            (
+                "path_style = true",
+                "path_style = true\nstale_upload_secs = 60",
+            ),
+            ("path_style = true", "path_style = true\nbuckett = \"x\""),
+        ] {
+            let text = neither.clone() + &store_table("creds.json").replace(bad, field);
+            std::fs::write(&path, text).unwrap();
+            let err = UploaderConfig::load(&path).unwrap_err().to_string();
+            let name = field.lines().last().unwrap().split(' ').next().unwrap();
+            assert!(err.contains(name), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_backup_store_credentials_file_must_be_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("creds.json");
+        let secret = "very-secret-backup-store-key";
+        std::fs::write(
+            &file,
+            format!("{{\"access_key_id\": \"AKIAOURS\", \"secret_access_key\": \"{secret}\"}}"),
+        )
+        .unwrap();
+        let settings = BackupStoreSettings {
+            endpoint: "http://127.0.0.1:9000".into(),
+            region: String::new(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            path_style: true,
+            credentials_file: file.clone(),
+            stale_upload_secs: 86400,
+        };
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = settings.read_credential().unwrap_err().to_string();
+        assert!(
+            err.contains("[backup_store].credentials_file")
+                && err.contains("mode 644")
+                && err.contains("chmod 600"),
+            "{err}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let credential = settings.read_credential().unwrap();
+        assert_eq!(credential.expose_secret_access_key(), secret);
+        assert!(!format!("{credential:?} {settings:?}").contains(secret));
+        std::fs::write(&file, format!("{{\"secret_access_key\": \"{secret}\"}}")).unwrap();
+        let err = settings.read_credential().unwrap_err().to_string();
+        assert!(
+            err.contains("access_key_id") && !err.contains(secret),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! encrypted backup is checked against the SHA-256 of its stored bytes, taken
 //! when it was written, so the scrub needs no key and never sees plaintext; a
 //! backup in clear (older uploader) against its content SHA-256 and size. It
-//! never deletes or repairs anything; a corrupt backup is kept for inspection.
+//! never deletes or repairs a backup; a corrupt backup is kept for inspection.
+//! With the object store it also aborts multipart uploads that ingests cut
+//! off by a crash left behind (older than `[backup_store].stale_upload_secs`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -28,6 +30,9 @@ pub struct ScrubReport {
     /// Objects in the backup store that belong to no job (a crash between the
     /// backup and the job commit, or an ingest finishing right now). Reported, kept.
     pub orphans: u64,
+    /// Object store only: multipart uploads of ingests cut off by a crash,
+    /// older than `[backup_store].stale_upload_secs`, aborted by this pass.
+    pub stale_uploads_aborted: u64,
 }
 
 /// Re-hashes the backup of every job that is not delivered and not already
@@ -95,20 +100,19 @@ pub async fn scrub_once(
         jobs.mark_backup_corrupt(job.job_id, detail).await?;
     }
     report.orphans = count_orphans(store, jobs).await?;
+    report.stale_uploads_aborted = match store.abort_stale_uploads().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "scrub could not look for multipart uploads left by ingests that were cut off");
+            0
+        }
+    };
     Ok(report)
 }
 
 async fn count_orphans(store: &BackupStore, jobs: &JobStore) -> Result<u64, JobStoreError> {
-    let listing = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.list_objects()).await
-    };
-    let objects = match listing {
-        Ok(Ok(objects)) => objects,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "scrub could not list the backup store");
-            return Ok(0);
-        }
+    let objects = match store.list_objects().await {
+        Ok(objects) => objects,
         Err(e) => {
             tracing::warn!(error = %e, "scrub could not list the backup store");
             return Ok(0);

@@ -154,7 +154,13 @@ pub async fn bind(config: UploaderConfig) -> Result<Bound, StartError> {
         .ok_or(StartError::NoWrappingKey)?;
     let wrapping = WrappingKey::load(wrapping_key_file)?;
     tracing::info!(key_version = wrapping.version(), file = %wrapping_key_file.display(), "backups are encrypted to the vault's wrapping key");
-    let backups = BackupStore::open(&config.backup_dir, wrapping)?;
+    let backups = BackupStore::from_config(
+        config.backup_dir.as_deref(),
+        config.backup_store.as_ref(),
+        wrapping,
+    )
+    .await?;
+    tracing::info!(store = %backups.describe(), "backup store");
     let vault = VaultLeases::new(&config.vault)?;
     let policy = PolicyFile::load(&config.policy_file).map_err(StartError::Policy)?;
     let d = &config.delivery;

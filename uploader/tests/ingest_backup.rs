@@ -165,7 +165,10 @@ async fn happy_path_stores_bytes_and_sha256() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    assert_eq!(files_under(f.store.staging_dir()), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_under(f.store.staging_dir().unwrap()),
+        Vec::<PathBuf>::new()
+    );
     assert_eq!(files_under(&f.root), vec![got.backup.path.clone()]);
 
     // The stored bytes hash to what the job keeps for the scrub, and deleting is idempotent.
@@ -303,7 +306,7 @@ async fn silent_stream_times_out_and_leaves_nothing() {
         let call = tokio::time::timeout(Duration::from_secs(5), receive(silent, &f.store, &limits));
         let during = async {
             tokio::time::sleep(Duration::from_millis(150)).await;
-            files_under(f.store.staging_dir()).len()
+            files_under(f.store.staging_dir().unwrap()).len()
         };
         let (result, staging_files) = tokio::join!(call, during);
         let err = result.expect("the call must end on its own").unwrap_err();
@@ -850,15 +853,25 @@ async fn twenty_mib_in_one_mib_chunks() {
         plain == data,
         "20 MiB read back through the decrypting source"
     );
-    assert_eq!(files_under(f.store.staging_dir()), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_under(f.store.staging_dir().unwrap()),
+        Vec::<PathBuf>::new()
+    );
 }
 
 #[tokio::test]
 async fn stale_staging_files_are_removed_at_open() {
     let f = fixture();
-    std::fs::write(f.store.staging_dir().join("left-by-a-crash.part"), b"x").unwrap();
+    std::fs::write(
+        f.store.staging_dir().unwrap().join("left-by-a-crash.part"),
+        b"x",
+    )
+    .unwrap();
     let reopened = BackupStore::open(&f.root, f.wrapping.key.clone()).unwrap();
-    assert_eq!(files_under(reopened.staging_dir()), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_under(reopened.staging_dir().unwrap()),
+        Vec::<PathBuf>::new()
+    );
 }
 
 /// Intake throughput (not a test): `cargo test --release -p recvault-uploader

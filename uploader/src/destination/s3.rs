@@ -19,9 +19,12 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
+use aws_sdk_s3::operation::list_multipart_uploads::ListMultipartUploadsError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart,
+    MultipartUpload,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -144,8 +147,75 @@ fn region_or_default(region: &str) -> &str {
 
 /// CRC-32 in the form S3 expects: base64 of the 4 big-endian bytes
 /// (<https://docs.aws.amazon.com/AmazonS3/latest/API/API_PutObject.html#AmazonS3-PutObject-request-header-ChecksumCRC32>).
-fn crc32_header(crc: u32) -> String {
+pub(crate) fn crc32_header(crc: u32) -> String {
     BASE64.encode(crc.to_be_bytes())
+}
+
+/// Where and how an S3 client connects: a customer's destination, or the
+/// uploader's own object-store backup.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientSettings<'a> {
+    /// `http(s)://host[:port]`, or empty for AWS (the region's endpoint).
+    pub endpoint: &'a str,
+    /// Empty means `us-east-1`.
+    pub region: &'a str,
+    pub path_style: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// An SDK client signing with SigV4 under `credential`. Request checksums
+/// are ours, sent as plain headers (many S3-compatibles reject the SDK's
+/// default trailing aws-chunked checksums; with WhenRequired the SDK adds
+/// none unless an operation demands one). Nothing is sent until the first
+/// operation; the client's own `Debug` is never shown (its configuration
+/// holds the credential).
+pub(crate) fn build_client(
+    settings: &ClientSettings<'_>,
+    credential: &S3Credential,
+    provider_name: &'static str,
+) -> Client {
+    // The SDK copies the strings into its own zeroizing storage.
+    let credentials = Credentials::new(
+        credential.access_key_id(),
+        credential.expose_secret_access_key(),
+        credential.expose_session_token().map(str::to_owned),
+        None,
+        provider_name,
+    );
+    let mut builder = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region_or_default(settings.region).to_owned()))
+        .credentials_provider(credentials)
+        .force_path_style(settings.path_style)
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(settings.connect_timeout)
+                .read_timeout(settings.read_timeout)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(settings.max_attempts.max(1)));
+    if !settings.endpoint.is_empty() {
+        builder = builder.endpoint_url(settings.endpoint.trim_end_matches('/'));
+    }
+    Client::from_conf(builder.build())
+}
+
+/// The whole-object CRC-32 a HeadObject (with checksum mode) reports, when
+/// it is one that can be compared with the object's CRC-32. A composite
+/// multipart checksum ("…-N") is a checksum of part checksums and not
+/// comparable. For multipart, only an explicit FULL_OBJECT checksum counts
+/// (s3s-fs, for one, keeps a stale checksum of an earlier object under the
+/// same key).
+pub(crate) fn full_object_crc32(head: &HeadObjectOutput, multipart: bool) -> Option<&str> {
+    match (head.checksum_crc32(), head.checksum_type()) {
+        (Some(v), Some(ChecksumType::FullObject)) if !v.contains('-') => Some(v),
+        (Some(v), None) if !multipart && !v.contains('-') => Some(v),
+        _ => None,
+    }
 }
 
 impl S3Destination {
@@ -175,36 +245,20 @@ impl S3Destination {
         }
         super::object_key(&config.prefix, "x").map_err(|e| config_error(e.to_string()))?;
 
-        // The SDK copies the strings into its own zeroizing storage.
-        let credentials = Credentials::new(
-            credential.access_key_id(),
-            credential.expose_secret_access_key(),
-            credential.expose_session_token().map(str::to_owned),
-            None,
+        let client = build_client(
+            &ClientSettings {
+                endpoint: &config.endpoint,
+                region: &config.region,
+                path_style: config.path_style,
+                connect_timeout: options.connect_timeout,
+                read_timeout: options.read_timeout,
+                max_attempts: options.max_attempts,
+            },
+            credential,
             "recvault-lease",
         );
-        let mut builder = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(region_or_default(&config.region).to_owned()))
-            .credentials_provider(credentials)
-            .force_path_style(config.path_style)
-            // We send our own checksums as plain headers: many S3-compatibles
-            // reject the SDK's default trailing (aws-chunked) checksums. With
-            // WhenRequired the SDK adds none unless an operation demands one.
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(options.connect_timeout)
-                    .read_timeout(options.read_timeout)
-                    .build(),
-            )
-            .retry_config(RetryConfig::standard().with_max_attempts(options.max_attempts.max(1)));
-        if !config.endpoint.is_empty() {
-            builder = builder.endpoint_url(config.endpoint.trim_end_matches('/'));
-        }
         Ok(Self {
-            client: Client::from_conf(builder.build()),
+            client,
             bucket: config.bucket.clone(),
             prefix: config.prefix.clone(),
             endpoint: endpoint_label(config),
@@ -563,37 +617,17 @@ impl S3Destination {
     /// The ids of the multipart uploads in progress for exactly `key`, from
     /// every page of ListMultipartUploads with prefix `key`.
     async fn list_uploads_for_key(&self, key: &str) -> Result<Vec<String>, DeliveryError> {
-        let mut ids = Vec::new();
-        let mut key_marker: Option<String> = None;
-        let mut upload_id_marker: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .list_multipart_uploads()
-                .bucket(&self.bucket)
-                .prefix(key)
-                .set_key_marker(key_marker.clone())
-                .set_upload_id_marker(upload_id_marker.clone())
-                .send()
-                .await
-                .map_err(|e| self.sdk_error(e, "ListMultipartUploads", key))?;
-            for upload in out.uploads() {
-                if upload.key() == Some(key)
-                    && let Some(id) = upload.upload_id()
-                    && !ids.iter().any(|known| known == id)
-                {
-                    ids.push(id.to_owned());
-                }
+        let uploads = list_multipart_uploads(&self.client, &self.bucket, key)
+            .await
+            .map_err(|e| self.sdk_error(e, "ListMultipartUploads", key))?;
+        let mut ids: Vec<String> = Vec::new();
+        for upload in &uploads {
+            if upload.key() == Some(key)
+                && let Some(id) = upload.upload_id()
+                && !ids.iter().any(|known| known == id)
+            {
+                ids.push(id.to_owned());
             }
-            let next_key = out.next_key_marker().map(str::to_owned);
-            let next_id = out.next_upload_id_marker().map(str::to_owned);
-            let progressed =
-                next_key.is_some() && (next_key != key_marker || next_id != upload_id_marker);
-            if out.is_truncated() != Some(true) || !progressed {
-                break;
-            }
-            key_marker = next_key;
-            upload_id_marker = next_id;
         }
         Ok(ids)
     }
@@ -813,16 +847,7 @@ impl S3Destination {
                 "the object's sha256 metadata differs from the recording's".into(),
             ));
         }
-        // A composite multipart checksum ("…-N") is a checksum of part
-        // checksums and not comparable with the file's CRC-32. For multipart,
-        // only an explicit FULL_OBJECT checksum counts (s3s-fs, for one, keeps
-        // a stale checksum of an earlier object under the same key).
-        let full_object = match (head.checksum_crc32(), head.checksum_type()) {
-            (Some(v), Some(ChecksumType::FullObject)) if !v.contains('-') => Some(v),
-            (Some(v), None) if !multipart && !v.contains('-') => Some(v),
-            _ => None,
-        };
-        if let Some(stored) = full_object {
+        if let Some(stored) = full_object_crc32(&head, multipart) {
             if stored == crc32_header(crc32) {
                 return Ok(VerifiedBy::ProviderChecksum);
             }
@@ -1024,6 +1049,40 @@ impl S3Destination {
     }
 }
 
+/// The multipart uploads in progress under `prefix`, from every page of
+/// ListMultipartUploads (key and upload-id markers, stopping when a page
+/// does not move them on).
+pub(crate) async fn list_multipart_uploads(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Vec<MultipartUpload>, SdkError<ListMultipartUploadsError, HttpResponse>> {
+    let mut uploads = Vec::new();
+    let mut key_marker: Option<String> = None;
+    let mut upload_id_marker: Option<String> = None;
+    loop {
+        let out = client
+            .list_multipart_uploads()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_key_marker(key_marker.clone())
+            .set_upload_id_marker(upload_id_marker.clone())
+            .send()
+            .await?;
+        uploads.extend(out.uploads().iter().cloned());
+        let next_key = out.next_key_marker().map(str::to_owned);
+        let next_id = out.next_upload_id_marker().map(str::to_owned);
+        let progressed =
+            next_key.is_some() && (next_key != key_marker || next_id != upload_id_marker);
+        if out.is_truncated() != Some(true) || !progressed {
+            break;
+        }
+        key_marker = next_key;
+        upload_id_marker = next_id;
+    }
+    Ok(uploads)
+}
+
 /// Awaits `on_multipart_closed` for `upload_id`; its error is only logged
 /// (the id then stays recorded, which costs at most a needless abort later).
 async fn report_closed(hooks: &DeliveryHooks<'_>, upload_id: &str) {
@@ -1088,7 +1147,7 @@ where
 }
 
 /// Provider messages are for people; keep them to one short line.
-fn trim_message(m: &str) -> String {
+pub(crate) fn trim_message(m: &str) -> String {
     let line = m.lines().next().unwrap_or_default().trim();
     if line.chars().count() > 300 {
         let mut s: String = line.chars().take(300).collect();
@@ -1099,7 +1158,7 @@ fn trim_message(m: &str) -> String {
     }
 }
 
-fn len_i64(len: u64) -> i64 {
+pub(crate) fn len_i64(len: u64) -> i64 {
     i64::try_from(len).unwrap_or(i64::MAX)
 }
 

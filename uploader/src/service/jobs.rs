@@ -367,9 +367,12 @@ impl JobsService {
             }
         };
         if !job.backup_deleted && !job.backup_corrupt {
-            let present = tokio::fs::metadata(&job.backup_path)
+            let present = self
+                .shared
+                .backups
+                .exists(&job.backup_path)
                 .await
-                .is_ok_and(|m| m.is_file());
+                .map_err(|e| Status::unavailable(format!("job {id}: backup store: {e}")))?;
             if !present {
                 return Err(Status::failed_precondition(format!(
                     "job {id}: its backup {} is missing from the backup store; nothing can be \

@@ -103,7 +103,39 @@ pub struct S3Server {
     requests: Arc<Mutex<Vec<RecordedRequest>>>,
     deny: Arc<Mutex<HashSet<&'static str>>>,
     unavailable: Arc<Mutex<HashSet<&'static str>>>,
+    service: s3s::service::S3Service,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Accepts connections on `listener` until the returned sender fires (or is
+/// dropped); the open connections end with it.
+fn serve(
+    listener: TcpListener,
+    service: s3s::service::S3Service,
+) -> tokio::sync::oneshot::Sender<()> {
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let builder = ConnBuilder::new(TokioExecutor::new());
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let socket = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, _)) => socket,
+                    Err(_) => continue,
+                },
+                _ = &mut rx => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let builder = builder.clone();
+            let service = service.clone();
+            connections.spawn(async move {
+                let _ = builder
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    tx
 }
 
 impl std::fmt::Debug for S3Server {
@@ -250,8 +282,8 @@ fn xml_escape(s: &str) -> String {
 }
 
 impl ListUploadsRoute {
-    /// (key, upload id) of every upload in progress in `bucket`.
-    fn in_progress(&self, bucket: &str) -> Vec<(String, String)> {
+    /// (key, upload id, when it was created) of every upload in progress in `bucket`.
+    fn in_progress(&self, bucket: &str) -> Vec<(String, String, std::time::SystemTime)> {
         use base64::Engine as _;
         let decode = |s: &str| {
             base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -274,15 +306,15 @@ impl ListUploadsRoute {
             let Some((k, id)) = rest.split_once(".upload-") else {
                 continue;
             };
-            let in_progress = self.root.join(format!(".upload-{id}.json")).exists();
-            if let (Some(b), Some(k)) = (decode(b), decode(k))
+            let started = std::fs::metadata(self.root.join(format!(".upload-{id}.json")))
+                .and_then(|m| m.modified());
+            if let (Some(b), Some(k), Ok(started)) = (decode(b), decode(k), started)
                 && b == bucket
-                && in_progress
             {
-                uploads.push((k, id.to_owned()));
+                uploads.push((k, id.to_owned(), started));
             }
         }
-        uploads.sort();
+        uploads.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         uploads
     }
 
@@ -303,7 +335,7 @@ impl ListUploadsRoute {
             .unwrap_or(1000)
             .min(self.page)
             .max(1);
-        let after_marker = |(k, id): &(String, String)| {
+        let after_marker = |(k, id, _): &(String, String, std::time::SystemTime)| {
             if key_marker.is_empty() {
                 true
             } else if id_marker.is_empty() {
@@ -312,10 +344,10 @@ impl ListUploadsRoute {
                 *k > key_marker || (*k == key_marker && *id > id_marker)
             }
         };
-        let matching: Vec<(String, String)> = self
+        let matching: Vec<(String, String, std::time::SystemTime)> = self
             .in_progress(&bucket)
             .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _, _)| k.starts_with(&prefix))
             .filter(after_marker)
             .collect();
         let truncated = matching.len() > max;
@@ -332,17 +364,24 @@ impl ListUploadsRoute {
             xml_escape(&id_marker),
             xml_escape(&prefix),
         ));
-        if truncated && let Some((k, id)) = page.last() {
+        if truncated && let Some((k, id, _)) = page.last() {
             xml.push_str(&format!(
                 "<NextKeyMarker>{}</NextKeyMarker><NextUploadIdMarker>{}</NextUploadIdMarker>",
                 xml_escape(k),
                 xml_escape(id)
             ));
         }
-        for (k, id) in page {
+        for (k, id, started) in page {
+            // When s3s-fs created the upload (its upload file's mtime), in
+            // whole seconds as S3 writes it.
+            let initiated = time::OffsetDateTime::from(*started)
+                .replace_nanosecond(0)
+                .unwrap()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
             xml.push_str(&format!(
                 "<Upload><Key>{}</Key><UploadId>{}</UploadId>\
-                 <Initiated>2024-01-01T00:00:00.000Z</Initiated></Upload>",
+                 <Initiated>{initiated}</Initiated></Upload>",
                 xml_escape(k),
                 xml_escape(id)
             ));
@@ -441,26 +480,7 @@ impl S3Server {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let builder = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let socket = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((socket, _)) => socket,
-                        Err(_) => continue,
-                    },
-                    _ = &mut rx => break,
-                };
-                let builder = builder.clone();
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let _ = builder
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
+        let tx = serve(listener, service.clone());
 
         Self {
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -471,8 +491,30 @@ impl S3Server {
             requests,
             deny,
             unavailable,
+            service,
             shutdown: Some(tx),
         }
+    }
+
+    /// Stops listening and closes every open connection, as a server that
+    /// went down (the port refuses connections until [`S3Server::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Serves again on the same port, over the same directory.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        self.shutdown = Some(serve(listener, self.service.clone()));
     }
 
     /// The directory s3s-fs serves.
