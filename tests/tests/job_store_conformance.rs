@@ -18,8 +18,8 @@ use recvault_uploader::jobs::{
     ContentType, DestinationId, FileName, JobFilter, JobState, JobStore, JobStoreError, NewJob,
     ObjectKey, RecordingId, Replica, Resend, RetryPolicy, TenantId, VerifiedBy,
 };
-use recvault_uploader::store::Storage;
 use recvault_uploader::scrub::scrub_once;
+use recvault_uploader::store::Storage;
 use time::OffsetDateTime;
 use tonic::Code;
 
@@ -685,7 +685,10 @@ async fn object_keys_are_unique_per_real_location(kind: Kind) {
         panic!("{err}");
     };
     assert_eq!(conflict.other_destination_id.as_str(), "dest-1");
-    assert!(err.to_string().contains("points at the same bucket"), "{err}");
+    assert!(
+        err.to_string().contains("points at the same bucket"),
+        "{err}"
+    );
     assert!(
         f.jobs
             .find_by_recording(
@@ -1059,7 +1062,10 @@ async fn a_claim_is_fenced_renewed_and_taken_over_after_expiry(kind: Kind) {
     let late = f.jobs.renew_claim(job.job_id).await.unwrap_err();
     assert!(matches!(late, JobStoreError::ClaimLost { .. }), "{late}");
     let late = f.jobs.mark_verifying(job.job_id).await.unwrap_err();
-    assert!(late.to_string().contains("replica replica-b runs it now"), "{late}");
+    assert!(
+        late.to_string().contains("replica replica-b runs it now"),
+        "{late}"
+    );
     assert!(f.jobs.recover_after_crash().await.unwrap().is_empty());
     let history = b.history(job.job_id).await.unwrap();
     let takeover = history

@@ -258,6 +258,9 @@ struct Settings {
     part_concurrency: usize,
     /// Fixed vault port (so a restarted vault comes back on the same address).
     vault_port: Option<u16>,
+    /// Replicas: the job store in PostgreSQL and the backup store in an S3
+    /// bucket (another s3s-fs), so several uploaderd processes share both.
+    replicas: bool,
 }
 
 impl Default for Settings {
@@ -268,6 +271,7 @@ impl Default for Settings {
             part_size: 8 * MIB,
             part_concurrency: 4,
             vault_port: None,
+            replicas: false,
         }
     }
 }
@@ -284,6 +288,11 @@ struct Rig {
     uploader_addr: String,
     /// Output of daemons that were stopped or killed.
     past_logs: Vec<String>,
+    /// With `replicas`: the shared job database and the backup bucket.
+    shared: Option<(recvault_tests::postgres::Database, S3)>,
+    /// With `replicas`: the second uploader and its address.
+    uploader_b: Option<Daemon>,
+    uploader_b_addr: String,
 }
 
 fn free_port() -> u16 {
@@ -345,7 +354,16 @@ impl Rig {
             uploader: None,
             uploader_addr: String::new(),
             past_logs: Vec::new(),
+            shared: None,
+            uploader_b: None,
+            uploader_b_addr: String::new(),
         };
+        if rig.settings.replicas {
+            let db = recvault_tests::postgres::Postgres::shared()
+                .expect("PostgreSQL for the replica test")
+                .database();
+            rig.shared = Some((db, S3::start().await));
+        }
         std::fs::create_dir_all(rig.fs_root()).unwrap();
         rig.start_vault();
         rig
@@ -392,6 +410,12 @@ impl Rig {
     }
 
     fn write_uploader_config(&self) -> PathBuf {
+        self.write_replica_config("replica-a")
+    }
+
+    /// The config of replica `instance`: with `replicas`, on the shared
+    /// PostgreSQL job store and backup bucket; else the embedded defaults.
+    fn write_replica_config(&self, instance: &str) -> PathBuf {
         let s = &self.settings;
         let file = |name: &str| self.certs.join(name).display().to_string();
         let policy = self.root.join("uploader-policy.toml");
@@ -410,8 +434,7 @@ impl Rig {
         let text = format!(
             r#"listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
-database = "{db}"
-backup_dir = "{backups}"
+{store}
 policy_file = "{policy}"
 audit_key_file = "{audit_key}"
 
@@ -443,8 +466,17 @@ multipart_threshold_bytes = {threshold}
 part_size_bytes = {part}
 part_concurrency = {concurrency}
 "#,
-            db = self.root.join("uploader/uploader.db").display(),
-            backups = self.backup_dir().display(),
+            store = match &self.shared {
+                None => format!(
+                    "database = \"{}\"\nbackup_dir = \"{}\"",
+                    self.root.join("uploader/uploader.db").display(),
+                    self.backup_dir().display()
+                ),
+                Some((db, _)) => format!(
+                    "database_url_file = \"{}\"\ninstance_id = \"{instance}\"",
+                    db.url_file(&self.root).display()
+                ),
+            },
             wrap = self.root.join("backup-wrap.pub").display(),
             policy = policy.display(),
             fs_root = self.fs_root().display(),
@@ -464,9 +496,50 @@ part_concurrency = {concurrency}
             part = s.part_size,
             concurrency = s.part_concurrency,
         );
-        let path = self.root.join("uploader.toml");
+        let text = match &self.shared {
+            None => text,
+            Some((_, bucket)) => {
+                let credentials = self.root.join("backup-store.json");
+                std::fs::write(&credentials, bucket.credential_json(&bucket.secret_key)).unwrap();
+                std::fs::set_permissions(
+                    &credentials,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+                format!(
+                    "{text}claim_ttl_secs = 4\n\n[backup_store]\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
+                     bucket = \"{BUCKET}\"\nprefix = \"backups\"\npath_style = true\n\
+                     credentials_file = \"{}\"\n",
+                    bucket.endpoint,
+                    credentials.display()
+                )
+            }
+        };
+        let path = self.root.join(format!("uploader-{instance}.toml"));
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// Starts the second replica (`replicas` only).
+    fn start_uploader_b(&mut self) {
+        let config = self.write_replica_config("replica-b");
+        let mut cmd = Command::new(binary("uploaderd"));
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info");
+        let mut daemon = Daemon::spawn(cmd);
+        let line = tokio::task::block_in_place(|| {
+            daemon.wait_for("uploader serving", Duration::from_secs(30))
+        });
+        self.uploader_b_addr = served_addr(&line);
+        self.uploader_b = Some(daemon);
+    }
+
+    /// SIGKILL of the second replica.
+    fn kill_uploader_b(&mut self) {
+        let mut daemon = self.uploader_b.take().expect("replica-b running");
+        daemon.kill();
+        self.past_logs.push(daemon.output());
     }
 
     fn start_uploader(&mut self) {
@@ -523,7 +596,11 @@ part_concurrency = {concurrency}
     /// Failure context: the tail of each daemon's output.
     fn context(&self) -> String {
         let mut out = String::new();
-        for (name, d) in [("vaultd", &self.vault), ("uploaderd", &self.uploader)] {
+        for (name, d) in [
+            ("vaultd", &self.vault),
+            ("uploaderd", &self.uploader),
+            ("uploaderd replica-b", &self.uploader_b),
+        ] {
             if let Some(d) = d {
                 out.push_str(&format!(
                     "\n----- {name} (last 80 lines) -----\n{}\n",
@@ -546,10 +623,6 @@ part_concurrency = {concurrency}
 
     fn jobs(&self) -> JobsClient<Channel> {
         JobsClient::new(self.channel(&self.uploader_addr, "manager"))
-    }
-
-    fn recordings(&self) -> RecordingsClient<Channel> {
-        RecordingsClient::new(self.channel(&self.uploader_addr, "recorder"))
     }
 
     /// Stores (or re-versions) the tenant's S3 credential in the vault as the manager.
@@ -599,6 +672,31 @@ part_concurrency = {concurrency}
         chunk: usize,
         tamper: Tamper,
     ) -> Result<up::UploadResponse, tonic::Status> {
+        let addr = self.uploader_addr.clone();
+        self.upload_at(
+            &addr,
+            destination_id,
+            recording_id,
+            file_name,
+            data,
+            chunk,
+            tamper,
+        )
+        .await
+    }
+
+    /// [`Rig::upload`] to the uploader at `addr`.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_at(
+        &self,
+        addr: &str,
+        destination_id: &str,
+        recording_id: &str,
+        file_name: &str,
+        data: &Arc<Vec<u8>>,
+        chunk: usize,
+        tamper: Tamper,
+    ) -> Result<up::UploadResponse, tonic::Status> {
         let mut digest = sha256(data);
         if tamper == Tamper::TrailerSha256 {
             digest[0] ^= 0xff;
@@ -634,7 +732,7 @@ part_concurrency = {concurrency}
         let messages = std::iter::once(header)
             .chain(chunks)
             .chain(std::iter::once(trailer));
-        let mut client = self.recordings();
+        let mut client = RecordingsClient::new(self.channel(addr, "recorder"));
         let call = client.upload(tokio_stream::iter(messages));
         tokio::time::timeout(Duration::from_secs(60), call)
             .await
@@ -1990,5 +2088,165 @@ async fn no_copy_of_the_credential_stays_in_either_process_after_release() {
         found.is_empty(),
         "copies of the credential's secret left in memory:\n{}",
         found.join("\n")
+    );
+}
+
+/// Two uploaderd replicas on one PostgreSQL job store and one object-store
+/// backup bucket. Recordings (1–24 MiB, single PUT and multipart) go to
+/// either replica at random while replica-b is SIGKILLed three times and
+/// restarted (a recorder whose Upload failed sends it again to the other
+/// replica). At the end every recording is DELIVERED once, byte-identical at
+/// the destination, every backup object is gone, no multipart upload is
+/// open at either server, and the histories say which replica did what
+/// (both delivered some; a killed replica's claims were taken over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_the_work_through_kills_and_deliver_each_recording_once() {
+    if recvault_tests::postgres::Postgres::shared().is_none() {
+        return;
+    }
+    let mut rig = Rig::new(Settings {
+        replicas: true,
+        multipart_threshold: 8 * MIB,
+        part_size: 5 * MIB,
+        ..Settings::default()
+    })
+    .await;
+    rig.start_uploader();
+    rig.start_uploader_b();
+    let credential = rig.put_credential(&rig.s3.secret_key.clone()).await;
+    let destination = rig.put_destination(&credential.credential_id).await;
+
+    const N: usize = 40;
+    let mut seed = 0x5eed_u64;
+    let mut sent: Vec<(String, Arc<Vec<u8>>, String)> = Vec::new();
+    let mut kills = 0;
+    for i in 0..N {
+        let size = MIB + (splitmix(&mut seed) as usize % (23 * MIB));
+        let data = random_bytes(size, i as u64);
+        let name = format!("replica-{i:03}.mp4");
+        let to_b = splitmix(&mut seed) % 2 == 0 && rig.uploader_b.is_some();
+        let addr = if to_b {
+            rig.uploader_b_addr.clone()
+        } else {
+            rig.uploader_addr.clone()
+        };
+        let recording = format!("rec-{i}");
+        let reply = match rig
+            .upload_at(
+                &addr,
+                &destination,
+                &recording,
+                &name,
+                &data,
+                MIB,
+                Tamper::None,
+            )
+            .await
+        {
+            Ok(reply) => reply,
+            // That replica was killed under the call: send it to the other.
+            Err(_) => {
+                let other = rig.uploader_addr.clone();
+                rig.upload_at(
+                    &other,
+                    &destination,
+                    &recording,
+                    &name,
+                    &data,
+                    MIB,
+                    Tamper::None,
+                )
+                .await
+                .unwrap_or_else(|s| panic!("Upload {i}: {s:?}{}", rig.context()))
+            }
+        };
+        sent.push((name, data, reply.job_id));
+        // Kill replica-b three times while it holds work, then bring it back.
+        if i % 12 == 8 && kills < 3 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            rig.kill_uploader_b();
+            kills += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rig.start_uploader_b();
+        }
+    }
+    assert_eq!(kills, 3);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    for (name, data, job_id) in &sent {
+        let job = loop {
+            let job = rig.get_job(job_id).await;
+            if state(&job) == up::JobState::Delivered || std::time::Instant::now() > deadline {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(
+            state(&job),
+            up::JobState::Delivered,
+            "{name}: {job:?}{}",
+            rig.context()
+        );
+        check_download(&rig, name, data);
+    }
+    // Backups deleted (a moment after DELIVERED), nothing open anywhere.
+    let (_, bucket) = rig.shared.as_ref().unwrap();
+    let backups = bucket.root.path().join(BUCKET).join("backups");
+    let gone = || walk(&backups).into_iter().filter(|p| p.is_file()).count();
+    for _ in 0..50 {
+        if gone() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(gone(), 0, "backup objects left: {:?}", walk(&backups));
+    assert!(
+        bucket.open_multipart_files().is_empty(),
+        "{:?}",
+        bucket.open_multipart_files()
+    );
+    assert!(
+        rig.s3.open_multipart_files().is_empty(),
+        "{:?}",
+        rig.s3.open_multipart_files()
+    );
+
+    // Who did what: both replicas delivered, every history names a replica.
+    let mut delivered_by = std::collections::BTreeMap::<String, usize>::new();
+    let mut takeovers = 0;
+    for (_, _, job_id) in &sent {
+        let history = rig
+            .jobs()
+            .get_job_history(up::GetJobRequest {
+                job_id: job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        assert!(
+            history.iter().all(|e| e.replica.starts_with("replica-")),
+            "{history:?}"
+        );
+        let delivered = history
+            .iter()
+            .filter(|e| e.message.starts_with("delivered to"))
+            .collect::<Vec<_>>();
+        assert_eq!(delivered.len(), 1, "delivered exactly once: {history:?}");
+        *delivered_by
+            .entry(delivered[0].replica.clone())
+            .or_default() += 1;
+        takeovers += history
+            .iter()
+            .filter(|e| e.message.contains("expired") || e.message.contains("stopped while"))
+            .count();
+    }
+    eprintln!(
+        "deliveries per replica: {delivered_by:?}; attempts taken over or recovered: {takeovers}"
+    );
+    assert_eq!(
+        delivered_by.len(),
+        2,
+        "both replicas delivered: {delivered_by:?}"
     );
 }

@@ -802,7 +802,10 @@ mod tests {
         std::fs::write(&path, minimal("audit_key_file = \"keys/audit.key\"\n")).expect("write");
         let config = UploaderConfig::load(&path).expect("parses");
         assert_eq!(config.audit_key_file, dir.path().join("keys/audit.key"));
-        assert_eq!(config.audit_database(), Some(dir.path().join("data/audit.db")));
+        assert_eq!(
+            config.audit_database(),
+            Some(dir.path().join("data/audit.db"))
+        );
 
         std::fs::write(
             &path,
@@ -822,7 +825,10 @@ mod tests {
             config.audit_key_file,
             Path::new("/run/credentials/audit.key")
         );
-        assert_eq!(config.audit_database().as_deref(), Some(Path::new("/var/audit.db")));
+        assert_eq!(
+            config.audit_database().as_deref(),
+            Some(Path::new("/var/audit.db"))
+        );
     }
 
     fn store_table(credentials: &str) -> String {

@@ -32,7 +32,9 @@ pub struct DestinationStore {
 impl DestinationStore {
     /// Destinations in the SQLite file at `path` (the embedded default).
     pub fn open(path: &Path) -> Result<Self, JobStoreError> {
-        Ok(Self::new(Arc::new(crate::store::sqlite::SqliteDestinations::open(path)?)))
+        Ok(Self::new(Arc::new(
+            crate::store::sqlite::SqliteDestinations::open(path)?,
+        )))
     }
 
     /// Destinations in `backend`.

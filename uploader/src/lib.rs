@@ -20,6 +20,6 @@ pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod server;
-pub mod store;
 pub mod service;
+pub mod store;
 pub mod worker;

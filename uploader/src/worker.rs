@@ -805,9 +805,9 @@ mod tests {
         );
         let history = jobs.history(job_id).await.unwrap();
         assert!(
-            history
-                .iter()
-                .any(|e| e.message.starts_with(&format!("multipart upload {upload_id} started"))),
+            history.iter().any(|e| e
+                .message
+                .starts_with(&format!("multipart upload {upload_id} started"))),
             "{history:?}"
         );
     }

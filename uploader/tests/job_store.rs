@@ -19,10 +19,12 @@ use recvault_uploader::jobs::{
 #[test]
 fn key_lookup_uses_the_object_key_index() {
     let dir = tempfile::tempdir().unwrap();
-    let jobs = recvault_uploader::store::sqlite::SqliteJobs::open(&dir.path().join("jobs.db")).unwrap();
+    let jobs =
+        recvault_uploader::store::sqlite::SqliteJobs::open(&dir.path().join("jobs.db")).unwrap();
     let plan = jobs.explain_key_probe().unwrap();
     assert!(
-        plan.iter().any(|p| p.contains("USING INDEX jobs_by_location_key")),
+        plan.iter()
+            .any(|p| p.contains("USING INDEX jobs_by_location_key")),
         "{plan:?}"
     );
 }
@@ -175,11 +177,13 @@ async fn version_1_database_is_migrated_with_object_keys() {
         .unwrap_err();
     assert!(err.to_string().contains("recording old"), "{err}");
     assert_eq!(
-        jobs.get(recvault_uploader::jobs::JobId::parse("11111111-1111-4111-8111-111111111111").unwrap())
-            .await
-            .unwrap()
-            .object_location
-            .as_deref(),
+        jobs.get(
+            recvault_uploader::jobs::JobId::parse("11111111-1111-4111-8111-111111111111").unwrap()
+        )
+        .await
+        .unwrap()
+        .object_location
+        .as_deref(),
         Some("fs:/tmp"),
         "the migration gives every key its destination's real location"
     );
@@ -199,4 +203,3 @@ async fn version_1_database_is_migrated_with_object_keys() {
         Some("rec/x.mp4")
     );
 }
-

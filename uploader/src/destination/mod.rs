@@ -97,7 +97,11 @@ impl DestinationConfig {
             Provider::S3 => {
                 let endpoint = normalize_endpoint(&self.endpoint);
                 let endpoint = if endpoint.is_empty() {
-                    let region = if self.region.is_empty() { "us-east-1" } else { &self.region };
+                    let region = if self.region.is_empty() {
+                        "us-east-1"
+                    } else {
+                        &self.region
+                    };
                     format!("aws:{region}")
                 } else {
                     endpoint

@@ -12,10 +12,10 @@ pub use ids::{
     ContentType, DEFAULT_CONTENT_TYPE, DestinationId, FileName, InvalidValue, JobId,
     MAX_CONTENT_TYPE_LEN, MAX_FILE_NAME_LEN, MAX_ID_LEN, RecordingId, TenantId,
 };
-pub use retry::{FailureClass, GiveUp, RetryPolicy, RetryState};
-pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
 pub use model::{
     Clash, Job, JobEvent, JobFilter, JobStoreError, KeyConflict, NewJob, ObjectKey, ReleasedUpload,
     Resend, rfc3339,
 };
+pub use retry::{FailureClass, GiveUp, RetryPolicy, RetryState};
+pub use state::{IllegalTransition, JobState, VerifiedBy, check_transition};
 pub use store::{JobStore, Replica};

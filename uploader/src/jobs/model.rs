@@ -114,7 +114,6 @@ pub enum JobStoreError {
     Unavailable(String),
 }
 
-
 /// How a delivery under one key would collide with another job's at the same
 /// destination. Every delivery writes two objects: the recording under its
 /// key and its checksum sidecar under `<key>.sha256`.
@@ -385,7 +384,6 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
-
 type Result<T, E = JobStoreError> = std::result::Result<T, E>;
 
 fn corrupt(job_id: &str, what: impl std::fmt::Display) -> JobStoreError {
@@ -397,7 +395,8 @@ fn id_field<T>(job_id: &str, name: &str, r: Result<T, InvalidValue>) -> Result<T
 }
 
 fn digest(job_id: &str, name: &str, bytes: &[u8]) -> Result<Sha256Digest> {
-    Sha256Digest::from_slice(bytes).ok_or_else(|| corrupt(job_id, format_args!("{name} is not 32 bytes")))
+    Sha256Digest::from_slice(bytes)
+        .ok_or_else(|| corrupt(job_id, format_args!("{name} is not 32 bytes")))
 }
 
 fn count<T: TryFrom<i64>>(job_id: &str, name: &str, n: i64) -> Result<T> {
@@ -433,14 +432,21 @@ impl Job {
             backup_path: PathBuf::from(r.backup_path),
             sha256: digest(id, "sha256", &r.sha256)?,
             size: count(id, "size", r.size)?,
-            stored_sha256: r.stored_sha256.map(|b| digest(id, "stored_sha256", &b)).transpose()?,
-            state: JobState::from_db(&r.state).ok_or_else(|| corrupt(id, format_args!("state {:?}", r.state)))?,
+            stored_sha256: r
+                .stored_sha256
+                .map(|b| digest(id, "stored_sha256", &b))
+                .transpose()?,
+            state: JobState::from_db(&r.state)
+                .ok_or_else(|| corrupt(id, format_args!("state {:?}", r.state)))?,
             attempts: count(id, "attempts", r.attempts)?,
             last_error: r.last_error,
             location: r.location,
             verified_by: r
                 .verified_by
-                .map(|v| VerifiedBy::from_db(&v).ok_or_else(|| corrupt(id, format_args!("verified_by {v:?}"))))
+                .map(|v| {
+                    VerifiedBy::from_db(&v)
+                        .ok_or_else(|| corrupt(id, format_args!("verified_by {v:?}")))
+                })
                 .transpose()?,
             retrying_since: r.retrying_since.map(from_ms).transpose()?,
             doubtful_failures: count(id, "doubtful_failures", r.doubtful_failures)?,
@@ -476,8 +482,9 @@ impl Job {
                 .ok_or_else(|| corrupt(&self.job_id.to_string(), "backup path is not UTF-8"))?
                 .to_owned(),
             sha256: self.sha256.as_bytes().to_vec(),
-            size: i64::try_from(self.size)
-                .map_err(|_| corrupt(&self.job_id.to_string(), format_args!("size {}", self.size)))?,
+            size: i64::try_from(self.size).map_err(|_| {
+                corrupt(&self.job_id.to_string(), format_args!("size {}", self.size))
+            })?,
             state: self.state.as_str().to_owned(),
             attempts: i64::from(self.attempts),
             last_error: self.last_error.clone(),

@@ -232,7 +232,10 @@ impl Rules<'_> {
         }
         let except = except.map(|id| id.to_string());
         for (probe, clash) in probes {
-            if let Some(other) = self.tx.key_holder(&key.location, &probe, except.as_deref())? {
+            if let Some(other) = self
+                .tx
+                .key_holder(&key.location, &probe, except.as_deref())?
+            {
                 let other = Job::from_row(other)?;
                 return Ok(Some(Box::new(KeyConflict {
                     destination_id: destination.clone(),
@@ -1090,7 +1093,11 @@ impl JobStore {
 
 /// Publishes what other replicas changed: each job re-read (with the bytes
 /// sent, for progress). Runs on the backend's follower thread.
-fn forward_remote(backend: &dyn JobBackend, changes: &broadcast::Sender<Job>, remote: Vec<RemoteChange>) {
+fn forward_remote(
+    backend: &dyn JobBackend,
+    changes: &broadcast::Sender<Job>,
+    remote: Vec<RemoteChange>,
+) {
     if changes.receiver_count() == 0 {
         return;
     }

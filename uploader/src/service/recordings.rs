@@ -12,9 +12,9 @@ use tonic::{Request, Response, Status, Streaming};
 use recvault_runtime::policy::Role;
 
 use super::{Call, Shared, Subject};
-use crate::jobs::ObjectKey;
 use crate::destination_store::DestinationRecord;
 use crate::ingest;
+use crate::jobs::ObjectKey;
 use crate::jobs::{DestinationId, FileName, RecordingId, TenantId};
 
 #[derive(Debug, Clone)]

@@ -42,7 +42,9 @@ impl Storage {
     pub fn display(&self) -> String {
         match self {
             Storage::Sqlite(path) => path.display().to_string(),
-            Storage::Postgres(url_file) => format!("the PostgreSQL database of {}", url_file.display()),
+            Storage::Postgres(url_file) => {
+                format!("the PostgreSQL database of {}", url_file.display())
+            }
         }
     }
 }
@@ -320,7 +322,13 @@ impl DestinationRow {
         })
     }
 
-    fn new(id: String, tenant: &str, name: &str, config: &DestinationConfig, credential: &str) -> Self {
+    fn new(
+        id: String,
+        tenant: &str,
+        name: &str,
+        config: &DestinationConfig,
+        credential: &str,
+    ) -> Self {
         Self {
             destination_id: id,
             tenant_id: tenant.to_owned(),

@@ -30,7 +30,10 @@ type Result<T, E = JobStoreError> = std::result::Result<T, E>;
 
 /// The NOTIFY channel of job changes.
 pub const CHANNEL: &str = "recvault_jobs";
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/postgres/0001_uploader.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    include_str!("../../migrations/postgres/0001_uploader.sql"),
+)];
 /// Tries of one write transaction that lost a race.
 const WRITE_TRIES: usize = 4;
 /// How often the listener wakes without a notification (to notice `stop`).
@@ -80,7 +83,9 @@ impl PgStore {
             };
             match f(&mut ptx) {
                 Ok(()) => {
-                    let PgTx { mut tx, touched, .. } = ptx;
+                    let PgTx {
+                        mut tx, touched, ..
+                    } = ptx;
                     for job_id in touched {
                         let payload = format!("{} {job_id}", self.instance);
                         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
@@ -485,11 +490,14 @@ impl DestinationBackend for PgStore {
 
     fn get(&self, id: &str) -> Result<Option<DestinationRecord>> {
         let mut conn = self.pool.get().map_err(pg)?;
-        conn.query_opt("SELECT * FROM destinations WHERE destination_id = $1", &[&id])
-            .map_err(pg)?
-            .as_ref()
-            .map(|r| destination_row(r).and_then(DestinationRow::into_record))
-            .transpose()
+        conn.query_opt(
+            "SELECT * FROM destinations WHERE destination_id = $1",
+            &[&id],
+        )
+        .map_err(pg)?
+        .as_ref()
+        .map(|r| destination_row(r).and_then(DestinationRow::into_record))
+        .transpose()
     }
 
     fn list(&self, tenant: &str) -> Result<Vec<DestinationRecord>> {

@@ -10,7 +10,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension as _, Transaction, TransactionBehavior, named_params, params};
+use rusqlite::{
+    Connection, OptionalExtension as _, Transaction, TransactionBehavior, named_params, params,
+};
 use time::OffsetDateTime;
 
 use super::{
@@ -43,10 +45,13 @@ fn connect(path: &Path) -> Result<Connection> {
     let mut conn = Connection::open(path).map_err(db)?;
     // WAL lets readers (ListJobs) run beside the writer; FULL fsyncs the WAL
     // on every commit (https://sqlite.org/pragma.html#pragma_synchronous).
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(db)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(db)?;
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -101,7 +106,8 @@ fn legacy_upgrade(tx: &Transaction<'_>) -> Result<()> {
         // 5's step, which also gives it its location.
         tx.execute_batch("ALTER TABLE jobs ADD COLUMN object_key TEXT")
             .map_err(db)?;
-        tx.execute_batch("UPDATE jobs SET object_key = NULL").map_err(db)?;
+        tx.execute_batch("UPDATE jobs SET object_key = NULL")
+            .map_err(db)?;
     }
     if !has("stored_sha256")? {
         // 2 → 3: every existing backup was written in clear.
@@ -293,7 +299,11 @@ struct SqliteTx<'a> {
 }
 
 impl SqliteTx<'_> {
-    fn one(&self, condition: &str, params: &[(&str, &dyn rusqlite::ToSql)]) -> Result<Option<JobRow>> {
+    fn one(
+        &self,
+        condition: &str,
+        params: &[(&str, &dyn rusqlite::ToSql)],
+    ) -> Result<Option<JobRow>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {condition}");
         let mut stmt = self.conn.prepare_cached(&sql).map_err(db)?;
         stmt.query_row(params, job_row).optional().map_err(db)
@@ -435,7 +445,8 @@ impl SqliteJobs {
     #[doc(hidden)]
     pub fn explain_key_probe(&self) -> Result<Vec<String>> {
         let conn = self.conn()?;
-        let sql = format!("EXPLAIN QUERY PLAN SELECT {JOB_COLUMNS} FROM jobs WHERE {KEY_CONDITION}");
+        let sql =
+            format!("EXPLAIN QUERY PLAN SELECT {JOB_COLUMNS} FROM jobs WHERE {KEY_CONDITION}");
         let mut stmt = conn.prepare(&sql).map_err(db)?;
         let rows = stmt
             .query_map(
@@ -632,7 +643,9 @@ impl DestinationBackend for SqliteDestinations {
         let mut stmt = conn
             .prepare("SELECT * FROM destinations WHERE tenant_id = ?1 ORDER BY name")
             .map_err(db)?;
-        let rows = stmt.query_map(params![tenant], destination_row).map_err(db)?;
+        let rows = stmt
+            .query_map(params![tenant], destination_row)
+            .map_err(db)?;
         rows.map(|r| r.map_err(db).and_then(DestinationRow::into_record))
             .collect()
     }
@@ -640,7 +653,10 @@ impl DestinationBackend for SqliteDestinations {
     fn delete(&self, id: &str) -> Result<bool> {
         Ok(self
             .conn()
-            .execute("DELETE FROM destinations WHERE destination_id = ?1", params![id])
+            .execute(
+                "DELETE FROM destinations WHERE destination_id = ?1",
+                params![id],
+            )
             .map_err(db)?
             == 1)
     }

@@ -551,34 +551,41 @@ pub(crate) fn follow(
 ) -> std::io::Result<()> {
     let mut seen = start;
     let pool = Arc::clone(&reader.pool);
-    recvault_pg::listen("audit-follow", pool, CHANNEL, FOLLOW_POLL, stop, move |payloads| {
-        let newest = payloads.iter().filter_map(|p| p.parse::<u64>().ok()).max();
-        if events_tx.receiver_count() == 0 {
-            // Nobody tails: only keep the newest sequence current.
-            if let Some(n) = newest.filter(|n| *n > seen) {
-                seen = n;
-                on_seen(n);
+    recvault_pg::listen(
+        "audit-follow",
+        pool,
+        CHANNEL,
+        FOLLOW_POLL,
+        stop,
+        move |payloads| {
+            let newest = payloads.iter().filter_map(|p| p.parse::<u64>().ok()).max();
+            if events_tx.receiver_count() == 0 {
+                // Nobody tails: only keep the newest sequence current.
+                if let Some(n) = newest.filter(|n| *n > seen) {
+                    seen = n;
+                    on_seen(n);
+                }
+                return;
             }
-            return;
-        }
-        if newest.is_some_and(|n| n <= seen) {
-            return;
-        }
-        // Read what was committed after `seen` (on a timeout too: a
-        // notification can be lost while reconnecting).
-        while let Ok(page) = reader.events_between(seen, u64::MAX) {
-            let Some(last) = page.last() else {
-                break;
-            };
-            let full = page.len() >= 4096;
-            seen = last.sequence;
-            on_seen(seen);
-            for event in page {
-                let _ = events_tx.send(event);
+            if newest.is_some_and(|n| n <= seen) {
+                return;
             }
-            if !full {
-                break;
+            // Read what was committed after `seen` (on a timeout too: a
+            // notification can be lost while reconnecting).
+            while let Ok(page) = reader.events_between(seen, u64::MAX) {
+                let Some(last) = page.last() else {
+                    break;
+                };
+                let full = page.len() >= 4096;
+                seen = last.sequence;
+                on_seen(seen);
+                for event in page {
+                    let _ = events_tx.send(event);
+                }
+                if !full {
+                    break;
+                }
             }
-        }
-    })
+        },
+    )
 }
