@@ -2124,7 +2124,7 @@ async fn two_replicas_share_the_work_through_kills_and_deliver_each_recording_on
         let size = MIB + (splitmix(&mut seed) as usize % (23 * MIB));
         let data = random_bytes(size, i as u64);
         let name = format!("replica-{i:03}.mp4");
-        let to_b = splitmix(&mut seed) % 2 == 0 && rig.uploader_b.is_some();
+        let to_b = splitmix(&mut seed).is_multiple_of(2) && rig.uploader_b.is_some();
         let addr = if to_b {
             rig.uploader_b_addr.clone()
         } else {

@@ -65,31 +65,6 @@ pub fn env_addr(
         .transpose()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn env_addr_names_the_variable_and_the_expected_form() {
-        let get = |n: &'static str| (n == "X_LISTEN").then(|| "nope".to_owned());
-        let err = env_addr(&get, "X_LISTEN", "127.0.0.1:1").expect_err("invalid");
-        assert!(err.to_string().contains("X_LISTEN") && err.to_string().contains("127.0.0.1:1"));
-        assert_eq!(
-            env_addr(&get, "Y_LISTEN", "127.0.0.1:1").expect("unset"),
-            None
-        );
-    }
-
-    #[test]
-    fn relative_paths_follow_the_config_file() {
-        let mut a = PathBuf::from("data/x.db");
-        let mut b = PathBuf::from("/abs/y.db");
-        resolve_relative(Path::new("/etc/recvault/v.toml"), [&mut a, &mut b]);
-        assert_eq!(a, PathBuf::from("/etc/recvault/data/x.db"));
-        assert_eq!(b, PathBuf::from("/abs/y.db"));
-    }
-}
-
 /// A replica's name: `configured` when set, else the host name (a pod's
 /// name on Kubernetes) cut to the [`check_instance_id`] rules, else
 /// `fallback`. Replicas sharing one database are told apart by it (audit
@@ -125,5 +100,30 @@ pub fn check_instance_id(id: &str) -> Result<(), String> {
         Err(format!(
             "instance_id {id:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_addr_names_the_variable_and_the_expected_form() {
+        let get = |n: &'static str| (n == "X_LISTEN").then(|| "nope".to_owned());
+        let err = env_addr(&get, "X_LISTEN", "127.0.0.1:1").expect_err("invalid");
+        assert!(err.to_string().contains("X_LISTEN") && err.to_string().contains("127.0.0.1:1"));
+        assert_eq!(
+            env_addr(&get, "Y_LISTEN", "127.0.0.1:1").expect("unset"),
+            None
+        );
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut a = PathBuf::from("data/x.db");
+        let mut b = PathBuf::from("/abs/y.db");
+        resolve_relative(Path::new("/etc/recvault/v.toml"), [&mut a, &mut b]);
+        assert_eq!(a, PathBuf::from("/etc/recvault/data/x.db"));
+        assert_eq!(b, PathBuf::from("/abs/y.db"));
     }
 }
