@@ -663,7 +663,8 @@ impl JobStore {
                      (that replica stopped or lost the database); replica {} takes it over",
                     r.replica.instance
                 );
-                let next = r.now();
+                // Due at the caller's `now`, so the claim below takes it.
+                let next = from_ms(now_ms)?;
                 r.apply(&mut job, JobState::Retrying, &message, |j| {
                     j.last_error = Some(message.clone());
                     j.next_attempt_at = Some(next);
