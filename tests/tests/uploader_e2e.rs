@@ -295,6 +295,20 @@ struct Rig {
     uploader_b_addr: String,
 }
 
+/// `uploaderd serve --config <config>`, once it says it is serving, and its address.
+fn spawn_uploader(config: &Path, log: &str) -> (Daemon, String) {
+    let mut cmd = Command::new(binary("uploaderd"));
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", log);
+    let mut daemon = Daemon::spawn(cmd);
+    let line = tokio::task::block_in_place(|| {
+        daemon.wait_for("uploader serving", Duration::from_secs(30))
+    });
+    let addr = served_addr(&line);
+    (daemon, addr)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -410,12 +424,13 @@ impl Rig {
     }
 
     fn write_uploader_config(&self) -> PathBuf {
-        self.write_replica_config("replica-a")
+        self.write_replica_config("replica-a", "uploader.toml")
     }
 
-    /// The config of replica `instance`: with `replicas`, on the shared
-    /// PostgreSQL job store and backup bucket; else the embedded defaults.
-    fn write_replica_config(&self, instance: &str) -> PathBuf {
+    /// The config of replica `instance` in `config_file` under the rig's root: with
+    /// `replicas`, on the shared PostgreSQL job store and backup bucket;
+    /// else the embedded defaults.
+    fn write_replica_config(&self, instance: &str, config_file: &str) -> PathBuf {
         let s = &self.settings;
         let file = |name: &str| self.certs.join(name).display().to_string();
         let policy = self.root.join("uploader-policy.toml");
@@ -515,45 +530,28 @@ part_concurrency = {concurrency}
                 )
             }
         };
-        let path = self.root.join(format!("uploader-{instance}.toml"));
+        let path = self.root.join(config_file);
         std::fs::write(&path, text).unwrap();
         path
     }
 
     /// Starts the second replica (`replicas` only).
     fn start_uploader_b(&mut self) {
-        let config = self.write_replica_config("replica-b");
-        let mut cmd = Command::new(binary("uploaderd"));
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info");
-        let mut daemon = Daemon::spawn(cmd);
-        let line = tokio::task::block_in_place(|| {
-            daemon.wait_for("uploader serving", Duration::from_secs(30))
-        });
-        self.uploader_b_addr = served_addr(&line);
-        self.uploader_b = Some(daemon);
+        let config = self.write_replica_config("replica-b", "uploader-replica-b.toml");
+        let (daemon, addr) = spawn_uploader(&config, "info");
+        (self.uploader_b, self.uploader_b_addr) = (Some(daemon), addr);
     }
 
     /// SIGKILL of the second replica.
     fn kill_uploader_b(&mut self) {
-        let mut daemon = self.uploader_b.take().expect("replica-b running");
-        daemon.kill();
-        self.past_logs.push(daemon.output());
+        let daemon = self.uploader_b.take().expect("replica-b running");
+        self.kill(daemon);
     }
 
     fn start_uploader(&mut self) {
         let config = self.write_uploader_config();
-        let mut cmd = Command::new(binary("uploaderd"));
-        cmd.args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "debug");
-        let mut daemon = Daemon::spawn(cmd);
-        let line = tokio::task::block_in_place(|| {
-            daemon.wait_for("uploader serving", Duration::from_secs(30))
-        });
-        self.uploader_addr = served_addr(&line);
-        self.uploader = Some(daemon);
+        let (daemon, addr) = spawn_uploader(&config, "debug");
+        (self.uploader, self.uploader_addr) = (Some(daemon), addr);
     }
 
     /// The uploader's metrics address, from its log line.
@@ -578,7 +576,11 @@ part_concurrency = {concurrency}
 
     /// SIGKILL, as a crash would.
     fn kill_uploader(&mut self) {
-        let mut daemon = self.uploader.take().expect("uploader running");
+        let daemon = self.uploader.take().expect("uploader running");
+        self.kill(daemon);
+    }
+
+    fn kill(&mut self, mut daemon: Daemon) {
         daemon.kill();
         self.past_logs.push(daemon.output());
     }

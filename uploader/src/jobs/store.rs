@@ -342,18 +342,18 @@ impl JobStore {
         }
     }
 
-    /// Runs `f` in one write transaction on the blocking pool; publishes the
-    /// jobs it returns first (only after the commit, so nobody sees a change
-    /// that was rolled back) and returns the second.
-    async fn write<T, F>(&self, mut f: F) -> Result<T>
+    /// Runs `f` over the rules in one transaction of the backend (a write
+    /// transaction, or with `write == false` a read-only one) on the
+    /// blocking pool.
+    async fn run_rules<T, F>(&self, write: bool, mut f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut Rules<'_>) -> Result<(Vec<Job>, T)> + Send + 'static,
+        F: FnMut(&mut Rules<'_>) -> Result<T> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        let (published, out) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut out = None;
-            inner.backend.write(&mut |tx| {
+            let mut body = |tx: &mut dyn JobTx| {
                 let mut rules = Rules {
                     tx,
                     replica: &inner.replica,
@@ -361,11 +361,27 @@ impl JobStore {
                 };
                 out = Some(f(&mut rules)?);
                 Ok(())
-            })?;
-            out.ok_or_else(|| JobStoreError::Unavailable("the change did not run".to_owned()))
+            };
+            if write {
+                inner.backend.write(&mut body)?;
+            } else {
+                inner.backend.read(&mut body)?;
+            }
+            out.ok_or_else(|| JobStoreError::Unavailable("the transaction did not run".to_owned()))
         })
         .await
-        .map_err(|e| JobStoreError::Unavailable(format!("job store task failed: {e}")))??;
+        .map_err(|e| JobStoreError::Unavailable(format!("job store task failed: {e}")))?
+    }
+
+    /// Runs `f` in one write transaction; publishes the jobs it returns
+    /// first (only after the commit, so nobody sees a change that was rolled
+    /// back) and returns the second.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Rules<'_>) -> Result<(Vec<Job>, T)> + Send + 'static,
+    {
+        let (published, out) = self.run_rules(true, f).await?;
         for job in published {
             let _ = self.inner.changes.send(job);
         }
@@ -538,27 +554,12 @@ impl JobStore {
     }
 
     /// The rules in a read-only transaction.
-    async fn read_rules<T, F>(&self, mut f: F) -> Result<T>
+    async fn read_rules<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnMut(&mut Rules<'_>) -> Result<T> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let mut out = None;
-            inner.backend.read(&mut |tx| {
-                let mut rules = Rules {
-                    tx,
-                    replica: &inner.replica,
-                    now: to_ms(OffsetDateTime::now_utc()),
-                };
-                out = Some(f(&mut rules)?);
-                Ok(())
-            })?;
-            out.ok_or_else(|| JobStoreError::Unavailable("the read did not run".to_owned()))
-        })
-        .await
-        .map_err(|e| JobStoreError::Unavailable(format!("job store task failed: {e}")))?
+        self.run_rules(false, f).await
     }
 
     /// Registers `object_key` as the job's key at its current destination,
@@ -675,11 +676,9 @@ impl JobStore {
             let expires = r.now() + r.replica.claim_ttl;
             for id in r.tx.due(now_ms, limit)? {
                 let job_id = parse_job_id(&id)?;
-                let attempt = r.get(job_id)?.attempts + 1;
-                let message = format!("attempt {attempt} started");
                 let replica = r.replica.instance.clone();
-                let job = r.transition(job_id, JobState::Uploading, &message, |j| {
-                    j.attempts = attempt;
+                let job = r.transition(job_id, JobState::Uploading, "attempt started", |j| {
+                    j.attempts += 1;
                     j.next_attempt_at = None;
                     j.claim_owner = Some(replica.clone());
                     j.claim_expires_at = Some(expires);

@@ -124,6 +124,34 @@ pub const JOB_COLUMNS: &str = "job_id, tenant_id, recording_id, destination_id, 
     multipart_upload_key, multipart_upload_location, request_id, object_key, object_location,
     stored_sha256, retrying_since, doubtful_failures, claim_owner, claim_expires_at";
 
+/// `INSERT INTO jobs` of every column of [`JOB_COLUMNS`], bound by position
+/// with `sigil` placeholders (`?N` for SQLite, `$N` for PostgreSQL). Each
+/// backend builds it once.
+pub(crate) fn insert_job_sql(sigil: char) -> String {
+    let n = JOB_COLUMNS.split(',').count();
+    let placeholders: Vec<String> = (1..=n).map(|i| format!("{sigil}{i}")).collect();
+    format!(
+        "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({})",
+        placeholders.join(", ")
+    )
+}
+
+/// `UPDATE jobs SET` every column but the id (the first, `{sigil}1` in the
+/// WHERE clause), bound as [`insert_job_sql`] binds them.
+pub(crate) fn update_job_sql(sigil: char) -> String {
+    let sets: Vec<String> = JOB_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .skip(1)
+        .map(|(i, c)| format!("{c} = {sigil}{}", i + 1))
+        .collect();
+    format!(
+        "UPDATE jobs SET {} WHERE job_id = {sigil}1",
+        sets.join(", ")
+    )
+}
+
 /// One history line, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRow {

@@ -15,14 +15,15 @@
 //!   `uploader_schema_migrations`.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, LazyLock};
 
 use recvault_pg::{PgError, PgTarget, Pool, Row, Transaction, types::ToSql};
 
 use super::{
     DestinationBackend, DestinationRecord, DestinationRow, EventRow, JOB_COLUMNS, JobBackend,
-    JobQuery, JobRow, JobTx, RemoteChange, TxFn, new_destination_id,
+    JobQuery, JobRow, JobTx, RemoteChange, TxFn, insert_job_sql, new_destination_id,
+    update_job_sql,
 };
 use crate::jobs::JobStoreError;
 
@@ -235,26 +236,15 @@ impl JobTx for PgTx<'_> {
     }
 
     fn insert(&mut self, row: &JobRow) -> Result<()> {
-        let placeholders: Vec<String> = (1..=30).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({})",
-            placeholders.join(", ")
-        );
-        self.tx.execute(&sql, &values(row)).map_err(pg)?;
+        static SQL: LazyLock<String> = LazyLock::new(|| insert_job_sql('$'));
+        self.tx.execute(SQL.as_str(), &values(row)).map_err(pg)?;
         self.touch(&row.job_id);
         Ok(())
     }
 
     fn update(&mut self, row: &JobRow) -> Result<()> {
-        let sets: Vec<String> = JOB_COLUMNS
-            .split(',')
-            .map(str::trim)
-            .enumerate()
-            .skip(1)
-            .map(|(i, c)| format!("{c} = ${}", i + 1))
-            .collect();
-        let sql = format!("UPDATE jobs SET {} WHERE job_id = $1", sets.join(", "));
-        match self.tx.execute(&sql, &values(row)).map_err(pg)? {
+        static SQL: LazyLock<String> = LazyLock::new(|| update_job_sql('$'));
+        match self.tx.execute(SQL.as_str(), &values(row)).map_err(pg)? {
             1 => {
                 self.touch(&row.job_id);
                 Ok(())

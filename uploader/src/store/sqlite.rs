@@ -8,7 +8,7 @@
 //! each version is a file under `uploader/migrations/sqlite/`.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 use rusqlite::{
     Connection, OptionalExtension as _, Transaction, TransactionBehavior, named_params, params,
@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::{
     DestinationBackend, DestinationRecord, DestinationRow, EventRow, JOB_COLUMNS, JobBackend,
-    JobQuery, JobRow, JobTx, TxFn, new_destination_id,
+    JobQuery, JobRow, JobTx, TxFn, insert_job_sql, new_destination_id, update_job_sql,
 };
 use crate::jobs::JobStoreError;
 
@@ -345,26 +345,15 @@ impl JobTx for SqliteTx<'_> {
     }
 
     fn insert(&mut self, row: &JobRow) -> Result<()> {
-        let placeholders: Vec<String> = (1..=30).map(|i| format!("?{i}")).collect();
-        let sql = format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({})",
-            placeholders.join(", ")
-        );
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(db)?;
+        static SQL: LazyLock<String> = LazyLock::new(|| insert_job_sql('?'));
+        let mut stmt = self.conn.prepare_cached(&SQL).map_err(db)?;
         bind(&mut stmt, row).map_err(db)?;
         Ok(())
     }
 
     fn update(&mut self, row: &JobRow) -> Result<()> {
-        let sets: Vec<String> = JOB_COLUMNS
-            .split(',')
-            .map(str::trim)
-            .enumerate()
-            .skip(1)
-            .map(|(i, c)| format!("{c} = ?{}", i + 1))
-            .collect();
-        let sql = format!("UPDATE jobs SET {} WHERE job_id = ?1", sets.join(", "));
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(db)?;
+        static SQL: LazyLock<String> = LazyLock::new(|| update_job_sql('?'));
+        let mut stmt = self.conn.prepare_cached(&SQL).map_err(db)?;
         match bind(&mut stmt, row).map_err(db)? {
             1 => Ok(()),
             _ => Err(JobStoreError::Unavailable(format!(
